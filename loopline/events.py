@@ -136,7 +136,7 @@ def parse_event_time(value: Any) -> int:
 
 def _parse_rfc3339(text: str) -> int:
     s = text.strip()
-    if len(s) < 20 or s[10] not in "Tt ":
+    if len(s) < 19 or s[10] not in "Tt ":
         raise ValueError(f"event_time {text!r} is not RFC 3339 (2026-11-01T12:00:00Z)")
     if s[-1] in "Zz":
         s = s[:-1] + "+00:00"

@@ -1,0 +1,189 @@
+"""Event parsing: every input becomes an event or a refusal with a specific reason, never a crash."""
+
+import io
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loopline import avro, events
+from loopline.events import (
+    DecisionEvent,
+    ObservationEvent,
+    Refusal,
+    format_event_time,
+    parse_decision_json,
+    parse_event_time,
+    parse_observation_json,
+)
+
+T0 = "2026-11-01T12:00:00Z"
+
+
+def good_features():
+    return {
+        "user_id": "u-1", "tenure_days": 120, "country": "KR", "platform": "ios", "hour_of_day": 12,
+        "sends_last_7d": 3, "open_rate_30d": 0.25, "recent_clicks": [1.0, 0, 2],
+        "topics": ["sports"], "email": "a@example.com",
+    }
+
+
+def decision_line(**overrides):
+    obj = {"decision_id": "d-1", "decision_type": "notify", "blueprint_version": "1",
+           "event_time": T0, "features": good_features(), "decision": 1,
+           "model_id": "notify-17", "propensity": 0.8}
+    obj.update(overrides)
+    return json.dumps(obj)
+
+
+def test_event_time_accepts_rfc3339_with_zone_and_epoch_millis():
+    ms = parse_event_time(T0)
+    assert format_event_time(ms) == "2026-11-01T12:00:00.000Z"
+    assert parse_event_time(ms) == ms
+    assert parse_event_time("2026-11-01T21:00:00+09:00") == ms
+    assert parse_event_time("2026-11-01T12:00:00.250Z") == ms + 250
+    assert parse_event_time("2026-11-01T12:00:00.2509999Z") == ms + 250  # truncates beyond millis
+    assert parse_event_time("2026-11-01t12:00:00z") == ms
+
+
+@pytest.mark.parametrize(
+    "value", ["2026-11-01T12:00:00", "2026-11-01", "yesterday", 1.5e12, True, None, [], -1,
+              "2026-13-01T12:00:00Z", "2026-11-01T12:00:00.Z", 10**15]
+)
+def test_event_time_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="event_time"):
+        parse_event_time(value)
+
+
+def test_valid_decision_parses_with_optionals(blueprint):
+    event = parse_decision_json(decision_line(), blueprint)
+    assert isinstance(event, DecisionEvent)
+    assert event.event_time_ms == parse_event_time(T0)
+    assert event.features["recent_clicks"] == [1.0, 0, 2]
+    assert (event.decision, event.model_id, event.propensity, event.blueprint_version) == (1, "notify-17", 0.8, "1")
+
+
+def test_decision_round_trips_through_json(blueprint):
+    event = parse_decision_json(decision_line(), blueprint)
+    assert parse_decision_json(event.to_json(), blueprint) == event
+
+
+@pytest.mark.parametrize(
+    "line, reason, detail",
+    [
+        ("{not json", events.BAD_JSON, "not valid JSON"),
+        ("[1, 2]", events.NOT_AN_OBJECT, "JSON object"),
+        (decision_line(decision_id=None), events.MISSING_FIELD, "'decision_id'"),
+        (decision_line(decision_id=7), events.WRONG_TYPE, "'decision_id' must be a string"),
+        (decision_line(event_time="noon"), events.BAD_TIME, "RFC 3339"),
+        (decision_line(event_time="2026-11-01T12:00:00"), events.BAD_TIME, "no zone"),
+        (decision_line(features=[1]), events.WRONG_TYPE, "'features' must be an object"),
+        (decision_line(features=None), events.MISSING_FIELD, "'features'"),
+        (decision_line(propensity=1.5), events.WRONG_TYPE, "propensity"),
+        (decision_line(decision_type="rank"), events.WRONG_DECISION_TYPE, "'rank'"),
+        (decision_line(features={**good_features(), "age": 3}), events.UNKNOWN_FEATURE, "'age'"),
+        (decision_line(features={k: v for k, v in good_features().items() if k != "country"}),
+         events.MISSING_FEATURE, "'country'"),
+        (decision_line(features={**good_features(), "tenure_days": "120"}), events.FEATURE_TYPE, "must be int"),
+        (decision_line(features={**good_features(), "tenure_days": 1.5}), events.FEATURE_TYPE, "must be int"),
+        (decision_line(features={**good_features(), "tenure_days": True}), events.FEATURE_TYPE, "must be int"),
+        (decision_line(features={**good_features(), "recent_clicks": [1, "x"]}), events.FEATURE_TYPE, "float_list"),
+        (decision_line(features={**good_features(), "topics": "sports"}), events.FEATURE_TYPE, "string_list"),
+    ],
+)
+def test_bad_decisions_are_refused_with_a_specific_reason(blueprint, line, reason, detail):
+    result = parse_decision_json(line, blueprint)
+    assert isinstance(result, Refusal)
+    assert (result.reason, result.source, result.payload) == (reason, "decision", line)
+    assert detail in result.detail
+
+
+def test_observation_parses_and_label_source_must_be_numeric(blueprint):
+    line = json.dumps({"decision_id": "d-1", "event_time": 1_700_000_000_000,
+                       "observations": {"click": 1, "dwell_seconds": 12.5}})
+    event = parse_observation_json(line, blueprint)
+    assert event == ObservationEvent("d-1", 1_700_000_000_000, {"click": 1, "dwell_seconds": 12.5})
+    refused = parse_observation_json(line.replace('"click": 1', '"click": "yes"'), blueprint)
+    assert isinstance(refused, Refusal) and refused.reason == events.LABEL_TYPE
+    # Without a blueprint the label source is not known, so the value is not judged.
+    assert isinstance(parse_observation_json(line.replace('"click": 1', '"click": "yes"')), ObservationEvent)
+
+
+def test_bytes_payloads_are_decoded_and_kept(blueprint):
+    result = parse_observation_json(b"\xff\xfe not json")
+    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert result.source == "observation" and "not json" in result.payload
+
+
+def test_avro_round_trip_equals_json_parsing(blueprint):
+    decision = parse_decision_json(decision_line(), blueprint)
+    observation = ObservationEvent("d-1", decision.event_time_ms + 5_000, {"click": True, "dwell_seconds": 3.5})
+    for kind, event in (("decision", decision), ("observation", observation)):
+        buf = io.BytesIO()
+        assert avro.write_events(buf, kind, [event]) == 1
+        buf.seek(0)
+        (back,) = list(avro.read_events(buf, kind, blueprint))
+        assert back == event
+
+
+def test_avro_record_failing_validation_is_refused(blueprint):
+    record = avro.to_record(parse_decision_json(decision_line(), blueprint))
+    record["features"] = {"tenure_days": 1}
+    result = avro.from_record(record, "decision", blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.MISSING_FEATURE
+    assert json.loads(result.payload)["features"] == {"tenure_days": 1}
+    assert avro.from_record([1], "decision").reason == events.BAD_AVRO
+
+
+# --- Property tests: random and mutated inputs never crash, always event-or-reason ---------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=10,
+)
+
+
+def _assert_event_or_reason(result, kind):
+    if isinstance(result, Refusal):
+        assert result.reason in events.REASONS
+        assert result.source == kind and result.detail
+    else:
+        assert isinstance(result, DecisionEvent if kind == "decision" else ObservationEvent)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200) | st.binary(max_size=200))
+def test_arbitrary_text_never_crashes_the_parsers(blueprint, payload):
+    _assert_event_or_reason(parse_decision_json(payload, blueprint), "decision")
+    _assert_event_or_reason(parse_observation_json(payload, blueprint), "observation")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["decision_id", "decision_type", "event_time", "features", "propensity",
+                        "blueprint_version", "model_id"]),
+       json_values, st.booleans())
+def test_mutated_decisions_yield_event_or_reason(blueprint, field, value, delete):
+    obj = json.loads(decision_line())
+    if delete:
+        obj.pop(field)
+    else:
+        obj[field] = value
+    _assert_event_or_reason(parse_decision_json(json.dumps(obj), blueprint), "decision")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(good_features())), json_values)
+def test_mutated_features_yield_event_or_feature_refusal(blueprint, name, value):
+    features = {**good_features(), name: value}
+    result = parse_decision_json(decision_line(features=features), blueprint)
+    _assert_event_or_reason(result, "decision")
+    if isinstance(result, Refusal):
+        assert result.reason in (events.FEATURE_TYPE, events.MISSING_FEATURE)
+
+
+@settings(max_examples=200)
+@given(st.integers(min_value=0, max_value=253402300799999))
+def test_event_time_round_trips_through_rfc3339(ms):
+    assert parse_event_time(format_event_time(ms)) == ms
