@@ -40,7 +40,9 @@ def schema(kind: str) -> dict:
         return fastavro.parse_schema(json.load(f))
 
 
-def write_events(fo: IO[bytes], kind: str, events: Iterable[DecisionEvent | ObservationEvent]) -> int:
+def write_events(
+    fo: IO[bytes], kind: str, events: Iterable[DecisionEvent | ObservationEvent]
+) -> int:
     """Writes events as one Avro container file; returns how many were written."""
     records = [to_record(e) for e in events]
     fastavro.writer(fo, schema(kind), records)
@@ -64,7 +66,9 @@ def to_record(event: DecisionEvent | ObservationEvent) -> dict:
     return record
 
 
-def from_record(record: Any, kind: str, blueprint: Blueprint | None = None) -> DecisionEvent | ObservationEvent | Refusal:
+def from_record(
+    record: Any, kind: str, blueprint: Blueprint | None = None
+) -> DecisionEvent | ObservationEvent | Refusal:
     """One decoded Avro record to an event or a refusal (the same rules as JSON lines)."""
     payload = _payload(record)
     if not isinstance(record, dict):
@@ -80,7 +84,9 @@ def from_record(record: Any, kind: str, blueprint: Blueprint | None = None) -> D
     return observation_from_record(record, blueprint, payload)
 
 
-def read_events(fo: IO[bytes], kind: str, blueprint: Blueprint | None = None) -> Iterator[DecisionEvent | ObservationEvent | Refusal]:
+def read_events(
+    fo: IO[bytes], kind: str, blueprint: Blueprint | None = None
+) -> Iterator[DecisionEvent | ObservationEvent | Refusal]:
     """Every record of an Avro container file as an event or a refusal."""
     for record in fastavro.reader(fo):
         yield from_record(record, kind, blueprint)

@@ -30,7 +30,14 @@ _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names the join writes next to the features; a feature may not shadow them.
 RESERVED_NAMES = frozenset(
-    {"decision_id", "decision_time_ms", "join_status", "blueprint_version", "model_id", "propensity"}
+    {
+        "decision_id",
+        "decision_time_ms",
+        "join_status",
+        "blueprint_version",
+        "model_id",
+        "propensity",
+    }
 )
 
 
@@ -192,21 +199,45 @@ def blueprint_from_dict(data: Any, source: str = "<blueprint>") -> Blueprint:
     check = _Checker(source)
     if not isinstance(data, dict):
         raise BlueprintError(source, "<top>", "must be a mapping of blueprint fields")
-    known = {"name", "version", "features", "label", "eval_fraction", "model", "policy",
-             "monitor", "privacy", "description"}
+    known = {
+        "name",
+        "version",
+        "features",
+        "label",
+        "eval_fraction",
+        "model",
+        "policy",
+        "monitor",
+        "privacy",
+        "description",
+    }
     for key in data:
         if key not in known:
-            raise BlueprintError(source, str(key), f"is not a blueprint field (known: {', '.join(sorted(known))})")
+            raise BlueprintError(
+                source, str(key), f"is not a blueprint field (known: {', '.join(sorted(known))})"
+            )
 
     name = check.identifier(data, "name")
     version = data.get("version")
-    if isinstance(version, bool) or not isinstance(version, int | str) or str(version).strip() == "":
-        raise BlueprintError(source, "version", "is required: a number or a string such as 3 or '2026-11'")
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int | str)
+        or str(version).strip() == ""
+    ):
+        raise BlueprintError(
+            source, "version", "is required: a number or a string such as 3 or '2026-11'"
+        )
     features = check.features(data.get("features"))
     label = check.label(data.get("label"), {f.name for f in features})
     eval_fraction = data.get("eval_fraction", 0.2)
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float) or not 0 <= eval_fraction < 1:
-        raise BlueprintError(source, "eval_fraction", f"must be a number in [0, 1), got {eval_fraction!r}")
+    if (
+        isinstance(eval_fraction, bool)
+        or not isinstance(eval_fraction, int | float)
+        or not 0 <= eval_fraction < 1
+    ):
+        raise BlueprintError(
+            source, "eval_fraction", f"must be a number in [0, 1), got {eval_fraction!r}"
+        )
     sections = {}
     for key in ("model", "policy", "monitor"):
         value = data.get(key) or {}
@@ -260,7 +291,9 @@ class _Checker:
                 raise self.fail(f"{path}.name", f"{name!r} is reserved for the join's own columns")
             ftype = item.get("type")
             if ftype not in FEATURE_TYPES:
-                raise self.fail(f"{path}.type", f"must be one of {', '.join(FEATURE_TYPES)}, got {ftype!r}")
+                raise self.fail(
+                    f"{path}.type", f"must be one of {', '.join(FEATURE_TYPES)}, got {ftype!r}"
+                )
             extra = set(item) - {"name", "type", "description"}
             if extra:
                 raise self.fail(path, f"unknown keys {sorted(extra)}")
@@ -270,16 +303,24 @@ class _Checker:
 
     def label(self, value: Any, feature_names: set[str]) -> Label:
         if not isinstance(value, dict):
-            raise self.fail("label", "is required: a mapping with name, observation, aggregation, window, default")
+            raise self.fail(
+                "label",
+                "is required: a mapping with name, observation, aggregation, window, default",
+            )
         name = self.identifier(value, "name", "label.name")
         if name in feature_names or name in RESERVED_NAMES:
             raise self.fail("label.name", f"{name!r} collides with a feature or a join column")
         observation = value.get("observation")
         if not isinstance(observation, str) or not observation:
-            raise self.fail("label.observation", "is required: the observation key the label is computed from")
+            raise self.fail(
+                "label.observation", "is required: the observation key the label is computed from"
+            )
         aggregation = value.get("aggregation", "max")
         if aggregation not in AGGREGATIONS:
-            raise self.fail("label.aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+            raise self.fail(
+                "label.aggregation",
+                f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
+            )
         window_ms = self.duration(value, "window", required=True)
         if window_ms <= 0:
             raise self.fail("label.window", "must be longer than zero")
@@ -294,17 +335,34 @@ class _Checker:
             raise self.fail("label.type", f"must be int or float, got {ltype!r}")
         if ltype == "int" and aggregation == "mean":
             raise self.fail("label.type", "a mean label is a float; set type: float or drop type")
-        extra = set(value) - {"name", "observation", "aggregation", "window", "backward_slack",
-                              "default", "type", "description"}
+        extra = set(value) - {
+            "name",
+            "observation",
+            "aggregation",
+            "window",
+            "backward_slack",
+            "default",
+            "type",
+            "description",
+        }
         if extra:
             raise self.fail("label", f"unknown keys {sorted(extra)}")
-        return Label(name, observation, aggregation, window_ms, slack_ms,
-                     int(default) if ltype == "int" else float(default), ltype)
+        return Label(
+            name,
+            observation,
+            aggregation,
+            window_ms,
+            slack_ms,
+            int(default) if ltype == "int" else float(default),
+            ltype,
+        )
 
     def duration(self, data: dict, key: str, required: bool) -> int:
         if key not in data:
             if required:
-                raise self.fail(f"label.{key}", "is required: a duration such as 90s, 15m, 1h or 2d")
+                raise self.fail(
+                    f"label.{key}", "is required: a duration such as 90s, 15m, 1h or 2d"
+                )
             return 0
         try:
             return parse_duration(data[key])
@@ -328,7 +386,10 @@ class _Checker:
             lists[key] = tuple(names)
         for n in lists["pseudonymise"]:
             if types[n] not in ("string", "string_list"):
-                raise self.fail("privacy.pseudonymise", f"{n!r} is a {types[n]}; only string identifiers can be pseudonymised")
+                raise self.fail(
+                    "privacy.pseudonymise",
+                    f"{n!r} is a {types[n]}; only string identifiers can be pseudonymised",
+                )
         both = set(lists["pseudonymise"]) & set(lists["drop"])
         if both:
             raise self.fail("privacy", f"{sorted(both)} cannot be both pseudonymised and dropped")

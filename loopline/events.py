@@ -34,8 +34,19 @@ FEATURE_TYPE = "feature_type"
 WRONG_DECISION_TYPE = "wrong_decision_type"
 LABEL_TYPE = "label_type"
 BAD_AVRO = "bad_avro"
-REASONS = (BAD_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, BAD_TIME, UNKNOWN_FEATURE,
-           MISSING_FEATURE, FEATURE_TYPE, WRONG_DECISION_TYPE, LABEL_TYPE, BAD_AVRO)
+REASONS = (
+    BAD_JSON,
+    NOT_AN_OBJECT,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    BAD_TIME,
+    UNKNOWN_FEATURE,
+    MISSING_FEATURE,
+    FEATURE_TYPE,
+    WRONG_DECISION_TYPE,
+    LABEL_TYPE,
+    BAD_AVRO,
+)
 
 # Epoch milliseconds outside [1970, 9999] are almost always a unit mistake (seconds, micros).
 _MIN_TIME_MS = 0
@@ -102,8 +113,12 @@ class Refusal:
     detail: str = ""
 
     def to_dict(self) -> dict:
-        return {"reason": self.reason, "detail": self.detail, "source": self.source,
-                "payload": self.payload}
+        return {
+            "reason": self.reason,
+            "detail": self.detail,
+            "source": self.source,
+            "payload": self.payload,
+        }
 
 
 class _Refused(Exception):
@@ -122,13 +137,17 @@ def parse_event_time(value: Any) -> int:
     Raises ValueError with a sentence on anything else (no zone, a float, a bool, out of range).
     """
     if isinstance(value, bool):
-        raise ValueError(f"event_time must be RFC 3339 with a zone or epoch milliseconds, got {value!r}")
+        raise ValueError(
+            f"event_time must be RFC 3339 with a zone or epoch milliseconds, got {value!r}"
+        )
     if isinstance(value, int):
         ms = value
     elif isinstance(value, str):
         ms = _parse_rfc3339(value)
     else:
-        raise ValueError(f"event_time must be RFC 3339 with a zone or epoch milliseconds, got {value!r}")
+        raise ValueError(
+            f"event_time must be RFC 3339 with a zone or epoch milliseconds, got {value!r}"
+        )
     if not _MIN_TIME_MS <= ms <= _MAX_TIME_MS:
         raise ValueError(f"event_time {value!r} is outside 1970..9999")
     return ms
@@ -170,7 +189,9 @@ def format_event_time(ms: int) -> str:
 # Parsing
 
 
-def parse_decision_json(payload: str | bytes, blueprint: Blueprint | None = None) -> DecisionEvent | Refusal:
+def parse_decision_json(
+    payload: str | bytes, blueprint: Blueprint | None = None
+) -> DecisionEvent | Refusal:
     """One JSON line to a DecisionEvent, validated against ``blueprint`` when given."""
     raw = _text(payload)
     try:
@@ -179,7 +200,9 @@ def parse_decision_json(payload: str | bytes, blueprint: Blueprint | None = None
         return Refusal(r.reason, DECISION, raw, r.detail)
 
 
-def parse_observation_json(payload: str | bytes, blueprint: Blueprint | None = None) -> ObservationEvent | Refusal:
+def parse_observation_json(
+    payload: str | bytes, blueprint: Blueprint | None = None
+) -> ObservationEvent | Refusal:
     """One JSON line to an ObservationEvent; with a blueprint, the label value must be numeric."""
     raw = _text(payload)
     try:
@@ -188,20 +211,28 @@ def parse_observation_json(payload: str | bytes, blueprint: Blueprint | None = N
         return Refusal(r.reason, OBSERVATION, raw, r.detail)
 
 
-def decision_from_record(record: Any, blueprint: Blueprint | None = None, payload: str | None = None) -> DecisionEvent | Refusal:
+def decision_from_record(
+    record: Any, blueprint: Blueprint | None = None, payload: str | None = None
+) -> DecisionEvent | Refusal:
     """A decoded record (Avro, BigQuery row, Pub/Sub JSON) to a DecisionEvent."""
     try:
         return _decision(record, blueprint)
     except _Refused as r:
-        return Refusal(r.reason, DECISION, payload if payload is not None else _dump(record), r.detail)
+        return Refusal(
+            r.reason, DECISION, payload if payload is not None else _dump(record), r.detail
+        )
 
 
-def observation_from_record(record: Any, blueprint: Blueprint | None = None, payload: str | None = None) -> ObservationEvent | Refusal:
+def observation_from_record(
+    record: Any, blueprint: Blueprint | None = None, payload: str | None = None
+) -> ObservationEvent | Refusal:
     """A decoded record (Avro, BigQuery row, Pub/Sub JSON) to an ObservationEvent."""
     try:
         return _observation(record, blueprint)
     except _Refused as r:
-        return Refusal(r.reason, OBSERVATION, payload if payload is not None else _dump(record), r.detail)
+        return Refusal(
+            r.reason, OBSERVATION, payload if payload is not None else _dump(record), r.detail
+        )
 
 
 def validate_features(features: dict[str, Any], blueprint: Blueprint) -> tuple[str, str] | None:
@@ -209,18 +240,26 @@ def validate_features(features: dict[str, Any], blueprint: Blueprint) -> tuple[s
     declared = blueprint.feature_types
     for name in features:
         if name not in declared:
-            return UNKNOWN_FEATURE, f"feature {name!r} is not in blueprint {blueprint.name} v{blueprint.version}"
+            return (
+                UNKNOWN_FEATURE,
+                f"feature {name!r} is not in blueprint {blueprint.name} v{blueprint.version}",
+            )
     for name, ftype in declared.items():
         if name not in features or features[name] is None:
             return MISSING_FEATURE, f"feature {name!r} ({ftype}) is missing"
         if not _has_type(features[name], ftype):
-            return FEATURE_TYPE, f"feature {name!r} must be {ftype}, got {_describe(features[name])}"
+            return (
+                FEATURE_TYPE,
+                f"feature {name!r} must be {ftype}, got {_describe(features[name])}",
+            )
     return None
 
 
 def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
     if not isinstance(obj, dict):
-        raise _Refused(NOT_AN_OBJECT, f"a decision event must be a JSON object, got {_describe(obj)}")
+        raise _Refused(
+            NOT_AN_OBJECT, f"a decision event must be a JSON object, got {_describe(obj)}"
+        )
     decision_id = _required_str(obj, "decision_id")
     decision_type = _required_str(obj, "decision_type")
     event_time_ms = _event_time(obj)
@@ -232,7 +271,9 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
     version = obj.get("blueprint_version")
     if version is not None:
         if isinstance(version, bool) or not isinstance(version, str | int):
-            raise _Refused(WRONG_TYPE, f"field 'blueprint_version' must be a string, got {_describe(version)}")
+            raise _Refused(
+                WRONG_TYPE, f"field 'blueprint_version' must be a string, got {_describe(version)}"
+            )
         version = str(version)
     model_id = obj.get("model_id")
     if model_id is not None and not isinstance(model_id, str):
@@ -240,32 +281,55 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
     propensity = obj.get("propensity")
     if propensity is not None:
         if not _is_number(propensity) or not 0 <= propensity <= 1:
-            raise _Refused(WRONG_TYPE, f"field 'propensity' must be a number in [0, 1], got {propensity!r}")
+            raise _Refused(
+                WRONG_TYPE, f"field 'propensity' must be a number in [0, 1], got {propensity!r}"
+            )
         propensity = float(propensity)
     if blueprint is not None:
         if decision_type != blueprint.name:
-            raise _Refused(WRONG_DECISION_TYPE, f"decision_type {decision_type!r} is not {blueprint.name!r}")
+            raise _Refused(
+                WRONG_DECISION_TYPE, f"decision_type {decision_type!r} is not {blueprint.name!r}"
+            )
         problem = validate_features(features, blueprint)
         if problem:
             raise _Refused(*problem)
-    return DecisionEvent(decision_id, decision_type, event_time_ms, features, version,
-                         obj.get("decision"), model_id, propensity)
+    return DecisionEvent(
+        decision_id,
+        decision_type,
+        event_time_ms,
+        features,
+        version,
+        obj.get("decision"),
+        model_id,
+        propensity,
+    )
 
 
 def _observation(obj: Any, blueprint: Blueprint | None) -> ObservationEvent:
     if not isinstance(obj, dict):
-        raise _Refused(NOT_AN_OBJECT, f"an observation event must be a JSON object, got {_describe(obj)}")
+        raise _Refused(
+            NOT_AN_OBJECT, f"an observation event must be a JSON object, got {_describe(obj)}"
+        )
     decision_id = _required_str(obj, "decision_id")
     event_time_ms = _event_time(obj)
     observations = obj.get("observations")
     if observations is None:
         raise _Refused(MISSING_FIELD, "field 'observations' is missing")
     if not isinstance(observations, dict):
-        raise _Refused(WRONG_TYPE, f"field 'observations' must be an object, got {_describe(observations)}")
+        raise _Refused(
+            WRONG_TYPE, f"field 'observations' must be an object, got {_describe(observations)}"
+        )
     if blueprint is not None:
         key = blueprint.label.observation
-        if key in observations and not _is_number(observations[key]) and not isinstance(observations[key], bool):
-            raise _Refused(LABEL_TYPE, f"observation {key!r} (the label's source) must be a number, got {_describe(observations[key])}")
+        if (
+            key in observations
+            and not _is_number(observations[key])
+            and not isinstance(observations[key], bool)
+        ):
+            raise _Refused(
+                LABEL_TYPE,
+                f"observation {key!r} (the label's source) must be a number, got {_describe(observations[key])}",
+            )
     return ObservationEvent(decision_id, event_time_ms, observations)
 
 

@@ -58,15 +58,27 @@ def test_minimal_blueprint_gets_defaults():
     bp = parse_blueprint(MINIMAL)
     assert bp.version == "3"
     assert bp.eval_fraction == 0.2
-    assert bp.feature_types == {"tenure_days": "int", "country": "string", "recent_clicks": "float_list"}
+    assert bp.feature_types == {
+        "tenure_days": "int",
+        "country": "string",
+        "recent_clicks": "float_list",
+    }
     assert bp.privacy.pseudonymise == () and bp.model == {}
     assert bp.fallback_decision == 0
 
 
 @pytest.mark.parametrize(
     "text, duration_ms",
-    [("90s", 90_000), ("15m", 900_000), ("1h", 3_600_000), ("2d", 172_800_000),
-     ("250ms", 250), ("1.5h", 5_400_000), (30, 30_000), ("0s", 0)],
+    [
+        ("90s", 90_000),
+        ("15m", 900_000),
+        ("1h", 3_600_000),
+        ("2d", 172_800_000),
+        ("250ms", 250),
+        ("1.5h", 5_400_000),
+        (30, 30_000),
+        ("0s", 0),
+    ],
 )
 def test_durations_parse_to_milliseconds(text, duration_ms):
     assert parse_duration(text) == duration_ms
@@ -98,7 +110,11 @@ def test_content_hash_ignores_layout_but_not_content():
         ({"version": _DELETE}, "version", "is required"),
         ({"features": []}, "features", "non-empty"),
         ({"features": [{"name": "x", "type": "double"}]}, "features[0].type", "int, float"),
-        ({"features": [{"name": "x", "type": "int"}, {"name": "x", "type": "int"}]}, "features[1].name", "twice"),
+        (
+            {"features": [{"name": "x", "type": "int"}, {"name": "x", "type": "int"}]},
+            "features[1].name",
+            "twice",
+        ),
         ({"features": [{"name": "decision_id", "type": "string"}]}, "features[0].name", "reserved"),
         ({"label__window": "soon"}, "label.window", "duration"),
         ({"label__window": _DELETE}, "label.window", "is required"),

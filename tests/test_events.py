@@ -23,16 +23,30 @@ T0 = "2026-11-01T12:00:00Z"
 
 def good_features():
     return {
-        "user_id": "u-1", "tenure_days": 120, "country": "KR", "platform": "ios", "hour_of_day": 12,
-        "sends_last_7d": 3, "open_rate_30d": 0.25, "recent_clicks": [1.0, 0, 2],
-        "topics": ["sports"], "email": "a@example.com",
+        "user_id": "u-1",
+        "tenure_days": 120,
+        "country": "KR",
+        "platform": "ios",
+        "hour_of_day": 12,
+        "sends_last_7d": 3,
+        "open_rate_30d": 0.25,
+        "recent_clicks": [1.0, 0, 2],
+        "topics": ["sports"],
+        "email": "a@example.com",
     }
 
 
 def decision_line(**overrides):
-    obj = {"decision_id": "d-1", "decision_type": "notify", "blueprint_version": "1",
-           "event_time": T0, "features": good_features(), "decision": 1,
-           "model_id": "notify-17", "propensity": 0.8}
+    obj = {
+        "decision_id": "d-1",
+        "decision_type": "notify",
+        "blueprint_version": "1",
+        "event_time": T0,
+        "features": good_features(),
+        "decision": 1,
+        "model_id": "notify-17",
+        "propensity": 0.8,
+    }
     obj.update(overrides)
     return json.dumps(obj)
 
@@ -48,8 +62,20 @@ def test_event_time_accepts_rfc3339_with_zone_and_epoch_millis():
 
 
 @pytest.mark.parametrize(
-    "value", ["2026-11-01T12:00:00", "2026-11-01", "yesterday", 1.5e12, True, None, [], -1,
-              "2026-13-01T12:00:00Z", "2026-11-01T12:00:00.Z", 10**15]
+    "value",
+    [
+        "2026-11-01T12:00:00",
+        "2026-11-01",
+        "yesterday",
+        1.5e12,
+        True,
+        None,
+        [],
+        -1,
+        "2026-13-01T12:00:00Z",
+        "2026-11-01T12:00:00.Z",
+        10**15,
+    ],
 )
 def test_event_time_refuses_anything_else(value):
     with pytest.raises(ValueError, match="event_time"):
@@ -61,7 +87,12 @@ def test_valid_decision_parses_with_optionals(blueprint):
     assert isinstance(event, DecisionEvent)
     assert event.event_time_ms == parse_event_time(T0)
     assert event.features["recent_clicks"] == [1.0, 0, 2]
-    assert (event.decision, event.model_id, event.propensity, event.blueprint_version) == (1, "notify-17", 0.8, "1")
+    assert (event.decision, event.model_id, event.propensity, event.blueprint_version) == (
+        1,
+        "notify-17",
+        0.8,
+        "1",
+    )
 
 
 def test_decision_round_trips_through_json(blueprint):
@@ -83,13 +114,36 @@ def test_decision_round_trips_through_json(blueprint):
         (decision_line(propensity=1.5), events.WRONG_TYPE, "propensity"),
         (decision_line(decision_type="rank"), events.WRONG_DECISION_TYPE, "'rank'"),
         (decision_line(features={**good_features(), "age": 3}), events.UNKNOWN_FEATURE, "'age'"),
-        (decision_line(features={k: v for k, v in good_features().items() if k != "country"}),
-         events.MISSING_FEATURE, "'country'"),
-        (decision_line(features={**good_features(), "tenure_days": "120"}), events.FEATURE_TYPE, "must be int"),
-        (decision_line(features={**good_features(), "tenure_days": 1.5}), events.FEATURE_TYPE, "must be int"),
-        (decision_line(features={**good_features(), "tenure_days": True}), events.FEATURE_TYPE, "must be int"),
-        (decision_line(features={**good_features(), "recent_clicks": [1, "x"]}), events.FEATURE_TYPE, "float_list"),
-        (decision_line(features={**good_features(), "topics": "sports"}), events.FEATURE_TYPE, "string_list"),
+        (
+            decision_line(features={k: v for k, v in good_features().items() if k != "country"}),
+            events.MISSING_FEATURE,
+            "'country'",
+        ),
+        (
+            decision_line(features={**good_features(), "tenure_days": "120"}),
+            events.FEATURE_TYPE,
+            "must be int",
+        ),
+        (
+            decision_line(features={**good_features(), "tenure_days": 1.5}),
+            events.FEATURE_TYPE,
+            "must be int",
+        ),
+        (
+            decision_line(features={**good_features(), "tenure_days": True}),
+            events.FEATURE_TYPE,
+            "must be int",
+        ),
+        (
+            decision_line(features={**good_features(), "recent_clicks": [1, "x"]}),
+            events.FEATURE_TYPE,
+            "float_list",
+        ),
+        (
+            decision_line(features={**good_features(), "topics": "sports"}),
+            events.FEATURE_TYPE,
+            "string_list",
+        ),
     ],
 )
 def test_bad_decisions_are_refused_with_a_specific_reason(blueprint, line, reason, detail):
@@ -100,14 +154,21 @@ def test_bad_decisions_are_refused_with_a_specific_reason(blueprint, line, reaso
 
 
 def test_observation_parses_and_label_source_must_be_numeric(blueprint):
-    line = json.dumps({"decision_id": "d-1", "event_time": 1_700_000_000_000,
-                       "observations": {"click": 1, "dwell_seconds": 12.5}})
+    line = json.dumps(
+        {
+            "decision_id": "d-1",
+            "event_time": 1_700_000_000_000,
+            "observations": {"click": 1, "dwell_seconds": 12.5},
+        }
+    )
     event = parse_observation_json(line, blueprint)
     assert event == ObservationEvent("d-1", 1_700_000_000_000, {"click": 1, "dwell_seconds": 12.5})
     refused = parse_observation_json(line.replace('"click": 1', '"click": "yes"'), blueprint)
     assert isinstance(refused, Refusal) and refused.reason == events.LABEL_TYPE
     # Without a blueprint the label source is not known, so the value is not judged.
-    assert isinstance(parse_observation_json(line.replace('"click": 1', '"click": "yes"')), ObservationEvent)
+    assert isinstance(
+        parse_observation_json(line.replace('"click": 1', '"click": "yes"')), ObservationEvent
+    )
 
 
 def test_bytes_payloads_are_decoded_and_kept(blueprint):
@@ -118,7 +179,9 @@ def test_bytes_payloads_are_decoded_and_kept(blueprint):
 
 def test_avro_round_trip_equals_json_parsing(blueprint):
     decision = parse_decision_json(decision_line(), blueprint)
-    observation = ObservationEvent("d-1", decision.event_time_ms + 5_000, {"click": True, "dwell_seconds": 3.5})
+    observation = ObservationEvent(
+        "d-1", decision.event_time_ms + 5_000, {"click": True, "dwell_seconds": 3.5}
+    )
     for kind, event in (("decision", decision), ("observation", observation)):
         buf = io.BytesIO()
         assert avro.write_events(buf, kind, [event]) == 1
@@ -140,7 +203,9 @@ def test_avro_record_failing_validation_is_refused(blueprint):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
     max_leaves=10,
 )
 
@@ -161,9 +226,21 @@ def test_arbitrary_text_never_crashes_the_parsers(blueprint, payload):
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(["decision_id", "decision_type", "event_time", "features", "propensity",
-                        "blueprint_version", "model_id"]),
-       json_values, st.booleans())
+@given(
+    st.sampled_from(
+        [
+            "decision_id",
+            "decision_type",
+            "event_time",
+            "features",
+            "propensity",
+            "blueprint_version",
+            "model_id",
+        ]
+    ),
+    json_values,
+    st.booleans(),
+)
 def test_mutated_decisions_yield_event_or_reason(blueprint, field, value, delete):
     obj = json.loads(decision_line())
     if delete:
