@@ -1,0 +1,300 @@
+"""The product simulator: deterministic, and what it reports is what its files hold."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loopline.blueprint import parse_blueprint
+from loopline.events import (
+    DecisionEvent,
+    ObservationEvent,
+    Refusal,
+    parse_decision_json,
+    parse_observation_json,
+)
+from loopline.simulate import FaultRates, Simulator, main, parse_start, roc_auc
+
+REPO = Path(__file__).resolve().parent.parent
+START_MS = parse_start("2026-11-01")
+FAULTS = FaultRates(duplicate=0.05, orphan=0.03, malformed=0.03)
+
+
+def read_kind(directory: Path, prefix: str, parse, blueprint) -> list:
+    assert not list(directory.glob("*.inprogress"))
+    parsed = []
+    for path in sorted(directory.glob(f"{prefix}-*.jsonl")):
+        text = path.read_text()
+        assert text.endswith("\n")
+        parsed += [(line, parse(line, blueprint)) for line in text.splitlines()]
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, blueprint):
+    """1500 decisions over two days, scored with the hidden truth so some are not sent."""
+    output = tmp_path_factory.mktemp("logs")
+    sim = Simulator(blueprint, seed=3, faults=FAULTS)
+    sim.scorer = lambda features: sim.response.click_probability(features) * 4
+    report = sim.run(output, decisions=1500, days=2, start_ms=START_MS)
+    return output, report
+
+
+def test_the_same_seed_writes_byte_identical_files(tmp_path, blueprint):
+    def run(name, seed):
+        Simulator(blueprint, seed=seed, faults=FAULTS).run(
+            tmp_path / name, decisions=400, days=2, start_ms=START_MS
+        )
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
+
+    first, again, other = run("a", 5), run("b", 5), run("c", 6)
+    assert first == again
+    assert first.keys() != other.keys() or first != other
+    assert {"truth.jsonl", "simulation.json"} <= first.keys()
+
+
+def test_reported_counts_match_the_files(simulated, blueprint):
+    output, report = simulated
+    counts = report["counts"]
+    decision_lines = read_kind(output, "decisions", parse_decision_json, blueprint)
+    observation_lines = read_kind(output, "observations", parse_observation_json, blueprint)
+    assert len(decision_lines) == counts["decision_lines"]
+    assert len(observation_lines) == counts["observation_lines"]
+
+    # malformed lines: every one is refused, for the reason the report gives
+    decision_refusals = Counter(e.reason for _, e in decision_lines if isinstance(e, Refusal))
+    observation_refusals = Counter(e.reason for _, e in observation_lines if isinstance(e, Refusal))
+    assert sum(decision_refusals.values()) == counts["malformed_decision_lines_injected"] > 0
+    assert sum(observation_refusals.values()) == counts["malformed_observation_lines_injected"] > 0
+    assert decision_refusals == report["malformed_by_reason"]["decision"]
+    assert observation_refusals == report["malformed_by_reason"]["observation"]
+
+    # duplicate decisions are exact re-deliveries of a decision already logged
+    decisions = [(line, e) for line, e in decision_lines if isinstance(e, DecisionEvent)]
+    first = {}
+    for line, event in decisions:
+        assert first.setdefault(event.decision_id, line) == line
+    assert len(first) == counts["decisions"] == 1500
+    assert len(decisions) - len(first) == counts["duplicate_decisions_injected"] > 0
+
+    # observations: orphans have no decision; exact repeats are the injected duplicates
+    observations = [(line, e) for line, e in observation_lines if isinstance(e, ObservationEvent)]
+    orphans = [e for _, e in observations if e.decision_id not in first]
+    assert len(orphans) == counts["orphan_observations_injected"] > 0
+    known = Counter(line for line, e in observations if e.decision_id in first)
+    assert sum(known.values()) - len(known) == counts["duplicate_observations_injected"] > 0
+    assert len(known) == counts["observations"]
+
+    truth = [json.loads(x) for x in (output / "truth.jsonl").read_text().splitlines()]
+    assert [row["decision_id"] for row in truth] == list(first)
+
+
+def test_clicks_follow_sent_decisions_some_after_the_window(simulated, blueprint):
+    output, report = simulated
+    decisions = {}
+    for _, e in read_kind(output, "decisions", parse_decision_json, blueprint):
+        if isinstance(e, DecisionEvent):
+            decisions.setdefault(e.decision_id, e)
+    observations = {
+        line: e
+        for line, e in read_kind(output, "observations", parse_observation_json, blueprint)
+        if isinstance(e, ObservationEvent) and e.decision_id in decisions
+    }.values()
+    sent = {d for d, e in decisions.items() if e.decision != 0}
+    assert 0 < len(sent) < len(decisions)  # the truth scorer holds some notifications back
+    assert {o.decision_id for o in observations} <= sent
+
+    window = blueprint.label.window_ms
+    late = [
+        o for o in observations if o.event_time_ms > decisions[o.decision_id].event_time_ms + window
+    ]
+    assert len(late) == report["counts"]["observations_after_window"] > 0
+    clicks = [o for o in observations if "click" in o.observations]
+    with_dwell = {o.decision_id for o in observations if "dwell_seconds" in o.observations}
+    assert len(clicks) == report["counts"]["clicks"] and with_dwell  # several per decision
+    assert with_dwell <= {o.decision_id for o in clicks}
+
+    # the reported ground-truth AUC is the truth's probability against these very labels
+    labels = {d: 0 for d in decisions}
+    for o in clicks:
+        if blueprint.label.counts(decisions[o.decision_id].event_time_ms, o.event_time_ms):
+            labels[o.decision_id] = 1
+    truth = [json.loads(x) for x in (output / "truth.jsonl").read_text().splitlines()]
+    auc = roc_auc(
+        [row["probability"] for row in truth], [labels[row["decision_id"]] for row in truth]
+    )
+    assert auc == report["ground_truth"]["auc"]
+    assert sum(labels.values()) == report["counts"]["labels_positive"]
+
+
+def test_the_truth_has_real_but_imperfect_signal(tmp_path, blueprint):
+    report = Simulator(blueprint, seed=11).run(tmp_path, decisions=6000, days=1, start_ms=START_MS)
+    truth = report["ground_truth"]
+    assert 0.7 < truth["auc"] < 0.9
+    assert 0.03 < truth["positive_rate"] < 0.3
+
+
+def test_outcomes_of_logged_decisions_match_what_the_simulation_wrote(simulated, blueprint):
+    output, _ = simulated
+    decisions, written = {}, set()
+    for _, e in read_kind(output, "decisions", parse_decision_json, blueprint):
+        if isinstance(e, DecisionEvent):
+            decisions.setdefault(e.decision_id, e)
+    for line, e in read_kind(output, "observations", parse_observation_json, blueprint):
+        if isinstance(e, ObservationEvent) and e.decision_id in decisions:
+            written.add(line)
+    sim = Simulator(blueprint, seed=3)
+    outcomes = sim.outcomes(decisions.values())
+    assert {o.to_json() for o in outcomes} == written
+    assert sim.outcomes(reversed(list(decisions.values()))) == outcomes  # order does not matter
+    assert [o.event_time_ms for o in outcomes] == sorted(o.event_time_ms for o in outcomes)
+
+
+def test_a_blueprint_with_unknown_features_gets_generic_values(tmp_path):
+    blueprint = parse_blueprint(
+        """
+name: offer
+version: 2
+features:
+  - {name: tenure_days, type: float}
+  - {name: platform, type: string_list}
+  - {name: basket_size, type: int}
+  - {name: price, type: float}
+  - {name: segment, type: string}
+  - {name: tags, type: string_list}
+  - {name: history, type: int_list}
+label: {name: converted, observation: purchase, aggregation: sum, window: 30m, default: 0, type: float}
+policy: {type: threshold, fallback: 1}
+"""
+    )
+    report = Simulator(blueprint, seed=1).run(tmp_path, decisions=300, days=1, start_ms=START_MS)
+    decisions = read_kind(tmp_path, "decisions", parse_decision_json, blueprint)
+    events = [e for _, e in decisions if isinstance(e, DecisionEvent)]
+    assert len({e.decision_id for e in events}) == 300
+    assert len(events) + report["counts"]["malformed_decision_lines_injected"] == len(decisions)
+    observations = read_kind(tmp_path, "observations", parse_observation_json, blueprint)
+    purchases = [
+        e
+        for _, e in observations
+        if isinstance(e, ObservationEvent) and "purchase" in e.observations
+    ]
+    assert purchases and all(isinstance(e.observations["purchase"], float) for e in purchases)
+
+
+_anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    features=st.dictionaries(
+        st.sampled_from(["user_id", "topics", "platform", "hour_of_day", "sends_last_7d",
+                         "recent_clicks", "open_rate_30d", "tenure_days", "other"]),
+        _anything,
+    ),
+    decision=st.sampled_from([0, 1, None, "send"]),
+)  # fmt: skip
+def test_outcomes_of_decisions_from_elsewhere_never_crash(blueprint, features, decision):
+    event = DecisionEvent("d-1", "notify", START_MS, features, decision=decision)
+    sim = Simulator(blueprint, seed=2)
+    truth = sim.truth(event)
+    assert 0 <= truth["probability"] <= truth["p_click"] <= 1
+    outcomes = sim.outcomes([event])
+    assert all(o.decision_id == "d-1" and o.event_time_ms > START_MS for o in outcomes)
+    if decision == 0:
+        assert outcomes == [] and truth["probability"] == 0
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=1, max_size=30))
+def test_roc_auc_is_the_share_of_correctly_ordered_pairs(pairs):
+    scores, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    positives = [s for s, y in pairs if y]
+    negatives = [s for s, y in pairs if not y]
+    if not positives or not negatives:
+        assert roc_auc(scores, labels) is None
+        return
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    assert roc_auc(scores, labels) == pytest.approx(
+        wins / (len(positives) * len(negatives)), abs=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def simulate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loopline.simulate", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_writes_logs_and_reports_them(tmp_path):
+    logs = tmp_path / "logs"
+    done = simulate("--blueprint", "examples/notify.yaml", "--output", str(logs),
+                    "--decisions", "500", "--days", "1", "--start", "2026-11-01", "--seed", "4",
+                    "--duplicate_rate", "0.1", "--orphan_rate", "0.05", "--malformed_rate", "0.05")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((logs / "simulation.json").read_text())
+    assert report["counts"]["decisions"] == 500
+    printed = dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+    assert {key: int(printed[key]) for key in report["counts"]} == report["counts"]
+    assert report["files"]["decisions"] == sorted(p.name for p in logs.glob("decisions-*.jsonl"))
+
+    # outcomes for decision logs written by another job, with the same seed: the same clicks
+    outcomes = tmp_path / "outcomes"
+    done = simulate("--blueprint", "examples/notify.yaml", "--output", str(outcomes),
+                    "--outcomes_for", str(logs / "decisions-*.jsonl"), "--seed", "4")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not list(outcomes.glob("decisions-*"))
+    again = json.loads((outcomes / "simulation.json").read_text())
+    assert again["counts"]["decisions"] == 500
+    assert (
+        again["skipped"]["refused_lines"] == report["counts"]["malformed_decision_lines_injected"]
+    )
+    assert again["counts"]["observations"] == report["counts"]["observations"]
+    assert (outcomes / "truth.jsonl").read_text() == (logs / "truth.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--blueprint", "missing.yaml"], "missing.yaml"),
+        (["--decisions", "100"], "--blueprint"),
+        (["--blueprint", "examples/notify.yaml", "--decisions", "many"], "--decisions"),
+        (["--blueprint", "examples/notify.yaml", "--decisions", "0"], "--decisions"),
+        (["--blueprint", "examples/notify.yaml", "--orphan_rate", "2"], "--orphan_rate"),
+        (["--blueprint", "examples/notify.yaml", "--start", "soon"], "soon"),
+        (
+            ["--blueprint", "examples/notify.yaml", "--outcomes_for", "/nonexistent/*.jsonl"],
+            "matches no files",
+        ),
+    ],
+)
+def test_cli_errors_exit_non_zero_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(main(["--output", str(tmp_path / "out"), *args]))
+    assert exited.value.code != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_cli_refuses_to_mix_with_earlier_output_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    args = ["--blueprint", "examples/notify.yaml", "--output", str(tmp_path), "--decisions", "50"]
+    assert main(args) == 0
+    assert main(args) != 0 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
