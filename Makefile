@@ -18,7 +18,7 @@ env: $(STAMP)
 $(STAMP): requirements/lock.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(UV) pip sync --python $(PY) requirements/lock.txt
+	$(UV) pip sync --python $(PY) --compile-bytecode requirements/lock.txt
 	$(UV) pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
