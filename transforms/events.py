@@ -1,0 +1,212 @@
+"""Parsing PTransforms: raw inputs to validated, event-time-stamped events, with dead letters.
+
+``ParseDecisions`` and ``ParseObservations`` accept one of four input formats:
+
+* ``json``: JSON lines as ``str`` or ``bytes`` (``beam.io.ReadFromText`` and friends);
+* ``avro``: records as decoded by ``beam.io.ReadFromAvro`` (fastavro dicts; ``event_time`` may
+  be a ``timestamp-millis`` datetime), through ``loopline.avro.from_record``;
+* ``record``: already decoded mappings, e.g. BigQuery rows from ``beam.io.ReadFromBigQuery``;
+* ``pubsub``: Pub/Sub messages (``PubsubMessage``, whose ``data`` is one JSON event, or the raw
+  ``bytes`` that ``ReadFromPubSub`` yields without attributes).
+
+Each event is validated against the blueprint by ``loopline.events`` and re-timestamped to
+its event time; every input that cannot become an event leaves on ``rejected`` as a
+``loopline.events.Refusal`` (reason, source, raw payload, detail). A DoFn here never raises
+on bad input: an unexpected exception becomes a refusal with reason ``internal_error``.
+
+    >>> parsed = lines | "ParseDecisions" >> ParseDecisions(blueprint)
+    >>> parsed.events    # DecisionEvent, timestamped by event_time
+    >>> parsed.rejected  # Refusal
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from loopline import avro
+from loopline.blueprint import Blueprint
+from loopline.events import (
+    BAD_JSON,
+    DECISION,
+    OBSERVATION,
+    Refusal,
+    decision_from_record,
+    observation_from_record,
+    parse_decision_json,
+    parse_observation_json,
+)
+
+FORMATS = ("json", "avro", "record", "pubsub")
+INTERNAL_ERROR = "internal_error"
+METRICS_NAMESPACE = "loopline.parse"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EVENTS = "events"
+_REJECTED = "rejected"
+
+
+class ParsedEvents(NamedTuple):
+    """The two outputs of a parse transform."""
+
+    events: object  # PCollection[DecisionEvent | ObservationEvent], timestamped by event time
+    rejected: object  # PCollection[loopline.events.Refusal]
+
+
+def parse_one(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
+    """One raw input to an event or a ``Refusal``; never raises.
+
+    ``kind`` is ``decision`` or ``observation``, ``fmt`` one of FORMATS.
+    """
+    try:
+        return _parse(raw, kind, fmt, blueprint)
+    except Exception as e:  # noqa: BLE001 - bad input must never crash the pipeline
+        return Refusal(INTERNAL_ERROR, kind, _payload_text(raw), f"{type(e).__name__}: {e}")
+
+
+def _parse(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
+    if fmt == "pubsub":
+        raw = raw if isinstance(raw, bytes | bytearray | str) else getattr(raw, "data", raw)
+        fmt = "json"
+    if fmt == "json":
+        if not isinstance(raw, str | bytes | bytearray):
+            return Refusal(
+                BAD_JSON,
+                kind,
+                _payload_text(raw),
+                f"expected a JSON line, got {type(raw).__name__}",
+            )
+        if kind == DECISION:
+            return parse_decision_json(raw, blueprint)
+        return parse_observation_json(raw, blueprint)
+    if fmt == "avro":
+        return avro.from_record(raw, kind, blueprint)
+    if kind == DECISION:
+        return decision_from_record(_as_dict(raw), blueprint)
+    return observation_from_record(_as_dict(raw), blueprint)
+
+
+def _as_dict(record: Any) -> Any:
+    # BigQuery rows arrive as dicts (TIMESTAMP columns as datetimes); Beam Rows and named
+    # tuples are turned into one.
+    if hasattr(record, "_asdict") and not isinstance(record, dict):
+        record = dict(record._asdict())
+    if isinstance(record, dict) and isinstance(record.get("event_time"), datetime):
+        moment = record["event_time"]
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        record = {**record, "event_time": (moment - _EPOCH) // timedelta(milliseconds=1)}
+    return record
+
+
+def _payload_text(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, bytes | bytearray):
+        return bytes(raw).decode("utf-8", errors="replace")
+    data = getattr(raw, "data", None)
+    if isinstance(data, bytes | bytearray):
+        return bytes(data).decode("utf-8", errors="replace")
+    try:
+        return json.dumps(raw, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return repr(raw)
+
+
+class _ParseDoFn(beam.DoFn):
+    """Parses one input; events go out timestamped by event time, refusals on ``rejected``."""
+
+    def __init__(self, kind: str, fmt: str, blueprint: Blueprint | None):
+        self._kind = kind
+        self._fmt = fmt
+        self._blueprint = blueprint
+
+    def setup(self) -> None:
+        self._parsed_counter = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}s_parsed")
+        self._rejected_total = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}s_rejected")
+        self._rejected_counters: dict[str, Any] = {}
+
+    def start_bundle(self) -> None:
+        self._parsed = 0
+
+    def process(self, raw: Any):
+        result = parse_one(raw, self._kind, self._fmt, self._blueprint)
+        if isinstance(result, Refusal):
+            self._rejected_total.inc()
+            self._rejected_counter(result.reason).inc()
+            yield beam.pvalue.TaggedOutput(_REJECTED, result)
+            return
+        self._parsed += 1
+        yield TimestampedValue(result, Timestamp(micros=result.event_time_ms * 1000))
+
+    def finish_bundle(self) -> None:
+        if self._parsed:
+            self._parsed_counter.inc(self._parsed)
+        self._parsed = 0
+
+    def _rejected_counter(self, reason: str):
+        counter = self._rejected_counters.get(reason)
+        if counter is None:
+            counter = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}s_rejected_{reason}")
+            self._rejected_counters[reason] = counter
+        return counter
+
+
+class _Parse(beam.PTransform):
+    def __init__(self, kind: str, blueprint: Blueprint | None, format: str):
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self._kind = kind
+        self._blueprint = blueprint
+        self._format = format
+
+    def expand(self, raw) -> ParsedEvents:
+        results = raw | f"Parse[{self._format}]" >> beam.ParDo(
+            _ParseDoFn(self._kind, self._format, self._blueprint)
+        ).with_outputs(_REJECTED, main=_EVENTS)
+        return ParsedEvents(events=results[_EVENTS], rejected=results[_REJECTED])
+
+
+class ParseDecisions(_Parse):
+    """Raw decision inputs to ``DecisionEvent`` (timestamped by event time) and refusals.
+
+    Counters in namespace ``loopline.parse``: ``decisions_parsed``, ``decisions_rejected`` and
+    one ``decisions_rejected_<reason>`` per refusal reason.
+
+        >>> parsed = p | beam.io.ReadFromText("logs/decisions-*.jsonl") | ParseDecisions(blueprint)
+        >>> parsed.events, parsed.rejected
+    """
+
+    def __init__(self, blueprint: Blueprint | None, format: str = "json"):
+        super().__init__(DECISION, blueprint, format)
+
+
+class ParseObservations(_Parse):
+    """Raw observation inputs to ``ObservationEvent`` (timestamped by event time) and refusals.
+
+    Counters in namespace ``loopline.parse``: ``observations_parsed``,
+    ``observations_rejected`` and one ``observations_rejected_<reason>`` per refusal reason.
+
+        >>> parsed = p | beam.io.ReadFromAvro("logs/observations-*.avro") | ParseObservations(
+        ...     blueprint, format="avro")
+    """
+
+    def __init__(self, blueprint: Blueprint | None, format: str = "json"):
+        super().__init__(OBSERVATION, blueprint, format)
+
+
+__all__ = [
+    "FORMATS",
+    "INTERNAL_ERROR",
+    "ParseDecisions",
+    "ParseObservations",
+    "ParsedEvents",
+    "parse_one",
+]
