@@ -1,0 +1,259 @@
+"""Joins logged decisions with their delayed observations into a span of TFRecords.
+
+    python -m pipelines.join_decisions --decisions 'LOGS/decisions-*.jsonl' \\
+        --observations 'LOGS/observations-*.jsonl' --blueprint examples/notify.yaml --output OUT
+    python -m pipelines.join_decisions --decisions_table p:logs.decisions \\
+        --observations_table p:logs.observations --blueprint ... --output gs://... --runner DataflowRunner
+    python -m pipelines.join_decisions --streaming --decisions_subscription projects/p/subscriptions/d \\
+        --observations_subscription projects/p/subscriptions/o --blueprint ... --output gs://...
+
+Reads -> ParseDecisions / ParseObservations -> JoinDecisions -> WriteSpan (DESIGN.md, "Join
+outputs"). The blueprint is read here, on the launcher, and handed to the transforms parsed;
+so is the pseudonymisation key. Bad arguments stop the launch with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from loopline.blueprint import Blueprint, BlueprintError, parse_blueprint, parse_duration
+from loopline.events import DECISION, OBSERVATION
+from transforms.events import ParseDecisions, ParseObservations
+from transforms.examples import PiiKeyMissing, pii_key
+from transforms.join import JoinDecisions
+from transforms.sources import FILE_FORMATS, ReadEvents
+from transforms.span import COUNT_NAMES, MANIFEST, SpanInputs, WriteSpan, write_json_atomically
+
+PROG = "join_decisions"
+
+
+class JoinDecisionsOptions(PipelineOptions):
+    """The join's parameters; every standard Beam option (``--runner``, ...) works alongside."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: Any) -> None:
+        parser.add_argument("--decisions", help="file glob of decision events (JSON lines or Avro)")
+        parser.add_argument("--observations", help="file glob of observation events")
+        parser.add_argument("--decisions_table", help="BigQuery table of decision events")
+        parser.add_argument("--observations_table", help="BigQuery table of observation events")
+        parser.add_argument(
+            "--decisions_subscription",
+            help="Pub/Sub subscription of decision events (projects/P/subscriptions/S); streaming",
+        )
+        parser.add_argument(
+            "--observations_subscription", help="Pub/Sub subscription of observation events"
+        )
+        parser.add_argument(
+            "--format",
+            default="auto",
+            help="file format: auto (by extension: .avro is Avro, else JSON lines), json or avro",
+        )
+        parser.add_argument("--blueprint", help="blueprint YAML file (local or gs://)")
+        parser.add_argument("--output", help="span directory the examples and manifest go to")
+        parser.add_argument(
+            "--allowed_lateness",
+            default="0s",
+            help="how long past the label window a decision stays open for late data (e.g. 10m)",
+        )
+        parser.add_argument(
+            "--num_shards",
+            default=None,
+            help="files per split of examples; default: chosen by the runner for the data size",
+        )
+        parser.add_argument(
+            "--output_window",
+            default="1h",
+            help="streaming: event-time window of each batch of output files and its manifest",
+        )
+
+
+class JoinConfig:
+    """Validated, launcher-side settings: what ``run`` builds the pipeline from."""
+
+    def __init__(self, options: JoinDecisionsOptions, streaming: bool):
+        self.streaming = streaming
+        self.blueprint = _load_blueprint(options.blueprint)
+        try:
+            self.key = pii_key(self.blueprint)
+        except PiiKeyMissing as e:
+            raise _usage(str(e)) from None
+        self.output = _required(options.output, "--output")
+        self.allowed_lateness_ms = _duration(options.allowed_lateness, "--allowed_lateness")
+        self.output_window_ms = _duration(options.output_window, "--output_window")
+        if self.output_window_ms <= 0:
+            raise _usage("--output_window must be longer than zero")
+        self.num_shards = _num_shards(options.num_shards)
+        if options.format not in FILE_FORMATS:
+            raise _usage(
+                f"--format must be one of {', '.join(FILE_FORMATS)}, got {options.format!r}"
+            )
+        self.decisions = _source(
+            DECISION,
+            options.decisions,
+            options.decisions_table,
+            options.decisions_subscription,
+            options.format,
+        )
+        self.observations = _source(
+            OBSERVATION,
+            options.observations,
+            options.observations_table,
+            options.observations_subscription,
+            options.format,
+        )
+        if self.decisions.is_streaming != self.observations.is_streaming:
+            raise _usage("read both decisions and observations from Pub/Sub, or neither")
+        if self.decisions.is_streaming and not streaming:
+            raise _usage("Pub/Sub subscriptions need --streaming")
+        if streaming and not self.decisions.is_streaming:
+            raise _usage(
+                "--streaming reads --decisions_subscription and --observations_subscription"
+            )
+
+
+def _usage(message: str) -> SystemExit:
+    """A one-line launch failure (exit status 2, like argparse)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _required(value: str | None, flag: str) -> str:
+    if not value:
+        raise _usage(f"{flag} is required")
+    return value
+
+
+def _load_blueprint(path: str | None) -> Blueprint:
+    path = _required(path, "--blueprint")
+    try:
+        with FileSystems.open(path) as f:
+            text = f.read().decode("utf-8")
+    except (OSError, Exception) as e:  # noqa: BLE001 - any filesystem's "cannot read"
+        raise _usage(f"{path}: cannot be read ({e})") from None
+    try:
+        return parse_blueprint(text, source=path)
+    except BlueprintError as e:
+        raise _usage(str(e)) from None
+
+
+def _duration(value: str, flag: str) -> int:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise _usage(f"{flag}: {e}") from None
+
+
+def _num_shards(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        shards = int(value)
+    except ValueError:
+        shards = 0
+    if shards < 1:
+        raise _usage(f"--num_shards must be a whole number of at least 1, got {value!r}")
+    return shards
+
+
+def _source(
+    kind: str, pattern: str | None, table: str | None, subscription: str | None, format: str
+) -> ReadEvents:
+    flags = {
+        f"--{kind}s": pattern,
+        f"--{kind}s_table": table,
+        f"--{kind}s_subscription": subscription,
+    }
+    given = [flag for flag, value in flags.items() if value]
+    if not given:
+        raise _usage(f"no {kind} input: give one of {', '.join(flags)}")
+    if len(given) > 1:
+        raise _usage(f"give only one {kind} input, got {' and '.join(given)}")
+    return ReadEvents(kind, pattern=pattern, table=table, subscription=subscription, format=format)
+
+
+def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
+    """Adds the join to ``pipeline``: read, parse, join, write the span. Returns ``SpanResult``."""
+    bp = config.blueprint
+    raw_decisions = pipeline | "ReadDecisions" >> config.decisions
+    raw_observations = pipeline | "ReadObservations" >> config.observations
+    decisions = raw_decisions | "ParseDecisions" >> ParseDecisions(
+        bp, format=config.decisions.parse_format
+    )
+    observations = raw_observations | "ParseObservations" >> ParseObservations(
+        bp, format=config.observations.parse_format
+    )
+    join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
+        bp, allowed_lateness_ms=config.allowed_lateness_ms
+    )
+    inputs = SpanInputs.from_join(
+        join, decisions.rejected, observations.rejected, raw_decisions, raw_observations
+    )
+    return inputs | "WriteSpan" >> WriteSpan(
+        config.output,
+        bp,
+        config.key,
+        num_shards=config.num_shards,
+        allowed_lateness_ms=config.allowed_lateness_ms,
+        output_window_ms=config.output_window_ms if config.streaming else None,
+    )
+
+
+def counters(result: Any) -> dict[str, int]:
+    """``namespace/name -> value`` of the run's Beam counters in Loopline's namespaces."""
+    out = {}
+    for counter in result.metrics().query()["counters"]:
+        name = counter.key.metric
+        if not name.namespace.startswith("loopline."):
+            continue
+        value = counter.committed if counter.committed is not None else counter.attempted
+        key = f"{name.namespace}/{name.name}"
+        out[key] = out.get(key, 0) + (value or 0)
+    return dict(sorted(out.items()))
+
+
+def run(argv: Sequence[str] | None = None) -> dict | None:
+    """Validates the arguments, runs the join and (batch) returns the span's manifest."""
+    options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
+    streaming = options.view_as(StandardOptions).streaming
+    config = JoinConfig(options.view_as(JoinDecisionsOptions), streaming)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, config)
+    result = pipeline.run()
+    if streaming:
+        return None
+    result.wait_until_finish()
+    manifest_path = FileSystems.join(config.output, MANIFEST)
+    with FileSystems.open(manifest_path) as f:
+        manifest = json.loads(f.read())
+    # Counter values exist only once the run is over: they join the finished manifest.
+    manifest["counters"] = counters(result)
+    write_json_atomically(manifest_path, manifest)
+    _print_summary(manifest, manifest_path)
+    return manifest
+
+
+def _print_summary(manifest: dict, path: str) -> None:
+    bp = manifest["blueprint"]
+    print(f"{PROG}: blueprint {bp['name']} v{bp['version']} ({bp['content_hash'][:12]})")
+    for name in COUNT_NAMES:
+        print(f"  {name:<28} {manifest[name]:>10,}")
+    delay = manifest["label_delay"]
+    print(
+        f"  label delay p50/p90/p99 ms    {delay['p50_ms']} / {delay['p90_ms']} / {delay['p99_ms']}"
+    )
+    print(f"  reconciles                    {manifest['reconciles']}")
+    print("counters:")
+    for name, value in manifest["counters"].items():
+        print(f"  {name:<44} {value:>10,}")
+    print(f"manifest: {path}")
+
+
+if __name__ == "__main__":
+    run()

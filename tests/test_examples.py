@@ -1,0 +1,175 @@
+"""tf.Example encoding: read back with TensorFlow, typed, and private (transforms/examples.py)."""
+
+import hashlib
+import hmac
+
+import pytest
+import tensorflow as tf
+
+from loopline.blueprint import parse_blueprint
+from loopline.events import DecisionEvent
+from transforms.examples import (
+    PiiKeyMissing,
+    features_to_example,
+    joined_to_example,
+    pii_key,
+    pseudonymise,
+)
+from transforms.join import DEFAULT, OBSERVED, JoinedDecision
+
+FEATURES = {
+    "user_id": "user-8841",
+    "tenure_days": 120,
+    "country": "KR",
+    "platform": "ios",
+    "hour_of_day": 13,
+    "sends_last_7d": 4,
+    "open_rate_30d": 0.25,
+    "recent_clicks": [1.0, 0.0, 2.0],
+    "topics": ["sale", "news"],
+    "email": "someone@example.com",
+}
+
+
+def _decision(**overrides) -> DecisionEvent:
+    fields = dict(
+        decision_id="d-123",
+        decision_type="notify",
+        event_time_ms=1_793_534_400_000,
+        features=dict(FEATURES),
+    )
+    fields.update(overrides)
+    return DecisionEvent(**fields)
+
+
+def _joined(decision: DecisionEvent, label=1, status=OBSERVED) -> JoinedDecision:
+    return JoinedDecision(decision, label, status, 1, (1000,), (1000,))
+
+
+def _parse(example: tf.train.Example, spec: dict) -> dict:
+    return tf.io.parse_single_example(example.SerializeToString(), spec)
+
+
+def test_features_read_back_with_tensorflow_in_their_types(blueprint, pii_key):
+    key = pii_key.encode()
+    example = features_to_example(FEATURES, blueprint, key)
+    parsed = _parse(
+        example,
+        {
+            "tenure_days": tf.io.FixedLenFeature([], tf.int64),
+            "hour_of_day": tf.io.FixedLenFeature([], tf.int64),
+            "sends_last_7d": tf.io.FixedLenFeature([], tf.int64),
+            "open_rate_30d": tf.io.FixedLenFeature([], tf.float32),
+            "country": tf.io.FixedLenFeature([], tf.string),
+            "platform": tf.io.FixedLenFeature([], tf.string),
+            "user_id": tf.io.FixedLenFeature([], tf.string),
+            "recent_clicks": tf.io.VarLenFeature(tf.float32),
+            "topics": tf.io.VarLenFeature(tf.string),
+        },
+    )
+    assert parsed["tenure_days"].numpy() == 120
+    assert parsed["hour_of_day"].numpy() == 13
+    assert parsed["sends_last_7d"].numpy() == 4
+    assert parsed["open_rate_30d"].numpy() == pytest.approx(0.25)
+    assert parsed["country"].numpy() == b"KR"
+    assert parsed["platform"].numpy() == b"ios"
+    assert list(parsed["recent_clicks"].values.numpy()) == [1.0, 0.0, 2.0]
+    assert list(parsed["topics"].values.numpy()) == [b"sale", b"news"]
+    assert set(example.features.feature) == {f.name for f in blueprint.example_features}
+
+
+def test_pseudonymised_identifier_is_keyed_hmac_and_raw_value_never_present(blueprint, pii_key):
+    key = pii_key.encode()
+    serialized = features_to_example(FEATURES, blueprint, key).SerializeToString()
+    expected = hmac.new(key, b"user-8841", hashlib.sha256).hexdigest()
+    user_id = tf.train.Example.FromString(serialized).features.feature["user_id"]
+    assert user_id.bytes_list.value == [expected.encode()]
+    assert b"user-8841" not in serialized
+    assert b"someone@example.com" not in serialized
+    assert pseudonymise("user-8841", b"another-key") != expected
+
+
+def test_dropped_feature_is_absent(blueprint, pii_key):
+    example = features_to_example(FEATURES, blueprint, pii_key.encode())
+    assert "email" not in example.features.feature
+
+
+def test_missing_key_is_one_clear_error(blueprint, monkeypatch):
+    monkeypatch.delenv("LOOPLINE_PII_KEY", raising=False)
+    with pytest.raises(PiiKeyMissing, match="LOOPLINE_PII_KEY") as info:
+        pii_key(blueprint)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+    monkeypatch.setenv("LOOPLINE_PII_KEY", "")
+    with pytest.raises(PiiKeyMissing):
+        pii_key(blueprint)
+    with pytest.raises(PiiKeyMissing):
+        features_to_example(FEATURES, blueprint, None)
+
+
+def test_no_key_needed_when_nothing_is_pseudonymised(monkeypatch):
+    monkeypatch.delenv("LOOPLINE_PII_KEY", raising=False)
+    plain = parse_blueprint(
+        "name: plain\nversion: 2\nfeatures: [{name: n, type: int_list}, {name: s, type: string}]\n"
+        "label: {name: y, observation: v, aggregation: mean, window: 1h, default: 0.5}\n"
+    )
+    assert pii_key(plain) is None
+    example = features_to_example({"n": [], "s": "x"}, plain, None)
+    parsed = _parse(
+        example, {"n": tf.io.VarLenFeature(tf.int64), "s": tf.io.FixedLenFeature([], tf.string)}
+    )
+    assert parsed["n"].values.numpy().tolist() == []
+    assert example.features.feature["n"].WhichOneof("kind") == "int64_list"
+    # A float label is written as a float, whatever the python type of the joined label.
+    decision = DecisionEvent("d-9", "plain", 5, {"n": [3, 4], "s": "x"})
+    joined = joined_to_example(
+        JoinedDecision(decision, 1, OBSERVED, 2, (1, 2), (1, 2)), plain, None
+    )
+    assert joined.features.feature["y"].float_list.value == [1.0]
+    assert joined.features.feature["blueprint_version"].bytes_list.value == [b"2"]
+
+
+def test_joined_example_holds_label_and_join_columns(blueprint, pii_key):
+    decision = _decision(blueprint_version="7", model_id="notify-00017", propensity=0.8)
+    example = joined_to_example(_joined(decision, label=1), blueprint, pii_key.encode())
+    parsed = _parse(
+        example,
+        {
+            "clicked": tf.io.FixedLenFeature([], tf.int64),
+            "decision_id": tf.io.FixedLenFeature([], tf.string),
+            "decision_time_ms": tf.io.FixedLenFeature([], tf.int64),
+            "join_status": tf.io.FixedLenFeature([], tf.string),
+            "blueprint_version": tf.io.FixedLenFeature([], tf.string),
+            "model_id": tf.io.FixedLenFeature([], tf.string),
+            "propensity": tf.io.FixedLenFeature([], tf.float32),
+            "tenure_days": tf.io.FixedLenFeature([], tf.int64),
+        },
+    )
+    assert parsed["clicked"].numpy() == 1
+    assert parsed["decision_id"].numpy() == b"d-123"
+    assert parsed["decision_time_ms"].numpy() == 1_793_534_400_000
+    assert parsed["join_status"].numpy() == b"observed"
+    assert parsed["blueprint_version"].numpy() == b"7"
+    assert parsed["model_id"].numpy() == b"notify-00017"
+    assert parsed["propensity"].numpy() == pytest.approx(0.8)
+    assert parsed["tenure_days"].numpy() == 120
+    assert "email" not in example.features.feature
+    assert b"user-8841" not in example.SerializeToString()
+
+
+def test_joined_example_without_optionals_uses_blueprint_version(blueprint, pii_key):
+    example = joined_to_example(
+        _joined(_decision(), label=0, status=DEFAULT), blueprint, pii_key.encode()
+    )
+    feature = example.features.feature
+    assert "model_id" not in feature and "propensity" not in feature
+    assert feature["blueprint_version"].bytes_list.value == [blueprint.version.encode()]
+    assert feature["join_status"].bytes_list.value == [b"default"]
+    assert feature["clicked"].int64_list.value == [0]
+
+
+def test_missing_feature_names_it(blueprint, pii_key):
+    features = dict(FEATURES)
+    del features["country"]
+    with pytest.raises(ValueError, match="country"):
+        features_to_example(features, blueprint, pii_key.encode())

@@ -1,0 +1,342 @@
+"""WriteSpan: the span layout, the split, dead letters and a manifest written last."""
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from loopline.blueprint import parse_blueprint
+from loopline.events import DecisionEvent, ObservationEvent, Refusal
+from transforms.examples import PiiKeyMissing
+from transforms.join import (
+    DEFAULT,
+    OBSERVED,
+    ORPHAN,
+    OUT_OF_WINDOW,
+    JoinedDecision,
+    UnmatchedObservation,
+)
+from transforms.span import (
+    COUNT_NAMES,
+    MANIFEST,
+    SpanInputs,
+    SpanStats,
+    WriteSpan,
+    alternative_windows_ms,
+    build_manifest,
+    is_eval,
+)
+
+T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
+MINUTE = 60_000
+
+PLAIN = parse_blueprint(
+    "name: plain\nversion: 4\neval_fraction: 0.3\n"
+    "features: [{name: n, type: int}, {name: user, type: string}]\n"
+    "label: {name: y, observation: click, aggregation: max, window: 1h, backward_slack: 2m,"
+    " default: 0}\n"
+)
+
+
+def _decision(i: int, t: int = T0) -> DecisionEvent:
+    return DecisionEvent(f"d-{i}", "plain", t, {"n": i, "user": f"u{i}"})
+
+
+def _joined(i: int, delays=(), out_of_window=()) -> JoinedDecision:
+    status = OBSERVED if delays else DEFAULT
+    offsets = tuple(delays) + tuple(out_of_window)
+    return JoinedDecision(
+        _decision(i), 1 if delays else 0, status, len(delays), tuple(delays), offsets
+    )
+
+
+def _observation(i: int, t: int) -> ObservationEvent:
+    return ObservationEvent(f"d-{i}", t, {"click": 1})
+
+
+def _run_span(tmp_path: Path, parts: dict, **kwargs) -> dict:
+    out = str(tmp_path / "span")
+    with TestPipeline() as p:
+        pcolls = {
+            name: p | f"Create[{name}]" >> beam.Create(values, reshuffle=False)
+            for name, values in parts.items()
+        }
+        SpanInputs(**pcolls) | WriteSpan(out, PLAIN, **kwargs)
+    return json.loads((tmp_path / "span" / MANIFEST).read_text())
+
+
+def _small_span() -> dict:
+    joined = [
+        _joined(1, delays=(1 * MINUTE, 3 * MINUTE)),
+        _joined(2, delays=(-1 * MINUTE,), out_of_window=(90 * MINUTE,)),
+        _joined(3),
+    ]
+    return dict(
+        joined=joined,
+        unmatched=[
+            UnmatchedObservation(ORPHAN, _observation(9, T0 + 5 * MINUTE)),
+            UnmatchedObservation(OUT_OF_WINDOW, _observation(2, T0 + 90 * MINUTE)),
+        ],
+        duplicate_decisions=[_decision(1, T0 + 7)],
+        duplicate_observations=[_observation(1, T0 + MINUTE)],
+        rejected_decisions=[Refusal("bad_json", "decision", "{not json", "not valid JSON")],
+        rejected_observations=[Refusal("bad_time", "observation", '{"x":1}', "no time")],
+        raw_decisions=["line"] * 5,
+        raw_observations=["line"] * 7,
+    )
+
+
+def _read_examples(pattern: str, compression: str = "GZIP") -> list[tf.train.Example]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        return []
+    dataset = tf.data.TFRecordDataset(files, compression_type=compression)
+    return [tf.train.Example.FromString(record.numpy()) for record in dataset]
+
+
+def _lines(pattern: str) -> list[dict]:
+    return [
+        json.loads(line) for f in sorted(glob.glob(pattern)) for line in open(f) if line.strip()
+    ]
+
+
+def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
+    manifest = _run_span(tmp_path, _small_span())
+    span = tmp_path / "span"
+
+    train = _read_examples(str(span / "examples/train/*.tfrecord.gz"))
+    eval_ = _read_examples(str(span / "examples/eval/*.tfrecord.gz"))
+    ids = {
+        split: {e.features.feature["decision_id"].bytes_list.value[0].decode() for e in examples}
+        for split, examples in (("train", train), ("eval", eval_))
+    }
+    assert ids["train"] | ids["eval"] == {"d-1", "d-2", "d-3"}
+    for split, split_ids in ids.items():
+        assert all(is_eval(i, PLAIN.eval_fraction) == (split == "eval") for i in split_ids)
+    labels = {
+        e.features.feature["decision_id"].bytes_list.value[0]: e.features.feature[
+            "y"
+        ].int64_list.value[0]
+        for e in train + eval_
+    }
+    assert labels == {b"d-1": 1, b"d-2": 1, b"d-3": 0}
+
+    unmatched = _lines(str(span / "unmatched_observations/*.jsonl"))
+    assert sorted((u["reason"], u["event"]["decision_id"]) for u in unmatched) == [
+        ("orphan", "d-9"),
+        ("out_of_window", "d-2"),
+    ]
+    rejected = _lines(str(span / "rejected/*.jsonl"))
+    assert sorted(rejected, key=lambda r: r["source"]) == [
+        {
+            "reason": "bad_json",
+            "detail": "not valid JSON",
+            "source": "decision",
+            "payload": "{not json",
+        },
+        {"reason": "bad_time", "detail": "no time", "source": "observation", "payload": '{"x":1}'},
+    ]
+
+    assert {k: manifest[k] for k in COUNT_NAMES} == {
+        "decisions_in": 5,
+        "examples_written": 3,
+        "examples_observed": 2,
+        "examples_default": 1,
+        "duplicate_decisions": 1,
+        "rejected_decisions": 1,
+        "observations_in": 7,
+        "observations_used": 3,
+        "observations_out_of_window": 1,
+        "observations_orphan": 1,
+        "duplicate_observations": 1,
+        "rejected_observations": 1,
+        "examples_train": len(train),
+        "examples_eval": len(eval_),
+    }
+    assert manifest["reconciles"] is True
+    assert manifest["rejected_by_reason"] == {
+        "decision": {"bad_json": 1},
+        "observation": {"bad_time": 1},
+    }
+    assert manifest["blueprint"] == PLAIN.summary()
+    assert manifest["window"]["label_window"] == "1h"
+    assert manifest["window"]["backward_slack_ms"] == 2 * MINUTE
+    assert manifest["event_time_range"] == {
+        "min": "2026-11-01T11:59:00.000Z",
+        "max": "2026-11-01T13:30:00.000Z",
+    }
+    # Delays -1m, 1m, 3m: nearest rank p50 is the 2nd, p90 and p99 the 3rd.
+    assert manifest["label_delay"]["p50_ms"] == MINUTE
+    assert manifest["label_delay"]["p99_ms"] == 3 * MINUTE
+    windows = {w["window"]: w for w in manifest["alternative_windows"]["windows"]}
+    assert manifest["alternative_windows"]["observations_of_known_decisions"] == 4
+    assert windows["1h"]["share_counted"] == pytest.approx(3 / 4)
+    assert windows["1h"]["is_label_window"] is True
+    assert windows["2h"]["share_counted"] == pytest.approx(1.0)
+    assert windows["15m"]["observations_counted"] == 3
+    assert set(windows) == {"15m", "30m", "1h", "2h", "4h", "1d"}
+
+
+def test_manifest_is_written_after_every_other_file(tmp_path):
+    manifest = _run_span(tmp_path, _small_span())
+    span = tmp_path / "span"
+    written = [p for p in span.rglob("*") if p.is_file() and p.name != MANIFEST]
+    assert written and not [p for p in written if p.name.endswith(".tmp")]
+    manifest_time = os.stat(span / MANIFEST).st_mtime_ns
+    assert all(os.stat(p).st_mtime_ns <= manifest_time for p in written)
+    listed = sorted(f for files in manifest["files"].values() for f in files)
+    assert listed == sorted(str(p) for p in written)
+
+
+def test_reconciliation_fails_when_an_input_is_lost(tmp_path):
+    parts = _small_span()
+    parts["raw_decisions"] = ["line"] * 6  # one decision read but accounted for nowhere
+    manifest = _run_span(tmp_path, parts)
+    assert manifest["decisions_in"] == 6
+    assert manifest["reconciles"] is False
+    assert manifest["reconciliation"]["decisions"] is False
+
+
+def test_empty_span_still_writes_layout_and_manifest(tmp_path):
+    parts = {name: [] for name in SpanInputs._fields}
+    manifest = _run_span(tmp_path, parts)
+    assert manifest["reconciles"] is True
+    assert all(manifest[name] == 0 for name in COUNT_NAMES)
+    assert manifest["label_delay"]["p50_ms"] is None
+    assert manifest["event_time_range"] == {"min": None, "max": None}
+    for sub in ("examples/train", "examples/eval", "unmatched_observations", "rejected"):
+        assert (tmp_path / "span" / sub).is_dir()
+
+
+def test_num_shards_sets_the_file_count(tmp_path):
+    parts = {name: [] for name in SpanInputs._fields}
+    parts["joined"] = [_joined(i) for i in range(40)]
+    manifest = _run_span(tmp_path, parts, num_shards=3)
+    assert len(glob.glob(str(tmp_path / "span/examples/train/*.tfrecord.gz"))) == 3
+    assert manifest["examples_train"] + manifest["examples_eval"] == 40
+    assert len(_read_examples(str(tmp_path / "span/examples/*/*.tfrecord.gz"))) == 40
+
+
+def test_split_is_a_stable_hash_of_the_decision_id():
+    digest = hashlib.sha256(b"d-123").digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    assert is_eval("d-123", fraction + 1e-9) and not is_eval("d-123", fraction)
+    share = sum(is_eval(f"d-{i}", 0.2) for i in range(20_000)) / 20_000
+    assert 0.19 < share < 0.21
+
+
+def test_pseudonymising_blueprint_without_key_fails_at_construction(blueprint):
+    with pytest.raises(PiiKeyMissing, match="user_id"):
+        WriteSpan("out", blueprint, key=None)
+
+
+def test_label_delay_quantiles_are_nearest_rank():
+    stats = SpanStats()
+    stats.delays.update(range(1, 101))
+    quantiles = stats.delay_quantiles()
+    assert (quantiles["p50_ms"], quantiles["p90_ms"], quantiles["p99_ms"]) == (50, 90, 99)
+    other = SpanStats()
+    other.delays.update([1000] * 100)
+    stats.merge(other)
+    assert stats.delay_quantiles()["p50_ms"] == 100 and stats.delay_quantiles()["count"] == 200
+
+
+def test_build_manifest_prices_alternative_windows_against_an_independent_count():
+    offsets = [-3 * MINUTE, -MINUTE, 0, 10 * MINUTE, 59 * MINUTE, 2 * 60 * MINUTE, 30 * 60 * MINUTE]
+    stats = SpanStats()
+    stats.offsets_total = len(offsets)
+    for w in alternative_windows_ms(PLAIN):
+        stats.offsets_within[w] = sum(1 for o in offsets if -2 * MINUTE <= o <= w)
+    manifest = build_manifest(stats, PLAIN, 0, {})
+    shares = {
+        w["window_ms"]: w["share_counted"] for w in manifest["alternative_windows"]["windows"]
+    }
+    assert shares[60 * MINUTE] == pytest.approx(4 / 7)
+    assert shares[86_400_000] == pytest.approx(5 / 7)  # 30h is past a day
+    assert manifest["alternative_windows"]["observations_of_known_decisions"] == 7
+
+
+def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
+    """docs/join_api.md's code, executed verbatim: own source, label_fn, own sink, WriteSpan."""
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "docs" / "join_api.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "examples").symlink_to(repo / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/join_api.md", "exec"), {"__name__": "join_api_doc"})
+
+    examples = _read_examples(str(tmp_path / "my-examples/part*"), compression="")
+    labels = {
+        e.features.feature["decision_id"].bytes_list.value[0]: e.features.feature[
+            "clicked"
+        ].int64_list.value[0]
+        for e in examples
+    }
+    assert labels == {b"d-1": 1, b"d-2": 0}
+    unmatched = _lines(str(tmp_path / "my-unmatched/*.jsonl"))
+    assert [(u["reason"], u["event"]["decision_id"]) for u in unmatched] == [("orphan", "d-404")]
+    manifest = json.loads((tmp_path / "my-span" / MANIFEST).read_text())
+    assert manifest["reconciles"] and manifest["examples_written"] == 2
+    assert manifest["observations_used"] == 3 and manifest["observations_orphan"] == 1
+
+
+def test_streaming_writes_files_and_a_manifest_per_output_window(tmp_path):
+    """TestStream: two hours of joined decisions -> two hourly windows, each with its manifest."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    hour = 3_600_000
+    stream = TestStream()
+    stream.add_elements(
+        [
+            TimestampedValue(
+                _joined(i, delays=(MINUTE,) if i % 2 else ()), (T0 + i * MINUTE) / 1000
+            )
+            for i in range(3)
+        ]  # fmt: skip
+        + [TimestampedValue(_joined(10 + i), (T0 + hour + i * MINUTE) / 1000) for i in range(2)],
+        tag="joined",
+    )
+    stream.add_elements(
+        [TimestampedValue(UnmatchedObservation(ORPHAN, _observation(9, T0)), T0 / 1000)],
+        tag="unmatched",
+    )
+    stream.add_elements(
+        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + hour) / 1000)],
+        tag="rejected_decisions",
+    )
+    tags = ["joined", "unmatched", "duplicate_decisions", "duplicate_observations",
+            "rejected_decisions", "rejected_observations"]  # fmt: skip
+    for tag in tags:
+        stream.advance_watermark_to_infinity(tag=tag)
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    out = str(tmp_path / "stream")
+    with TestPipeline(options=options) as p:
+        pcolls = p | stream
+        SpanInputs(**{tag: pcolls[tag] for tag in tags}) | WriteSpan(
+            out, PLAIN, output_window_ms=hour
+        )
+    manifests = sorted((tmp_path / "stream" / "manifests").glob("manifest-*.json"))
+    assert len(manifests) == 2
+    first, second = (json.loads(m.read_text()) for m in manifests)
+    assert first["output_window"]["start"] == "2026-11-01T12:00:00.000Z"
+    assert (
+        first["examples_written"],
+        first["examples_observed"],
+        first["observations_orphan"],
+    ) == (3, 1, 1)
+    assert (second["examples_written"], second["rejected_decisions"]) == (2, 1)
+    assert first["reconciles"] and second["reconciles"]
+    examples = _read_examples(str(tmp_path / "stream/examples/*/*.tfrecord.gz"))
+    assert len(examples) == 5
+    listed = sorted(f for m in (first, second) for files in m["files"].values() for f in files)
+    assert listed and all(Path(f).exists() for f in listed)
+    assert len([f for f in listed if f.endswith(".tfrecord.gz")]) >= 2

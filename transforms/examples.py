@@ -1,0 +1,135 @@
+"""tf.train.Example encoding of decisions, shared by training and serving (DESIGN.md, "Join outputs").
+
+``features_to_example`` is the one place decision-time features become a tf.Example: the join
+writes it (plus the label and the join's own columns) and bulk scoring feeds the same encoding to
+the model, so training and serving cannot drift apart. Privacy is applied here too: dropped
+features never reach an example, pseudonymised ones arrive as keyed HMAC-SHA256 hex digests.
+
+    >>> key = pii_key(blueprint)                      # None when nothing is pseudonymised
+    >>> example = features_to_example(event.features, blueprint, key)
+    >>> example.features.feature["tenure_days"].int64_list.value
+    [120]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow as tf
+
+from loopline.blueprint import Blueprint
+from transforms.join import JoinedDecision
+
+
+class PiiKeyMissing(ValueError):
+    """The blueprint pseudonymises identifiers but no key was provided in its environment variable."""
+
+
+def pii_key(blueprint: Blueprint) -> bytes | None:
+    """The pseudonymisation key from ``blueprint.privacy.key_env``; None when nothing is hashed.
+
+    Read on the launcher, once, and passed to transforms as configuration: workers never look at
+    the environment. Raises ``PiiKeyMissing`` when the blueprint pseudonymises and the variable is
+    unset or empty.
+    """
+    privacy = blueprint.privacy
+    if not privacy.pseudonymise:
+        return None
+    value = os.environ.get(privacy.key_env, "")
+    if not value:
+        raise PiiKeyMissing(
+            f"blueprint {blueprint.name} v{blueprint.version} pseudonymises "
+            f"{', '.join(privacy.pseudonymise)} but environment variable {privacy.key_env} "
+            "is unset or empty; set it to the pseudonymisation key (or mount the secret there)"
+        )
+    return value.encode("utf-8")
+
+
+def pseudonymise(value: str, key: bytes) -> str:
+    """The keyed HMAC-SHA256 of ``value`` as 64 hex characters; stable for a given key.
+
+    >>> pseudonymise("u-1", b"k") == pseudonymise("u-1", b"k") != pseudonymise("u-1", b"k2")
+    True
+    """
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def features_to_example(
+    features: Mapping[str, Any], blueprint: Blueprint, key: bytes | None
+) -> tf.train.Example:
+    """Every example feature of ``blueprint`` (dropped ones omitted, identifiers hashed), typed.
+
+    int/int_list -> int64_list, float/float_list -> float_list, string/string_list -> bytes_list.
+    Raises ``PiiKeyMissing`` if a feature must be pseudonymised and ``key`` is None, and
+    ValueError naming a feature that is absent from ``features``.
+    """
+    example = tf.train.Example()
+    _add_features(example.features.feature, features, blueprint, key)
+    return example
+
+
+def joined_to_example(
+    joined: JoinedDecision, blueprint: Blueprint, key: bytes | None
+) -> tf.train.Example:
+    """A joined decision as a training example: its features, the label and the join's columns.
+
+    The label sits under ``blueprint.label.name`` (int64 or float by ``label.type``), next to
+    ``decision_id``, ``decision_time_ms``, ``join_status``, ``blueprint_version`` (the event's,
+    else the blueprint's) and ``model_id`` / ``propensity`` when the decision carried them.
+    """
+    decision = joined.decision
+    example = tf.train.Example()
+    feature = example.features.feature
+    _add_features(feature, decision.features, blueprint, key)
+    if blueprint.label.type == "int":
+        feature[blueprint.label.name].int64_list.value.append(int(joined.label))
+    else:
+        feature[blueprint.label.name].float_list.value.append(float(joined.label))
+    feature["decision_id"].bytes_list.value.append(decision.decision_id.encode("utf-8"))
+    feature["decision_time_ms"].int64_list.value.append(decision.event_time_ms)
+    feature["join_status"].bytes_list.value.append(joined.join_status.encode("utf-8"))
+    version = (
+        decision.blueprint_version if decision.blueprint_version is not None else blueprint.version
+    )
+    feature["blueprint_version"].bytes_list.value.append(str(version).encode("utf-8"))
+    if decision.model_id is not None:
+        feature["model_id"].bytes_list.value.append(decision.model_id.encode("utf-8"))
+    if decision.propensity is not None:
+        feature["propensity"].float_list.value.append(float(decision.propensity))
+    return example
+
+
+def _add_features(
+    feature_map: Any, features: Mapping[str, Any], blueprint: Blueprint, key: bytes | None
+) -> None:
+    hashed = blueprint.privacy.pseudonymise
+    for spec in blueprint.example_features:
+        if spec.name not in features or features[spec.name] is None:
+            raise ValueError(f"feature {spec.name!r} ({spec.type}) is missing from the decision")
+        value = features[spec.name]
+        values = value if spec.is_list else [value]
+        base = spec.base_type
+        # SetInParent marks the kind even for an empty list, so readers see a typed empty value.
+        if base == "int":
+            ints = feature_map[spec.name].int64_list
+            ints.SetInParent()
+            ints.value.extend(int(v) for v in values)
+        elif base == "float":
+            floats = feature_map[spec.name].float_list
+            floats.SetInParent()
+            floats.value.extend(float(v) for v in values)
+        else:
+            if spec.name in hashed:
+                if key is None:
+                    raise PiiKeyMissing(
+                        f"feature {spec.name!r} must be pseudonymised but no key was given; "
+                        f"set {blueprint.privacy.key_env}"
+                    )
+                values = [pseudonymise(str(v), key) for v in values]
+            strings = feature_map[spec.name].bytes_list
+            strings.SetInParent()
+            strings.value.extend(str(v).encode("utf-8") for v in values)
