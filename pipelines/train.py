@@ -1,0 +1,564 @@
+"""The TFX training pipeline: from the join's spans to a gated, pushed model.
+
+    python -m pipelines.train --examples DIR --blueprint FILE --pipeline_root DIR --serving_dir DIR
+    python -m pipelines.train --dataset_root ROOT --spans 3 --blueprint FILE --pipeline_root DIR \
+        --serving_dir DIR [--schema FILE] [--compile_vertex SPEC.json] [beam options]
+
+ImportExampleGen (the join's own train/eval split) -> StatisticsGen -> ImportSchemaGen (the
+schema the blueprint's feature types imply, or a curated ``--schema``) -> ExampleValidator ->
+ValidationGate (stops the run on any anomaly, naming the feature) -> Transform -> Trainer ->
+Evaluator (TFMA, against the latest blessed model found by a Resolver, with the blueprint's
+thresholds) -> Pusher (``SERVING_DIR/<version>/``). Locally it runs with LocalDagRunner,
+SQLite ML Metadata and Beam's DirectRunner under one ``--pipeline_root``; unknown ``--flags``
+and ``--beam_pipeline_args`` reach Beam (Dataflow in production), and ``--compile_vertex``
+writes a Vertex AI Pipelines spec instead of running.
+
+After a run, a model record (pipelines.model_record) is written to
+``PIPELINE_ROOT/records/<run>.json``, and next to the pushed version as
+``SERVING_DIR/<version>.record.json`` when the model was blessed.
+"""
+
+# No `from __future__ import annotations`: the @component decorator reads real annotations.
+
+import os
+
+# TFX 1.16 wants Keras 2; this must be set before TensorFlow is first imported.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tensorflow_model_analysis as tfma  # noqa: E402
+from tensorflow.core.example import example_pb2  # noqa: E402
+from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2  # noqa: E402
+from tfx import v1 as tfx  # noqa: E402
+from tfx.types import artifact_utils  # noqa: E402
+
+from loopline.blueprint import Blueprint, BlueprintError, load_blueprint  # noqa: E402
+from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
+
+# The module file's functions by import path: the package is installed (here and in the worker
+# images), so TFX need not build and pip-install a wheel of it on every run.
+PREPROCESSING_FN = "pipelines.trainer_module.preprocessing_fn"
+RUN_FN = "pipelines.trainer_module.run_fn"
+DEFAULT_IMAGE = "gcr.io/tfx-oss-public/tfx:1.16.0"
+JOIN_STATUSES = ("observed", "default")
+_KIND = {"int": "int64_list", "float": "float_list", "string": "bytes_list"}
+_SCHEMA_TYPE = {"int": schema_pb2.INT, "float": schema_pb2.FLOAT, "string": schema_pb2.BYTES}
+
+
+class ExampleMismatch(ValueError):
+    """The examples do not carry what the blueprint declares (names or types)."""
+
+
+class ExampleAnomaliesFound(ValueError):
+    """ExampleValidator found anomalies: the run stops before Transform and Trainer."""
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class ExampleSource:
+    """Where ImportExampleGen reads: a base directory and one file pattern per split."""
+
+    input_base: str
+    spans: tuple[Span, ...]
+
+    @property
+    def input_config(self):
+        return tfx.proto.Input(
+            splits=[
+                tfx.proto.Input.Split(name=split, pattern=f"examples/{split}/*.tfrecord.gz")
+                for split in ("train", "eval")
+            ]
+        )
+
+
+def example_source(spans: list[Span], pipeline_root: str) -> ExampleSource:
+    """One span is read in place; several are staged (symlinked) into one tree under the
+    pipeline root, so one ImportExampleGen reads them all while keeping the train/eval split."""
+    if len(spans) == 1:
+        return ExampleSource(str(spans[0].path), tuple(spans))
+    key = hashlib.sha256("\n".join(str(s.path.resolve()) for s in spans).encode()).hexdigest()
+    staged = Path(pipeline_root) / "staged_spans" / key[:16]
+    for i, span in enumerate(spans):
+        for split in ("train", "eval"):
+            target = staged / "examples" / split
+            target.mkdir(parents=True, exist_ok=True)
+            for f in span.split_files(split):
+                link = target / f"span{i:03d}-{span.date or span.path.name}-{f.name}"
+                if not link.exists():
+                    link.symlink_to(f.resolve())
+    return ExampleSource(str(staged), tuple(spans))
+
+
+def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> None:
+    """Fails fast, before any component runs, when the first example of a split lacks a
+    blueprint feature or the label, carries a feature the blueprint does not declare, or holds
+    a feature of another type (a blueprint version that does not match the data)."""
+    expected = {f.name: _KIND[f.base_type] for f in blueprint.example_features}
+    expected[blueprint.label.name] = _KIND[blueprint.label.type]
+    reserved = {
+        "decision_id",
+        "decision_time_ms",
+        "join_status",
+        "blueprint_version",
+        "model_id",
+        "propensity",
+    }
+    for span in spans:
+        for split in ("train", "eval"):
+            example = _first_example(span.split_files(split))
+            if example is None:
+                continue
+            where = f"span {span.path} ({split})"
+            present = example.features.feature
+            missing = sorted(set(expected) - set(present))
+            if missing:
+                raise ExampleMismatch(
+                    f"{where} lacks {', '.join(missing)}, declared by blueprint "
+                    f"{blueprint.name} v{blueprint.version}"
+                )
+            extra = sorted(set(present) - set(expected) - reserved)
+            if extra:
+                raise ExampleMismatch(
+                    f"{where} carries {', '.join(extra)}, not declared by blueprint "
+                    f"{blueprint.name} v{blueprint.version}"
+                )
+            for name, kind in expected.items():
+                actual = present[name].WhichOneof("kind")
+                if actual is not None and actual != kind:
+                    raise ExampleMismatch(
+                        f"{where}: feature {name!r} holds {actual}, but the blueprint's type "
+                        f"implies {kind}"
+                    )
+
+
+def _first_example(files: list[Path]) -> example_pb2.Example | None:
+    for path in files:
+        with gzip.open(path, "rb") as f:
+            header = f.read(12)  # uint64 length + uint32 crc, then the record
+            if len(header) == 12:
+                (length,) = struct.unpack("<Q", header[:8])
+                return example_pb2.Example.FromString(f.read(length))
+    return None
+
+
+# --------------------------------------------------------------------------- schema & config
+
+
+def blueprint_schema(blueprint: Blueprint) -> schema_pb2.Schema:
+    """The schema the blueprint implies: every example feature and the label present in every
+    example with its type (scalars of shape [1]), the join's columns, and join_status's domain.
+
+    ExampleValidator checks statistics against it, so a missing feature, a feature of another
+    type or a feature the blueprint does not know stops the run."""
+    schema = schema_pb2.Schema()
+
+    def add(name: str, base_type: str, scalar: bool = True, required: bool = True):
+        feature = schema.feature.add(name=name, type=_SCHEMA_TYPE[base_type])
+        feature.presence.min_fraction = 1.0 if required else 0.0
+        feature.presence.min_count = 1 if required else 0
+        if scalar and required:
+            feature.shape.dim.add(size=1)
+        return feature
+
+    for f in blueprint.example_features:
+        add(f.name, f.base_type, scalar=not f.is_list)
+    add(blueprint.label.name, blueprint.label.type)
+    add("decision_id", "string")
+    add("decision_time_ms", "int")
+    add("blueprint_version", "string")
+    add("join_status", "string").domain = "join_status"
+    schema.string_domain.add(name="join_status", value=list(JOIN_STATUSES))
+    add("model_id", "string", required=False)
+    add("propensity", "float", required=False)
+    return schema
+
+
+def write_blueprint_schema(blueprint: Blueprint, pipeline_root: str) -> str:
+    """Writes the blueprint's schema once per blueprint version; returns its directory."""
+    from google.protobuf import text_format
+
+    directory = Path(pipeline_root) / "schemas" / f"{blueprint.name}-{blueprint.content_hash[:12]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "schema.pbtxt"
+    path.write_text(text_format.MessageToString(blueprint_schema(blueprint)), encoding="utf-8")
+    return str(path)
+
+
+def custom_config(blueprint: Blueprint) -> dict:
+    """What the module file (pipelines/trainer_module.py) needs to know about the blueprint."""
+    return {
+        "features": [{"name": f.name, "type": f.type} for f in blueprint.example_features],
+        "hashed": list(blueprint.privacy.pseudonymise),
+        "label": {"name": blueprint.label.name, "type": blueprint.label.type},
+        "model": {k: v for k, v in blueprint.model.items() if k not in ("thresholds",)},
+    }
+
+
+def thresholds(blueprint: Blueprint) -> dict:
+    """The blessing thresholds from ``model.thresholds``, with defaults."""
+    given = dict(blueprint.model.get("thresholds") or {})
+    if blueprint.label.type == "int":
+        return {
+            "min_auc": float(given.get("min_auc", 0.5)),
+            "max_auc_regression": float(given.get("max_auc_regression", 0.01)),
+        }
+    out = {"max_rmse_regression": float(given.get("max_rmse_regression", 0.0))}
+    if "max_rmse" in given:
+        out["max_rmse"] = float(given["max_rmse"])
+    return out
+
+
+def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
+    """TFMA settings: metrics for the label type, sliced overall, by join_status and by
+    ``model.slice_feature``; the gate metric carries the blueprint's absolute floor and its
+    maximum regression against the baseline."""
+    label = blueprint.label.name
+    slices = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["join_status"])]
+    slice_feature = blueprint.model.get("slice_feature")
+    if slice_feature:
+        usable = {f.name for f in blueprint.example_features} - set(blueprint.privacy.pseudonymise)
+        if slice_feature not in usable:
+            raise BlueprintError(
+                blueprint.source,
+                "model.slice_feature",
+                f"{slice_feature!r} is not a (non-pseudonymised) example feature",
+            )
+        slices.append(tfma.SlicingSpec(feature_keys=[slice_feature]))
+    limits = thresholds(blueprint)
+    if blueprint.label.type == "int":
+        cut = json.dumps({"thresholds": [float(blueprint.policy.get("threshold", 0.5))]})
+        gate = _gate(
+            "AUC",
+            tfma.GenericValueThreshold(lower_bound={"value": limits["min_auc"]}),
+            tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                absolute={"value": -limits["max_auc_regression"]},
+            ),
+        )
+        metrics = [
+            tfma.MetricConfig(class_name="ExampleCount"),
+            gate,
+            tfma.MetricConfig(class_name="BinaryCrossentropy"),
+            tfma.MetricConfig(class_name="Calibration"),
+            tfma.MetricConfig(class_name="MeanLabel"),
+            tfma.MetricConfig(class_name="MeanPrediction"),
+            tfma.MetricConfig(class_name="Precision", config=cut),
+            tfma.MetricConfig(class_name="Recall", config=cut),
+        ]
+    else:
+        value = (
+            tfma.GenericValueThreshold(upper_bound={"value": limits["max_rmse"]})
+            if "max_rmse" in limits
+            else None
+        )
+        gate = _gate(
+            "RootMeanSquaredError",
+            value,
+            tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.LOWER_IS_BETTER,
+                absolute={"value": limits["max_rmse_regression"]},
+            ),
+        )
+        metrics = [
+            tfma.MetricConfig(class_name="ExampleCount"),
+            gate,
+            tfma.MetricConfig(class_name="MeanAbsoluteError"),
+            tfma.MetricConfig(class_name="MeanLabel"),
+            tfma.MetricConfig(class_name="MeanPrediction"),
+        ]
+    return tfma.EvalConfig(
+        model_specs=[
+            tfma.ModelSpec(
+                signature_name="serving_default", label_key=label, prediction_key="score"
+            )
+        ],
+        slicing_specs=slices,
+        metrics_specs=[tfma.MetricsSpec(metrics=metrics)],
+    )
+
+
+def _gate(metric: str, value_threshold, change_threshold) -> tfma.MetricConfig:
+    """The blessing metric, thresholded on the overall slice only (per-slice values are
+    reported, not gated: a slice such as join_status=default holds one class)."""
+    return tfma.MetricConfig(
+        class_name=metric,
+        per_slice_thresholds=[
+            tfma.PerSliceMetricThreshold(
+                slicing_specs=[tfma.SlicingSpec()],
+                threshold=tfma.MetricThreshold(
+                    value_threshold=value_threshold, change_threshold=change_threshold
+                ),
+            )
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def anomalies_summary(anomalies_uri: str, split_names: str) -> list[str]:
+    """One line per anomaly in an ExampleAnomalies artifact: split, feature, what is wrong."""
+    lines = []
+    for split in artifact_utils.decode_split_names(split_names):
+        path = os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb")
+        if not tfx.dsl.io.fileio.exists(path):
+            continue
+        with tfx.dsl.io.fileio.open(path, "rb") as f:
+            anomalies = anomalies_pb2.Anomalies.FromString(f.read())
+        for feature, info in sorted(anomalies.anomaly_info.items()):
+            detail = "; ".join(r.description for r in info.reason) or info.description
+            lines.append(f"split '{split}': feature '{feature}': {detail}")
+        if anomalies.HasField("dataset_anomaly_info"):
+            info = anomalies.dataset_anomaly_info
+            detail = "; ".join(r.description for r in info.reason) or info.description
+            lines.append(f"split '{split}': dataset: {detail}")
+    return lines
+
+
+@tfx.dsl.components.component
+def ValidationGate(
+    anomalies: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
+    schema: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Schema],
+    validated_schema: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.Schema],
+) -> None:
+    """Stops the pipeline when ExampleValidator found anomalies; otherwise passes the schema on,
+    so Transform (and everything after it) depends on a clean validation."""
+    problems = anomalies_summary(anomalies.uri, anomalies.split_names)
+    if problems:
+        raise ExampleAnomaliesFound("examples do not match the schema: " + " | ".join(problems))
+    for name in tfx.dsl.io.fileio.listdir(schema.uri):
+        tfx.dsl.io.fileio.copy(
+            os.path.join(schema.uri, name), os.path.join(validated_schema.uri, name), True
+        )
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def create_pipeline(
+    blueprint: Blueprint,
+    source: ExampleSource,
+    pipeline_root: str,
+    serving_dir: str,
+    schema_file: str,
+    metadata_path: str | None = None,
+    beam_pipeline_args: list[str] | None = None,
+) -> tfx.dsl.Pipeline:
+    """The TFX pipeline for one blueprint: one pipeline name per decision type, so the
+    Resolver finds the latest blessed model of earlier runs under the same pipeline root."""
+    example_gen = tfx.components.ImportExampleGen(
+        input_base=source.input_base, input_config=source.input_config
+    )
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file)
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
+    )
+    gate = ValidationGate(
+        anomalies=example_validator.outputs["anomalies"], schema=schema_gen.outputs["schema"]
+    )
+    config = custom_config(blueprint)
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=gate.outputs["validated_schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        custom_config=config,
+        # Statistics of the transformed data and the analyzer cache cost a pass each and are
+        # not used downstream; TFDV has already checked the raw examples.
+        disable_statistics=True,
+        disable_analyzer_cache=True,
+    )
+    trainer = tfx.components.Trainer(
+        run_fn=RUN_FN,
+        examples=transform.outputs["transformed_examples"],
+        transform_graph=transform.outputs["transform_graph"],
+        train_args=tfx.proto.TrainArgs(splits=["train"]),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"]),
+        custom_config=config,
+    )
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=baseline.outputs["model"],
+        example_splits=["eval"],
+        eval_config=eval_config(blueprint),
+    )
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
+        ),
+    )
+    return tfx.dsl.Pipeline(
+        pipeline_name=pipeline_name(blueprint),
+        pipeline_root=pipeline_root,
+        components=[
+            example_gen,
+            statistics_gen,
+            schema_gen,
+            example_validator,
+            gate,
+            transform,
+            trainer,
+            baseline,
+            evaluator,
+            pusher,
+        ],
+        enable_cache=False,
+        metadata_connection_config=(
+            tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+            if metadata_path
+            else None
+        ),
+        beam_pipeline_args=beam_pipeline_args or [],
+    )
+
+
+def pipeline_name(blueprint: Blueprint) -> str:
+    return f"loopline-{blueprint.name.replace('_', '-').lower()}"
+
+
+def metadata_path(pipeline_root: str) -> str:
+    return os.path.join(pipeline_root, "metadata.sqlite")
+
+
+def compile_vertex(pipeline: tfx.dsl.Pipeline, spec_path: str, image: str) -> str:
+    """Compiles the pipeline into a Vertex AI Pipelines (Kubeflow V2) JSON spec."""
+    try:
+        import kfp.pipeline_spec  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "compiling a Vertex AI Pipelines spec needs the kfp-pipeline-spec package "
+            "(pip install 'kfp-pipeline-spec>=0.2.2,<0.3')"
+        ) from None
+    runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
+        config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(default_image=image),
+        output_dir=os.path.dirname(os.path.abspath(spec_path)),
+        output_filename=os.path.basename(spec_path),
+    )
+    runner.run(pipeline, write_out=True)
+    return spec_path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--blueprint", required=True, help="blueprint YAML file")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--examples", help="one span: a join output directory")
+    where.add_argument("--dataset_root", help="ROOT holding spans as ROOT/<name>/<YYYY-MM-DD>/")
+    parser.add_argument(
+        "--spans",
+        type=int,
+        default=1,
+        help="with --dataset_root: train on the newest N complete spans",
+    )
+    parser.add_argument("--pipeline_root", required=True, help="artifacts, ML Metadata, records")
+    parser.add_argument("--serving_dir", required=True, help="push destination (versioned)")
+    parser.add_argument("--schema", help="a curated schema.pbtxt instead of the blueprint's")
+    parser.add_argument(
+        "--metadata_path", help="SQLite ML Metadata (default PIPELINE_ROOT/metadata.sqlite)"
+    )
+    parser.add_argument(
+        "--beam_pipeline_args",
+        default="",
+        help="Beam options for every Beam-based component, e.g. for Dataflow",
+    )
+    parser.add_argument(
+        "--compile_vertex",
+        metavar="SPEC.json",
+        help="write a Vertex AI Pipelines spec instead of running locally",
+    )
+    parser.add_argument(
+        "--image", default=DEFAULT_IMAGE, help="container image for --compile_vertex"
+    )
+    args, beam_args = parser.parse_known_args(argv)
+    for arg in beam_args:
+        if not arg.startswith("--"):
+            parser.error(f"unexpected argument {arg!r} (Beam options look like --name=value)")
+    return args, shlex.split(args.beam_pipeline_args) + beam_args
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Runs (or compiles) the pipeline, writes the model record and prints it.
+
+    Returns 0 when the run finished, blessed or not ("not blessed: <why>" is a normal outcome),
+    1 with a one-line reason when the run could not train (bad span, mismatch, anomalies)."""
+    from pipelines import model_record
+
+    args, beam_args = parse_args(argv)
+    try:
+        blueprint = load_blueprint(args.blueprint)
+        if args.examples:
+            spans = [read_span(args.examples)]
+        else:
+            spans = find_spans(args.dataset_root, blueprint.name, newest=args.spans)
+        check_examples_match_blueprint(spans, blueprint)
+        pipeline_root = os.path.abspath(args.pipeline_root)
+        os.makedirs(pipeline_root, exist_ok=True)
+        schema_file = args.schema or write_blueprint_schema(blueprint, pipeline_root)
+        source = example_source(spans, pipeline_root)
+        mlmd_path = args.metadata_path or metadata_path(pipeline_root)
+        pipeline = create_pipeline(
+            blueprint,
+            source,
+            pipeline_root,
+            os.path.abspath(args.serving_dir),
+            schema_file,
+            metadata_path=None if args.compile_vertex else mlmd_path,
+            beam_pipeline_args=beam_args,
+        )
+    except (BlueprintError, SpanError, ExampleMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.compile_vertex:
+        try:
+            compile_vertex(pipeline, args.compile_vertex, args.image)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote Vertex AI Pipelines spec {args.compile_vertex}")
+        return 0
+    started = model_record.now()
+    try:
+        tfx.orchestration.LocalDagRunner().run(pipeline)
+    except Exception as e:  # a component failed: say why in one line when we can
+        stop = model_record.anomalies_of_latest_run(mlmd_path)
+        if stop:
+            print(f"error: stopped at ExampleValidator: {' | '.join(stop)}", file=sys.stderr)
+            return 1
+        print(f"error: the training pipeline failed: {e}", file=sys.stderr)
+        return 1
+    record = model_record.build(blueprint, spans, mlmd_path, started=started)
+    model_record.write(record, pipeline_root, os.path.abspath(args.serving_dir))
+    print(json.dumps(record, indent=2, sort_keys=True))
+    if record["blessed"]:
+        print(f"blessed and pushed: {record['model_id']} -> {record['pushed_to']}")
+    else:
+        print(f"not blessed: {record['why']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,224 @@
+"""The TFX module file: preprocessing and training derived from the blueprint.
+
+Transform calls ``preprocessing_fn`` and Trainer calls ``run_fn``; both receive the blueprint's
+features, label and ``model`` section as ``custom_config`` (built by ``pipelines.train``), so this
+file holds no per-decision-type code. Preprocessing by feature type:
+
+- ``int`` / ``float``: z-score;
+- ``string``: vocabulary ids (top-k plus one out-of-vocabulary bucket), one-hot in the model;
+- ``string_list``: vocabulary ids per element, a multi-hot bag in the model;
+- ``int_list`` / ``float_list``: the mean and the length of the list, each z-scored;
+- pseudonymised identifiers (high-cardinality HMAC strings): hashed into buckets, not a vocabulary.
+
+The pushed model's ``serving_default`` takes serialized raw ``tf.Example`` (as written by
+``transforms.examples.features_to_example``) and applies the Transform graph itself, so scoring
+never re-implements preprocessing:
+
+    serving_default(examples: tf.string[None]) -> {"score": tf.float32[None]}
+"""
+
+from __future__ import annotations
+
+import os
+
+# TFX 1.16 and TFT expect Keras 2 (tf_keras); set before TensorFlow first resolves tf.keras.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_transform as tft  # noqa: E402
+import tf_keras as keras  # noqa: E402
+from tfx_bsl.public import tfxio  # noqa: E402
+
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+
+DEFAULT_MODEL = {
+    "hidden_units": [32, 16],
+    "epochs": 5,
+    "batch_size": 128,
+    "learning_rate": 0.003,
+    "hash_buckets": 100,
+    "vocab_top_k": 1000,
+}
+
+
+def model_settings(custom_config: dict) -> dict:
+    """The blueprint's ``model`` section over the defaults."""
+    settings = dict(DEFAULT_MODEL)
+    settings.update({k: v for k, v in (custom_config.get("model") or {}).items() if v is not None})
+    return settings
+
+
+def transformed_features(custom_config: dict) -> dict[str, tuple[str, str | None]]:
+    """Every transformed feature the model reads: name -> (NUMERIC or CATEGORICAL, vocabulary).
+
+    The vocabulary is the name of a Transform vocabulary file, or None for hashed identifiers.
+
+    >>> transformed_features({"features": [{"name": "country", "type": "string"}], "hashed": []})
+    {'country': ('categorical', 'country_vocab')}
+    """
+    hashed = set(custom_config.get("hashed", ()))
+    plan: dict[str, tuple[str, str | None]] = {}
+    for feature in custom_config["features"]:
+        name, ftype = feature["name"], feature["type"]
+        if ftype in ("int", "float"):
+            plan[name] = (NUMERIC, None)
+        elif ftype in ("int_list", "float_list"):
+            plan[f"{name}__mean"] = (NUMERIC, None)
+            plan[f"{name}__len"] = (NUMERIC, None)
+        elif ftype in ("string", "string_list"):
+            plan[name] = (CATEGORICAL, None if name in hashed else f"{name}_vocab")
+        else:
+            raise ValueError(f"feature {name!r} has an unknown type {ftype!r}")
+    return plan
+
+
+def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
+    """Transform's preprocessing, derived from the blueprint's feature types."""
+    settings = model_settings(custom_config)
+    hashed = set(custom_config.get("hashed", ()))
+    outputs = {}
+    for feature in custom_config["features"]:
+        name, ftype = feature["name"], feature["type"]
+        x = inputs[name]
+        if ftype in ("int", "float"):
+            outputs[name] = tft.scale_to_z_score(_scalar(x, 0, tf.float32))
+        elif ftype in ("int_list", "float_list"):
+            values = tf.sparse.map_values(tf.cast, _sparse(x), tf.float32)
+            total = tf.sparse.reduce_sum(values, axis=1, keepdims=True)
+            length = tf.cast(
+                tf.sparse.reduce_sum(
+                    tf.sparse.map_values(tf.ones_like, values), axis=1, keepdims=True
+                ),
+                tf.float32,
+            )
+            outputs[f"{name}__mean"] = tft.scale_to_z_score(
+                tf.reshape(tf.math.divide_no_nan(total, length), [-1, 1])
+            )
+            outputs[f"{name}__len"] = tft.scale_to_z_score(tf.reshape(length, [-1, 1]))
+        else:  # string, string_list
+            strings = _scalar(x, b"", tf.string) if ftype == "string" else _sparse(x)
+            if name in hashed:
+                outputs[name] = tft.hash_strings(strings, settings["hash_buckets"])
+            else:
+                outputs[name] = tft.compute_and_apply_vocabulary(
+                    strings,
+                    top_k=settings["vocab_top_k"],
+                    num_oov_buckets=1,
+                    vocab_filename=f"{name}_vocab",
+                )
+    label = custom_config["label"]["name"]
+    if label in inputs:  # absent at serving: Transform prunes what depends on it
+        outputs[label] = _scalar(inputs[label], 0, tf.float32)
+    return outputs
+
+
+def _scalar(x, default, dtype) -> tf.Tensor:
+    """A [batch, 1] dense tensor from a scalar feature, whether the schema made it dense or not."""
+    if isinstance(x, tf.SparseTensor):
+        x = tft.sparse_tensor_to_dense_with_shape(x, [None, 1], default_value=default)
+    return tf.reshape(tf.cast(x, dtype) if x.dtype != dtype else x, [-1, 1])
+
+
+def _sparse(x):
+    """A SparseTensor from a list feature (dense when a curated schema fixed its length)."""
+    return x if isinstance(x, tf.SparseTensor) else tf.sparse.from_dense(x)
+
+
+def _vocabulary_sizes(plan: dict, tf_transform_output, custom_config: dict) -> dict[str, int]:
+    """How many ids each categorical feature can take (the out-of-vocabulary bucket included)."""
+    buckets = model_settings(custom_config)["hash_buckets"]
+    sizes = {}
+    for name, (kind, vocab) in plan.items():
+        if kind == CATEGORICAL:
+            sizes[name] = (
+                buckets if vocab is None else tf_transform_output.vocabulary_size_by_name(vocab) + 1
+            )
+    return sizes
+
+
+def build_model(custom_config: dict, tf_transform_output) -> keras.Model:
+    """A feed-forward network over the transformed features, shaped by the blueprint's ``model``."""
+    settings = model_settings(custom_config)
+    plan = transformed_features(custom_config)
+    sizes = _vocabulary_sizes(plan, tf_transform_output, custom_config)
+    spec = tf_transform_output.transformed_feature_spec()
+    inputs, encoded = {}, []
+    for name, (kind, _) in plan.items():
+        sparse = isinstance(spec[name], tf.io.VarLenFeature)
+        if kind == NUMERIC:
+            inputs[name] = keras.Input(shape=(1,), name=name, dtype=tf.float32)
+            encoded.append(inputs[name])
+        else:
+            inputs[name] = keras.Input(
+                shape=(None,) if sparse else (1,), name=name, dtype=tf.int64, sparse=sparse
+            )
+            encoded.append(
+                keras.layers.CategoryEncoding(
+                    num_tokens=max(sizes[name], 1), output_mode="multi_hot", name=f"{name}_bag"
+                )(inputs[name])
+            )
+    x = keras.layers.concatenate(encoded) if len(encoded) > 1 else encoded[0]
+    for i, units in enumerate(settings["hidden_units"]):
+        x = keras.layers.Dense(int(units), activation="relu", name=f"hidden_{i}")(x)
+    binary = custom_config["label"]["type"] == "int"
+    output = keras.layers.Dense(1, activation="sigmoid" if binary else None, name="score")(x)
+    model = keras.Model(inputs=inputs, outputs=output)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=float(settings["learning_rate"])),
+        loss="binary_crossentropy" if binary else "mean_squared_error",
+        metrics=[keras.metrics.AUC(name="auc")]
+        if binary
+        else [keras.metrics.RootMeanSquaredError()],
+    )
+    return model
+
+
+def _dataset(file_pattern, data_accessor, tf_transform_output, label: str, batch_size: int):
+    return data_accessor.tf_dataset_factory(
+        file_pattern,
+        tfxio.TensorFlowDatasetOptions(
+            batch_size=batch_size, label_key=label, num_epochs=1, shuffle=True, shuffle_seed=7
+        ),
+        tf_transform_output.transformed_metadata.schema,
+    )
+
+
+def serving_signature(model: keras.Model, tf_transform_output, custom_config: dict):
+    """``serving_default``: serialized raw tf.Examples in, ``score`` out, Transform applied inside.
+
+    Only the blueprint's example features are parsed: the label and the join's columns
+    (decision_id, join_status, ...) are not needed at serving.
+    """
+    model.tft_layer = tf_transform_output.transform_features_layer()
+    names = {f["name"] for f in custom_config["features"]}
+    raw_spec = {k: v for k, v in tf_transform_output.raw_feature_spec().items() if k in names}
+    input_names = list(model.input_names)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve(examples):
+        raw = tf.io.parse_example(examples, raw_spec)
+        transformed = model.tft_layer(raw)
+        score = model({k: transformed[k] for k in input_names})
+        return {"score": tf.reshape(tf.cast(score, tf.float32), [-1])}
+
+    return serve
+
+
+def run_fn(fn_args) -> None:
+    """Trainer's entry point: fit on the transformed train split, save with the serving signature."""
+    custom_config = fn_args.custom_config
+    settings = model_settings(custom_config)
+    label = custom_config["label"]["name"]
+    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+    keras.utils.set_random_seed(int(settings.get("seed", 7)))
+    batch_size = int(settings["batch_size"])
+    train = _dataset(
+        fn_args.train_files, fn_args.data_accessor, tf_transform_output, label, batch_size
+    )
+    model = build_model(custom_config, tf_transform_output)
+    # No validation_data: the Evaluator measures the eval split (sliced, against the baseline),
+    # and tracing a second Keras function costs more than this whole fit on small spans.
+    model.fit(train, epochs=int(settings["epochs"]), verbose=2)
+    signatures = {"serving_default": serving_signature(model, tf_transform_output, custom_config)}
+    model.save(fn_args.serving_model_dir, save_format="tf", signatures=signatures)

@@ -1,0 +1,192 @@
+"""Spans with a known ground truth, for the training pipeline's tests.
+
+``write_span`` writes one join output (DESIGN.md, "Join outputs"): gzip TFRecords of tf.Examples
+encoded by the contract's own ``transforms.examples.joined_to_example`` under
+``examples/{train,eval}/``, split by ``transforms.span.is_eval``, and a ``manifest.json`` written
+last. Labels are drawn from a known logistic model of the features, so a test knows the AUC the
+true probabilities reach on the eval split (the best a model can hope for).
+
+    >>> truth = write_span(tmp / "notify" / "2026-11-01", blueprint, n=1500, seed=1)
+    >>> round(truth.eval_auc, 2)
+    0.8
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from loopline.blueprint import Blueprint
+from loopline.events import DecisionEvent
+from transforms.examples import features_to_example, joined_to_example
+from transforms.join import DEFAULT, OBSERVED, JoinedDecision
+from transforms.span import is_eval
+
+COUNTRIES = ("KR", "US", "DE", "BR", "IN")
+PLATFORMS = ("ios", "android", "web")
+TOPICS = ("sports", "news", "deals", "music")
+DAY_MS = 86_400_000
+START_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+
+
+def random_features(rng: random.Random) -> dict:
+    """Decision-time features of the example blueprint (examples/notify.yaml)."""
+    return {
+        "user_id": f"u-{rng.randrange(400)}",
+        "tenure_days": rng.randrange(0, 2000),
+        "country": rng.choice(COUNTRIES),
+        "platform": rng.choice(PLATFORMS),
+        "hour_of_day": rng.randrange(24),
+        "sends_last_7d": rng.randrange(0, 15),
+        "open_rate_30d": rng.random(),
+        "recent_clicks": [float(rng.choice((0, 0, 0, 1, 1, 2, 3))) for _ in range(7)],
+        "topics": rng.sample(TOPICS, rng.randrange(1, 4)),
+        "email": f"user{rng.randrange(400)}@example.com",
+    }
+
+
+def true_probability(features: dict) -> float:
+    """The ground truth: P(click | features), a logistic model of a few features."""
+    logit = (
+        -1.2
+        + 3.0 * (features["open_rate_30d"] - 0.5)
+        + 0.9 * (features["platform"] == "ios")
+        - 0.8 * (features["platform"] == "web")
+        + 0.6 * (sum(features["recent_clicks"]) / 7 - 1.0)
+        + 1.0 * ("deals" in features["topics"])
+        + 0.5 * (features["country"] == "KR")
+        - 0.08 * (features["sends_last_7d"] - 7)
+    )
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties counted half)."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, int)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+@dataclass(frozen=True)
+class SpanTruth:
+    """What a fixture span holds: its path, sizes, and the ground truth on its eval split."""
+
+    path: Path
+    n_train: int
+    n_eval: int
+    eval_auc: float  # AUC of the true probabilities against the eval labels
+    eval_features: tuple[dict, ...]
+    eval_labels: tuple[int, ...]
+    eval_probabilities: tuple[float, ...]
+
+
+def write_span(
+    path: Path,
+    blueprint: Blueprint,
+    n: int,
+    seed: int,
+    day: int = 0,
+    key: bytes = b"test-key-not-a-secret",
+    shuffle_train_labels: bool = False,
+    drop_feature_every: tuple[str, int] | None = None,
+) -> SpanTruth:
+    """Writes one span of ``n`` decisions; returns its ground truth.
+
+    ``shuffle_train_labels`` permutes the train split's labels (a worse candidate: it learns
+    noise, while the eval split keeps true labels); ``drop_feature_every=(name, k)`` removes
+    that feature from every k-th example (an anomaly ExampleValidator must catch).
+    """
+    rng = random.Random(seed)
+    split = {"train": [], "eval": []}
+    for i in range(n):
+        features = random_features(rng)
+        p = true_probability(features)
+        label = int(rng.random() < p)
+        decision = DecisionEvent(
+            decision_id=f"d-{seed}-{i}",
+            decision_type=blueprint.name,
+            event_time_ms=START_MS + day * DAY_MS + i * 1000,
+            features=features,
+            blueprint_version=blueprint.version,
+            decision=1,
+            model_id="notify-fallback",
+            propensity=1.0,
+        )
+        observed = label == 1 or rng.random() < 0.2
+        joined = JoinedDecision(
+            decision=decision,
+            label=label,
+            join_status=OBSERVED if observed else DEFAULT,
+            observations_used=int(observed),
+            label_delays_ms=(60_000,) if observed else (),
+            observation_offsets_ms=(60_000,) if observed else (),
+        )
+        name = "eval" if is_eval(decision.decision_id, blueprint.eval_fraction) else "train"
+        split[name].append((features, label, p, joined))
+    if shuffle_train_labels:
+        labels = [label for _, label, _, _ in split["train"]]
+        rng.shuffle(labels)
+        split["train"] = [
+            (f, label, p, _relabel(j, label))
+            for (f, _, p, j), label in zip(split["train"], labels, strict=True)
+        ]
+    for name, rows in split.items():
+        directory = path / "examples" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        with tf.io.TFRecordWriter(
+            str(directory / "part-00000-of-00001.tfrecord.gz"), options="GZIP"
+        ) as writer:
+            for i, (_, _, _, joined) in enumerate(rows):
+                example = joined_to_example(joined, blueprint, key)
+                if drop_feature_every and i % drop_feature_every[1] == drop_feature_every[1] - 1:
+                    del example.features.feature[drop_feature_every[0]]
+                writer.write(example.SerializeToString())
+    all_rows = split["train"] + split["eval"]
+    observed = sum(1 for *_, j in all_rows if j.join_status == OBSERVED)
+    manifest = {
+        "blueprint": blueprint.summary(),
+        "decisions_in": n,
+        "examples_written": n,
+        "examples_observed": observed,
+        "examples_default": n - observed,
+        "duplicate_decisions": 0,
+        "rejected_decisions": 0,
+        "examples_train": len(split["train"]),
+        "examples_eval": len(split["eval"]),
+        "reconciles": True,
+        "written_by": "tests/train_fixtures.py",
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    evals = split["eval"]
+    return SpanTruth(
+        path=path,
+        n_train=len(split["train"]),
+        n_eval=len(evals),
+        eval_auc=auc([p for _, _, p, _ in evals], [label for _, label, _, _ in evals]),
+        eval_features=tuple(f for f, *_ in evals),
+        eval_labels=tuple(label for _, label, _, _ in evals),
+        eval_probabilities=tuple(p for _, _, p, _ in evals),
+    )
+
+
+def _relabel(joined: JoinedDecision, label: int) -> JoinedDecision:
+    return JoinedDecision(
+        decision=joined.decision,
+        label=label,
+        join_status=joined.join_status,
+        observations_used=joined.observations_used,
+        label_delays_ms=joined.label_delays_ms,
+        observation_offsets_ms=joined.observation_offsets_ms,
+    )
+
+
+def serialized_features(features: list[dict], blueprint: Blueprint, key: bytes) -> list[bytes]:
+    """Raw serving inputs: what bulk scoring feeds the model (no label, no join columns)."""
+    return [features_to_example(f, blueprint, key).SerializeToString() for f in features]
