@@ -118,10 +118,7 @@ class EpsilonGreedyPolicy(ThresholdPolicy):
         # One uniform splits [0, 1): [0, eps/2) explores 0, [eps/2, eps) explores 1, else greedy.
         explored = u < self.epsilon
         decision = (0 if u < self.epsilon / 2 else 1) if explored else greedy
-        if decision == greedy:
-            propensity = 1.0 - self.epsilon / 2
-        else:
-            propensity = self.epsilon / 2
+        propensity = 1.0 - self.epsilon / 2 if decision == greedy else self.epsilon / 2
         return Choice(decision, propensity, explored)
 
     def describe(self) -> dict:

@@ -1,0 +1,198 @@
+"""Small real SavedModels with the serving contract, and decision events to score with them.
+
+The model is a genuine TF SavedModel, exported the way the Pusher exports one: its
+``serving_default`` signature takes serialized raw ``tf.Example``s (``features_to_example``'s
+encoding), applies Transform-like preprocessing inside the graph (z-scores for numbers, hash
+buckets and embeddings for strings, pooled lists) and returns ``{"score": float32[batch]}``.
+The benchmark uses the same builder with a larger MLP.
+
+    >>> path = export_scoring_model(blueprint, tmp_path / "serving" / "1")
+    >>> score_serialized(path, [example.SerializeToString()])
+    array([0.52...], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from loopline.blueprint import Blueprint
+from loopline.events import DecisionEvent, format_event_time
+
+START_MS = 1_793_534_400_000  # 2026-11-01T12:00:00Z
+COUNTRIES = ("KR", "US", "DE", "BR", "IN", "JP")
+PLATFORMS = ("ios", "android", "web")
+TOPICS = ("sale", "news", "social", "reminder", "sports")
+
+
+def _feature_spec(blueprint: Blueprint) -> dict:
+    dtypes = {"int": tf.int64, "float": tf.float32, "string": tf.string}
+    spec = {}
+    for feature in blueprint.example_features:
+        dtype = dtypes[feature.base_type]
+        if feature.is_list:
+            spec[feature.name] = tf.io.RaggedFeature(dtype=dtype, row_splits_dtype=tf.int64)
+        else:
+            spec[feature.name] = tf.io.FixedLenFeature([], dtype)
+    return spec
+
+
+class ScoringModel(tf.Module):
+    """An MLP over Transform-like preprocessed raw features, exporting the serving contract."""
+
+    def __init__(
+        self,
+        blueprint: Blueprint,
+        hidden_units: Sequence[int] = (16,),
+        buckets: int = 64,
+        embedding_dim: int = 4,
+        seed: int = 0,
+        fail_on_country: str | None = None,
+    ):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self._spec = _feature_spec(blueprint)
+        self._features = blueprint.example_features
+        self._buckets = buckets
+        self._fail_on_country = fail_on_country
+        width = 0
+        self._embeddings = {}
+        for feature in self._features:
+            if feature.base_type == "string":
+                table = rng.normal(0, 0.5, (buckets, embedding_dim)).astype(np.float32)
+                self._embeddings[feature.name] = tf.Variable(table, name=f"emb_{feature.name}")
+                width += embedding_dim
+            else:
+                width += 2 if feature.is_list else 1  # lists pool to (mean, count)
+        self._layers = []
+        for units in (*hidden_units, 1):
+            w = rng.normal(0, (2.0 / width) ** 0.5, (width, units)).astype(np.float32)
+            b = rng.normal(0, 0.1, (units,)).astype(np.float32)
+            self._layers.append((tf.Variable(w), tf.Variable(b)))
+            width = units
+
+    @property
+    def parameter_count(self) -> int:
+        return int(sum(np.prod(v.shape) for v in self.trainable_variables))
+
+    def _columns(self, parsed: dict) -> list[tf.Tensor]:
+        columns = []
+        for feature in self._features:
+            value = parsed[feature.name]
+            if feature.base_type == "string":
+                ids = tf.strings.to_hash_bucket_fast(value, self._buckets)
+                table = self._embeddings[feature.name]
+                if feature.is_list:
+                    pooled = tf.reduce_mean(tf.ragged.map_flat_values(tf.gather, table, ids), 1)
+                    columns.append(tf.where(tf.math.is_nan(pooled), 0.0, pooled))
+                else:
+                    columns.append(tf.gather(table, ids))
+            elif feature.is_list:
+                value = tf.cast(value, tf.float32)
+                count = tf.cast(value.row_lengths(), tf.float32)
+                mean = tf.reduce_sum(value, 1) / tf.maximum(count, 1.0)
+                columns.append(tf.stack([mean, tf.math.log1p(count)], 1))
+            else:
+                # A fixed z-score, as tft.scale_to_z_score would bake into the graph.
+                columns.append(tf.math.tanh(tf.cast(value, tf.float32) / 50.0)[:, None])
+        return columns
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve(self, examples: tf.Tensor) -> dict:
+        parsed = tf.io.parse_example(examples, self._spec)
+        if self._fail_on_country is not None:
+            tf.debugging.assert_none_equal(
+                parsed["country"],
+                tf.constant(self._fail_on_country),
+                message=f"model refuses country {self._fail_on_country}",
+            )
+        x = tf.concat(self._columns(parsed), axis=1)
+        for i, (w, b) in enumerate(self._layers):
+            x = tf.matmul(x, w) + b
+            if i < len(self._layers) - 1:
+                x = tf.nn.relu(x)
+        return {"score": tf.sigmoid(tf.reshape(x, [-1]))}
+
+
+def export_scoring_model(blueprint: Blueprint, version_dir: str | Path, **kwargs) -> Path:
+    """Exports a ScoringModel to ``version_dir`` (SERVING_DIR/<version>) with its model record.
+
+    Keyword arguments go to ScoringModel (hidden_units, buckets, embedding_dim, seed,
+    fail_on_country).
+    """
+    version_dir = Path(version_dir)
+    model = ScoringModel(blueprint, **kwargs)
+    tf.saved_model.save(model, str(version_dir), signatures={"serving_default": model.serve})
+    record = {
+        "model_id": f"{blueprint.name}-{version_dir.name}",
+        "version": version_dir.name,
+        "blueprint": blueprint.summary(),
+        "parameters": model.parameter_count,
+    }
+    record_path = version_dir.parent / f"{version_dir.name}.record.json"
+    record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return version_dir
+
+
+def score_serialized(version_dir: str | Path, serialized: Sequence[bytes]) -> np.ndarray:
+    """The model's own scores for serialized examples, called directly (the reference)."""
+    loaded = tf.saved_model.load(str(version_dir))
+    out = loaded.signatures["serving_default"](examples=tf.constant(list(serialized)))
+    return out["score"].numpy()
+
+
+def make_decisions(
+    blueprint: Blueprint, n: int, seed: int = 0, prefix: str = "d"
+) -> list[DecisionEvent]:
+    """``n`` valid decision events for the example blueprint (notify), deterministic for a seed."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        features = {
+            "user_id": f"u-{rng.randrange(10_000)}",
+            "tenure_days": rng.randrange(0, 2000),
+            "country": rng.choice(COUNTRIES),
+            "platform": rng.choice(PLATFORMS),
+            "hour_of_day": rng.randrange(24),
+            "sends_last_7d": rng.randrange(20),
+            "open_rate_30d": round(rng.random(), 4),
+            "recent_clicks": [float(rng.randrange(4)) for _ in range(rng.randrange(0, 8))],
+            "topics": rng.sample(TOPICS, rng.randrange(0, 3)),
+            "email": f"user{i}@example.com",
+        }
+        features = {f.name: features[f.name] for f in blueprint.features}
+        events.append(
+            DecisionEvent(
+                decision_id=f"{prefix}-{i:06d}",
+                decision_type=blueprint.name,
+                event_time_ms=START_MS + i * 1000,
+                features=features,
+                blueprint_version=blueprint.version,
+            )
+        )
+    return events
+
+
+def write_decision_lines(
+    path: str | Path, events: Sequence[DecisionEvent], extra: Sequence[str] = ()
+) -> Path:
+    """Writes events as JSON lines (plus raw ``extra`` lines, e.g. corrupt ones)."""
+    path = Path(path)
+    lines = [e.to_json() for e in events] + list(extra)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = [
+    "ScoringModel",
+    "export_scoring_model",
+    "format_event_time",
+    "make_decisions",
+    "score_serialized",
+    "write_decision_lines",
+]

@@ -1,0 +1,176 @@
+"""python -m pipelines.bulk_score end to end on the DirectRunner with real files and a real
+SavedModel: JSON lines, Avro and TFRecord inputs, dead letters, logged decisions, bad arguments."""
+
+import json
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from loopline import avro
+from loopline.events import DecisionEvent, parse_decision_json
+from pipelines import bulk_score
+from tests.scoring_fixtures import (
+    export_scoring_model,
+    make_decisions,
+    score_serialized,
+    write_decision_lines,
+)
+from transforms.examples import features_to_example
+
+KEY = "test-key-not-a-secret"
+CORRUPT = ['{"decision_id": "broken"', '{"decision_id": "x1", "decision_type": "notify"}']
+
+
+@pytest.fixture(scope="module")
+def serving_dir(tmp_path_factory, blueprint):
+    root = tmp_path_factory.mktemp("serving")
+    export_scoring_model(blueprint, root / "1793534400", seed=1)
+    export_scoring_model(blueprint, root / "1793538000", seed=2)
+    return root
+
+
+def _lines(directory: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for f in sorted(directory.glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+
+
+def _expected_scores(events, blueprint, version_dir) -> dict[str, float]:
+    serialized = [
+        features_to_example(e.features, blueprint, KEY.encode()).SerializeToString() for e in events
+    ]
+    scores = score_serialized(version_dir, serialized)
+    return {e.decision_id: float(s) for e, s in zip(events, scores, strict=True)}
+
+
+@pytest.mark.slow
+def test_json_lines_are_scored_exactly_with_dead_letters_and_logged_decisions(
+    tmp_path, serving_dir, blueprint, blueprint_path, pii_key
+):
+    events = make_decisions(blueprint, 150, seed=1)
+    source = write_decision_lines(tmp_path / "decisions.jsonl", events, CORRUPT)
+    out = tmp_path / "out"
+    bulk_score.run([
+        "--input", str(source), "--model_dir", str(serving_dir),
+        "--blueprint", str(blueprint_path), "--output", str(out), "--log_decisions",
+        "--min_batch_size", "8", "--max_batch_size", "32",
+    ])  # fmt: skip
+
+    rows = _lines(out / "scores")
+    expected = _expected_scores(events, blueprint, serving_dir / "1793538000")
+    assert sorted(r["decision_id"] for r in rows) == sorted(expected)
+    for row in rows:
+        assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
+        assert row["model_id"] == "notify-1793538000"
+        assert row["propensity"] in (pytest.approx(0.975), pytest.approx(0.025))
+        assert row["decision"] in (0, 1)
+        assert row["scored_at"].endswith("Z")
+
+    failed = _lines(out / "failed")
+    assert sorted(f["reason"] for f in failed) == ["bad_json", "missing_field"]
+    assert {f["payload"] for f in failed} == set(CORRUPT)
+
+    logged = [
+        parse_decision_json(line, blueprint)
+        for line in (out / "decisions").glob("*.jsonl").__next__().read_text().splitlines()
+    ]
+    assert all(isinstance(e, DecisionEvent) for e in logged)
+    by_id = {r["decision_id"]: r for r in rows}
+    originals = {e.decision_id: e for e in events}
+    for event in logged:
+        row = by_id[event.decision_id]
+        assert (event.decision, event.propensity, event.model_id) == (
+            row["decision"],
+            row["propensity"],
+            row["model_id"],
+        )
+        assert (event.features, event.event_time_ms) == (
+            originals[event.decision_id].features,
+            originals[event.decision_id].event_time_ms,
+        )
+    assert len(logged) == 150
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
+    assert sizes["sum"] == 150 and sizes["max"] <= 32
+    assert manifest["model_id"] == "notify-1793538000"
+    assert manifest["counters"]["loopline.parse.decisions_rejected"] == 2
+
+
+@pytest.mark.slow
+def test_avro_and_tfrecord_inputs_score_like_json_with_a_named_version(
+    tmp_path, serving_dir, blueprint, blueprint_path, pii_key
+):
+    events = make_decisions(blueprint, 40, seed=2)
+    with open(tmp_path / "decisions.avro", "wb") as f:
+        avro.write_events(f, "decision", events)
+    with tf.io.TFRecordWriter(str(tmp_path / "examples.tfrecord.gz"), options="GZIP") as writer:
+        for event in events:
+            example = features_to_example(event.features, blueprint, KEY.encode())
+            example.features.feature["decision_id"].bytes_list.value.append(
+                event.decision_id.encode()
+            )
+            writer.write(example.SerializeToString())
+    expected = _expected_scores(events, blueprint, serving_dir / "1793534400")
+    for name in ("decisions.avro", "examples.tfrecord.gz"):
+        out = tmp_path / f"out-{name}"
+        bulk_score.run([
+            "--input", str(tmp_path / name), "--model_dir", str(serving_dir),
+            "--model_version", "1793534400", "--blueprint", str(blueprint_path),
+            "--output", str(out), "--seed", "3",
+        ])  # fmt: skip
+        rows = _lines(out / "scores")
+        assert {r["decision_id"]: r["model_id"] for r in rows} == {
+            d: "notify-1793534400" for d in expected
+        }, name
+        for row in rows:
+            assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
+        assert _lines(out / "failed") == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model_dir", "M", "--output", "O"], "exactly one of --input"),
+        (["--input", "x.jsonl", "--output", "O"], "--model_dir is required"),
+        (["--input", "x.jsonl", "--model_dir", "M"], "--output"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O", "--max_batch_size", "0"],
+         "--max_batch_size must be at least 1"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O",
+          "--min_batch_size", "9", "--max_batch_size", "3"], "larger than --max_batch_size"),
+        (["--input", "x.tfrecord", "--model_dir", "{serving}", "--output", "O", "--log_decisions",
+          "--blueprint", "{blueprint}"], "--log_decisions needs decision events"),
+        (["--input", "x.jsonl", "--model_dir", "{missing}", "--output", "O",
+          "--blueprint", "{blueprint}"], "does not exist"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--model_version", "7", "--output", "O",
+          "--blueprint", "{blueprint}"], "no version 7"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O"], "--blueprint is required"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_exit_non_zero_with_one_line(
+    args, message, serving_dir, blueprint_path, tmp_path, capsys, pii_key
+):
+    filled = [
+        a.format(serving=serving_dir, blueprint=blueprint_path, missing=tmp_path / "none")
+        for a in args
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        bulk_score.run(filled)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("bulk_score: error:")
+
+
+def test_missing_pii_key_exits_with_one_line(
+    serving_dir, blueprint_path, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("LOOPLINE_PII_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        bulk_score.run([
+            "--input", "x.jsonl", "--model_dir", str(serving_dir), "--output", str(tmp_path),
+            "--blueprint", str(blueprint_path),
+        ])  # fmt: skip
+    assert "LOOPLINE_PII_KEY" in capsys.readouterr().err

@@ -1,0 +1,516 @@
+"""Scoring decisions with the pushed model: a RunInference ModelHandler and the scoring transform.
+
+The pushed model (DESIGN.md, "Model serving contract") is a TF SavedModel whose
+``serving_default(examples: tf.string[None]) -> {"score": float32[None]}`` takes serialized raw
+``tf.Example``s. Decisions are encoded with ``transforms.examples.features_to_example``, the
+encoding the join writes for training, so training and serving see the same bytes.
+
+    handler = decision_model_handler(serving_model, blueprint, key, min_batch_size=64)
+    outputs = keyed_decisions | ScoreDecisions(handler, policy, serving_model.model_id)
+    outputs.scored   # ScoredDecision: decision_id, score, decision, propensity, model_id, ...
+    outputs.failed   # ScoringFailure: reason, step, detail, decision_id, payload
+
+One model is loaded per worker process and shared by its threads (Beam's shared handle);
+``large_model`` or ``model_copies`` load it in a separate process shared by all SDK processes
+of a worker (``model_copies`` fixes how many copies, e.g. one per GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+
+from loopline.blueprint import Blueprint
+from loopline.events import DecisionEvent
+from loopline.policy import Policy, TopKPolicy
+from transforms.examples import features_to_example
+
+SIGNATURE = "serving_default"
+SCORE_KEY = "score"
+METRICS_NAMESPACE = "loopline.inference"
+DEVICES = ("CPU", "GPU")
+
+# Dead-letter reasons of the scoring steps (parse refusals keep loopline.events' reasons).
+ENCODE_FAILED = "encode_failed"
+INFERENCE_FAILED = "inference_failed"
+
+_VERSION = re.compile(r"^\d+$")
+
+
+class ModelNotFound(ValueError):
+    """No usable pushed model where one was expected, in one sentence."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """One pushed model version: where it is and the ``model_id`` its outputs carry."""
+
+    path: str
+    version: str
+    model_id: str
+    record: Mapping[str, Any]
+
+
+def resolve_serving_model(
+    model_dir: str, blueprint_name: str | None, version: str | None = None
+) -> ServingModel:
+    """The named (or else the latest) version under a serving dir, or a version dir itself.
+
+    The latest version is the largest integer directory name. The model record next to it
+    (``<version>.record.json``), when present, must name the same blueprint. Without a
+    ``blueprint_name`` the check is skipped and ``model_id`` uses the record's blueprint name.
+
+        >>> resolve_serving_model("serving/notify", "notify").model_id
+        'notify-1793534400'
+    """
+    root = Path(model_dir)
+    if (root / "saved_model.pb").exists() and version in (None, root.name):
+        path = root
+    else:
+        if not root.is_dir():
+            raise ModelNotFound(f"model dir {model_dir} does not exist")
+        versions = sorted(
+            (p for p in root.iterdir() if p.is_dir() and _VERSION.match(p.name)),
+            key=lambda p: int(p.name),
+        )
+        if version is not None:
+            versions = [p for p in versions if p.name == str(version)]
+            if not versions:
+                raise ModelNotFound(f"model dir {model_dir} has no version {version}")
+        if not versions:
+            raise ModelNotFound(f"model dir {model_dir} holds no pushed version (integer dirs)")
+        path = versions[-1]
+    if not (path / "saved_model.pb").exists():
+        raise ModelNotFound(f"{path} is not a SavedModel (no saved_model.pb)")
+    record = _read_record(path)
+    recorded = (record.get("blueprint") or {}).get("name")
+    if recorded and blueprint_name and recorded != blueprint_name:
+        raise ModelNotFound(
+            f"model {path} was trained for blueprint {recorded!r}, not {blueprint_name!r}"
+        )
+    name = blueprint_name or recorded or "model"
+    return ServingModel(str(path), path.name, f"{name}-{path.name}", record)
+
+
+def _read_record(path: Path) -> dict:
+    record_path = path.parent / f"{path.name}.record.json"
+    try:
+        return json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+class LoadedModel:
+    """A loaded SavedModel's serving signature, called on batches of serialized examples.
+
+    Returns numpy so that it works the same behind Beam's cross-process model proxy.
+    """
+
+    def __init__(self, path: str, device: str = "CPU"):
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "GPU" and not tf.config.list_physical_devices("GPU"):
+            raise RuntimeError("--device GPU was asked for but TensorFlow sees no GPU here")
+        # TF places ops on the GPU when it sees one; only CPU-on-a-GPU-machine needs a scope.
+        # (Entering tf.device on every call costs milliseconds, so it is skipped otherwise.)
+        gpus = tf.config.list_physical_devices("GPU")
+        self._device = "/CPU:0" if device == "CPU" and gpus else None
+        with self._scope():
+            self._saved = tf.saved_model.load(path)
+        try:
+            self._serve = self._saved.signatures[SIGNATURE]
+        except KeyError:
+            raise ModelNotFound(f"{path} has no {SIGNATURE} signature") from None
+
+    def _scope(self):
+        return tf.device(self._device) if self._device else contextlib.nullcontext()
+
+    def score(self, examples: Sequence[bytes]) -> np.ndarray:
+        """Scores for serialized tf.Examples, one float32 per example."""
+        with self._scope():
+            outputs = self._serve(examples=tf.constant(examples, dtype=tf.string))
+        if SCORE_KEY not in outputs:
+            raise ValueError(f"the model returned {sorted(outputs)}, not {SCORE_KEY!r}")
+        scores = outputs[SCORE_KEY].numpy().reshape(-1)
+        if scores.shape[0] != len(examples):
+            raise ValueError(
+                f"the model returned {scores.shape[0]} scores for {len(examples)} examples"
+            )
+        return scores
+
+
+class Encoded(NamedTuple):
+    """A decision ready for the model: its serialized example and where it came from."""
+
+    example: bytes
+    event: DecisionEvent | None  # None when the input was already a serialized example
+
+
+class SavedModelHandler(ModelHandler[Encoded, PredictionResult, LoadedModel]):
+    """RunInference handler for the pushed SavedModel; elements are ``Encoded`` decisions.
+
+    Each batch is one call of the serving signature. ``inference`` of every PredictionResult is
+    the score (a float) and ``model_id`` the serving model's id.
+    """
+
+    def __init__(
+        self,
+        serving_model: ServingModel,
+        *,
+        device: str = "CPU",
+        min_batch_size: int | None = None,
+        max_batch_size: int | None = None,
+        target_batch_duration_secs: float | None = None,
+        max_batch_duration_secs: float | None = None,
+        model_copies: int | None = None,
+        large_model: bool = False,
+    ):
+        super().__init__()
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if min_batch_size and max_batch_size and min_batch_size > max_batch_size:
+            raise ValueError(
+                f"min_batch_size {min_batch_size} is larger than max_batch_size {max_batch_size}"
+            )
+        if model_copies is not None and model_copies < 1:
+            raise ValueError(f"model_copies must be at least 1, got {model_copies}")
+        self.serving_model = serving_model
+        self.device = device
+        batching = {
+            "min_batch_size": min_batch_size,
+            "max_batch_size": max_batch_size,
+            "target_batch_duration_secs": target_batch_duration_secs,
+            "max_batch_duration_secs": max_batch_duration_secs,
+        }
+        self._batching = {k: v for k, v in batching.items() if v is not None}
+        self._model_copies = model_copies
+        self._large_model = large_model
+
+    def load_model(self) -> LoadedModel:
+        return LoadedModel(self.serving_model.path, self.device)
+
+    def run_inference(
+        self,
+        batch: Sequence[Encoded],
+        model: LoadedModel,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        scores = model.score([e.example for e in batch])
+        model_id = self.serving_model.model_id
+        return [PredictionResult(e, float(s), model_id) for e, s in zip(batch, scores, strict=True)]
+
+    def get_num_bytes(self, batch: Sequence[Encoded]) -> int:
+        return sum(len(e.example) for e in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return dict(self._batching)
+
+    def share_model_across_processes(self) -> bool:
+        return self._large_model or self._model_copies is not None
+
+    def model_copies(self) -> int:
+        return self._model_copies or 1
+
+    def __repr__(self) -> str:
+        return f"SavedModelHandler({self.serving_model.model_id}, device={self.device})"
+
+
+class EncodeDecision:
+    """RunInference preprocessing: ``(decision_id, DecisionEvent | bytes)`` to ``Encoded``.
+
+    Serialized examples (TFRecord input) pass through; decision events are encoded with
+    ``features_to_example``. A failure here reaches the dead-letter output for that element.
+    """
+
+    def __init__(self, blueprint: Blueprint, key: bytes | None):
+        self._blueprint = blueprint
+        self._key = key
+
+    def __call__(self, element: tuple[str, DecisionEvent | bytes]) -> tuple[str, Encoded]:
+        decision_id, value = element
+        if isinstance(value, bytes):
+            return decision_id, Encoded(value, None)
+        example = features_to_example(value.features, self._blueprint, self._key)
+        return decision_id, Encoded(example.SerializeToString(), value)
+
+
+def decision_model_handler(
+    serving_model: ServingModel, blueprint: Blueprint, key: bytes | None, **options: Any
+) -> ModelHandler:
+    """The keyed handler bulk scoring uses: ``(decision_id, DecisionEvent | bytes)`` in,
+    ``(decision_id, PredictionResult)`` out, encoding as RunInference preprocessing.
+
+    ``options`` are SavedModelHandler's (device, batch sizes, model_copies, large_model).
+    """
+    handler = KeyedModelHandler(SavedModelHandler(serving_model, **options))
+    return handler.with_preprocess_fn(EncodeDecision(blueprint, key))
+
+
+@dataclass(frozen=True)
+class ScoredDecision:
+    """One scored decision and the policy's choice for it."""
+
+    decision_id: str
+    score: float
+    decision: int
+    propensity: float
+    explored: bool
+    model_id: str
+    scored_at: str
+    event: DecisionEvent | None = None
+
+    def to_row(self) -> dict:
+        """The output row (JSON lines and BigQuery)."""
+        return {
+            "decision_id": self.decision_id,
+            "score": self.score,
+            "decision": self.decision,
+            "propensity": self.propensity,
+            "explored": self.explored,
+            "model_id": self.model_id,
+            "scored_at": self.scored_at,
+        }
+
+    def to_decision_event(self) -> DecisionEvent | None:
+        """The scored decision as a DecisionEvent (None without a source event)."""
+        if self.event is None:
+            return None
+        return replace(
+            self.event, decision=self.decision, model_id=self.model_id, propensity=self.propensity
+        )
+
+
+@dataclass(frozen=True)
+class ScoringFailure:
+    """A decision that could not be scored: the dead-letter record."""
+
+    reason: str
+    step: str
+    detail: str
+    decision_id: str | None
+    payload: str
+
+    def to_dict(self) -> dict:
+        return {
+            "reason": self.reason,
+            "step": self.step,
+            "detail": self.detail,
+            "decision_id": self.decision_id,
+            "payload": self.payload,
+        }
+
+
+class ScoringOutputs(NamedTuple):
+    scored: beam.PCollection  # ScoredDecision
+    failed: beam.PCollection  # ScoringFailure
+
+
+def _payload(value: Any) -> str:
+    if isinstance(value, Encoded):
+        value = value.event if value.event is not None else value.example
+    if isinstance(value, DecisionEvent):
+        return value.to_json()
+    if isinstance(value, bytes):
+        return value.hex()
+    return repr(value)
+
+
+def _exception_detail(error: Any) -> str:
+    # Beam's dead letters carry (exception type, repr, formatted traceback); the traceback's
+    # last line has the message (TF errors' repr is only their class name).
+    if isinstance(error, tuple) and len(error) >= 3 and error[2]:
+        return str(error[2][-1]).strip()[:2000]
+    if isinstance(error, tuple) and len(error) >= 2:
+        return f"{getattr(error[0], '__name__', error[0])}: {str(error[1])[:2000]}"
+    return str(error)[:2000]
+
+
+def _encode_failures(failed: tuple) -> Iterable[ScoringFailure]:
+    (decision_id, value), error = failed
+    beam.metrics.Metrics.counter("loopline.score", "encode_failed").inc()
+    yield ScoringFailure(
+        ENCODE_FAILED, "EncodeDecision", _exception_detail(error), decision_id, _payload(value)
+    )
+
+
+def _inference_failures(failed: tuple) -> Iterable[ScoringFailure]:
+    batch, error = failed
+    detail = _exception_detail(error)
+    counter = beam.metrics.Metrics.counter("loopline.score", "inference_failed")
+    for decision_id, value in batch:
+        counter.inc()
+        yield ScoringFailure(INFERENCE_FAILED, "RunInference", detail, decision_id, _payload(value))
+
+
+_last_now: tuple[int, str] = (-1, "")
+
+
+def utc_now() -> str:
+    """Now as RFC 3339 UTC with milliseconds (formatted at most once per millisecond)."""
+    global _last_now
+    now_ms = time.time_ns() // 1_000_000
+    if now_ms != _last_now[0]:
+        moment = datetime.fromtimestamp(now_ms / 1000, tz=timezone.utc)
+        _last_now = (now_ms, moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now_ms % 1000:03d}Z")
+    return _last_now[1]
+
+
+class _ApplyPolicy(beam.DoFn):
+    """``(decision_id, PredictionResult)`` to ScoredDecision with the policy's choice."""
+
+    def __init__(self, policy: Policy, clock=utc_now):
+        self._policy = policy
+        self._clock = clock
+
+    def setup(self):
+        self._decisions = beam.metrics.Metrics.counter("loopline.score", "decisions")
+        self._explored = beam.metrics.Metrics.counter("loopline.score", "explored")
+
+    def process(self, element: tuple[str, PredictionResult]) -> Iterable[ScoredDecision]:
+        decision_id, result = element
+        choice = self._policy.choose(result.inference, decision_id)
+        self._decisions.inc()
+        if choice.explored:
+            self._explored.inc()
+        yield ScoredDecision(
+            decision_id,
+            result.inference,
+            choice.decision,
+            choice.propensity,
+            choice.explored,
+            result.model_id,
+            self._clock(),
+            result.example.event,
+        )
+
+
+class _ChooseTopK(beam.DoFn):
+    """One group of ``(decision_id, PredictionResult)`` to ScoredDecisions by exact top-k."""
+
+    def __init__(self, policy: TopKPolicy, clock=utc_now):
+        self._policy = policy
+        self._clock = clock
+
+    def process(self, group: tuple[str, Iterable[tuple[str, PredictionResult]]]):
+        members = sorted(group[1], key=lambda m: m[0])
+        choices = self._policy.choose_group([(d, r.inference) for d, r in members])
+        scored_at = self._clock()
+        for (decision_id, result), choice in zip(members, choices, strict=True):
+            yield ScoredDecision(
+                decision_id,
+                result.inference,
+                choice.decision,
+                choice.propensity,
+                choice.explored,
+                result.model_id,
+                scored_at,
+                result.example.event,
+            )
+
+
+def _group_of(group_feature: str | None):
+    def key(element: tuple[str, PredictionResult]) -> tuple[str, tuple[str, PredictionResult]]:
+        event = element[1].example.event
+        value = "" if group_feature is None or event is None else event.features.get(group_feature)
+        return json.dumps(value, sort_keys=True), element
+
+    return key
+
+
+class ScoreDecisions(beam.PTransform):
+    """Scores keyed decisions with RunInference and applies the decision policy.
+
+    Input: ``(decision_id, DecisionEvent)`` or ``(decision_id, serialized tf.Example)``.
+    Output: ``ScoringOutputs(scored, failed)``; encoding and inference failures (a whole batch
+    when the model throws) go to ``failed`` with the exception, never crash the job.
+
+        outputs = keyed | ScoreDecisions(decision_model_handler(model, bp, key), policy)
+    """
+
+    def __init__(self, model_handler: ModelHandler, policy: Policy, clock=utc_now):
+        super().__init__()
+        self._handler = model_handler
+        self._policy = policy
+        self._clock = clock
+
+    def expand(self, keyed: beam.PCollection) -> ScoringOutputs:
+        results, dead = (
+            keyed
+            | "RunInference"
+            >> RunInference(
+                self._handler, metrics_namespace=METRICS_NAMESPACE
+            ).with_exception_handling()
+        )
+        if isinstance(self._policy, TopKPolicy):
+            scored = (
+                results
+                | "KeyByGroup" >> beam.Map(_group_of(self._policy.group_feature))
+                | "GroupForTopK" >> beam.GroupByKey()
+                | "ChooseTopK" >> beam.ParDo(_ChooseTopK(self._policy, self._clock))
+            )
+        else:
+            scored = results | "ApplyPolicy" >> beam.ParDo(_ApplyPolicy(self._policy, self._clock))
+        failures = [
+            bad | f"EncodeFailures[{i}]" >> beam.FlatMap(_encode_failures)
+            for i, bad in enumerate(dead.failed_preprocessing)
+        ]
+        failures.append(
+            dead.failed_inferences | "InferenceFailures" >> beam.FlatMap(_inference_failures)
+        )
+        failed = failures | "AllFailures" >> beam.Flatten()
+        return ScoringOutputs(scored, failed)
+
+
+class SavedModelScorer:
+    """A pushed model as a plain callable, features dict -> score, for the decision client.
+
+        scorer = SavedModelScorer("serving/notify", blueprint)     # latest version
+        score = scorer({"tenure_days": 120, ...})                  # float in [0, 1]
+        scorer.model_id                                            # 'notify-1793534400'
+
+    ``key`` is the pseudonymisation key (``transforms.examples.pii_key(blueprint)``).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        blueprint: Blueprint,
+        key: bytes | None = None,
+        version: str | None = None,
+        device: str = "CPU",
+    ):
+        self.serving_model = resolve_serving_model(model_dir, blueprint.name, version)
+        self.model_id = self.serving_model.model_id
+        self._blueprint = blueprint
+        self._key = key
+        self._model = LoadedModel(self.serving_model.path, device)
+
+    def __call__(self, features: Mapping[str, Any]) -> float:
+        return float(self.score_many([features])[0])
+
+    def score_many(self, features: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Scores for many feature dicts in one model call."""
+        examples = [
+            features_to_example(f, self._blueprint, self._key).SerializeToString() for f in features
+        ]
+        return self._model.score(examples)
