@@ -1,0 +1,588 @@
+"""Beam pieces of model monitoring: score rows, their join to labelled decisions, and per
+model/day summaries (DESIGN.md, "The loop": scores ⨝ outcomes → metrics per model version).
+
+Decisions are labelled by the same ``JoinDecisions`` transform (and blueprint window) that makes
+training examples, so a live label means exactly what a training label means. Scores come from
+bulk scoring (or from decision logs that carry a ``score``) and are attached by ``decision_id``.
+
+    decisions, observations = ...                      # timestamped by event time
+    joined = (decisions, observations) | JoinDecisions(blueprint)
+    monitored = (joined.joined, scores.scores) | AttachScores()
+    summaries = monitored.outcomes | SummariseOutcomes(blueprint.label.type)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from loopline.events import DecisionEvent, Refusal, parse_event_time
+from loopline.metrics import OutcomeSummary
+from transforms.join import DEFAULT, JoinedDecision
+
+SCORE = "score"
+MODEL = "model"
+BLUEPRINT = "blueprint"
+ALL_DAYS = "all"
+UNKNOWN_MODEL = "unknown"
+
+# Reason codes for score rows that cannot be used.
+SCORE_BAD_JSON = "bad_json"
+SCORE_MISSING_FIELD = "missing_field"
+SCORE_WRONG_TYPE = "wrong_type"
+SCORE_BAD_TIME = "bad_time"
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One scored decision as written by bulk scoring.
+
+    ``time_ms`` is the row's ``event_time`` (the decision's time) when it has one, else its
+    ``scored_at``; it stands in for the decision time only when no decision log is given.
+    """
+
+    decision_id: str
+    score: float
+    model_id: str | None = None
+    decision: Any = None
+    propensity: float | None = None
+    explored: bool | None = None
+    time_ms: int | None = None
+    blueprint_version: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitoredDecision:
+    """A scored decision with its label: one row of the monitor's tables."""
+
+    decision_id: str
+    model_id: str
+    blueprint_version: str
+    day: str  # UTC day of the decision time, YYYY-MM-DD
+    decision_time_ms: int
+    score: float
+    label: float
+    observed: bool
+    decision: Any = None
+    propensity: float | None = None
+    explored: bool | None = None
+
+
+class ScoreOutputs(NamedTuple):
+    scores: beam.PCollection  # PCollection[ScoreRow]
+    rejected: beam.PCollection  # PCollection[Refusal]
+
+
+class MonitorOutputs(NamedTuple):
+    outcomes: beam.PCollection  # PCollection[MonitoredDecision]
+    unscored: beam.PCollection  # PCollection[JoinedDecision]: labelled but never scored
+    unmatched_scores: beam.PCollection  # PCollection[ScoreRow]: no decision with that id
+
+
+def utc_day(ms: int) -> str:
+    """The UTC calendar day of epoch milliseconds (``2026-11-01``)."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def parse_score_row(line: str | bytes, require_score: bool = True) -> ScoreRow | Refusal | None:
+    """A JSON line to a ScoreRow, or a Refusal saying why not.
+
+    With ``require_score=False`` (decision logs that may carry a score) a line that is not a
+    JSON object with a ``score`` gives None instead of a refusal.
+    """
+    raw = line.decode("utf-8", errors="replace") if isinstance(line, bytes | bytearray) else line
+
+    def refuse(reason: str, detail: str) -> Refusal:
+        return Refusal(reason, SCORE, raw, detail)
+
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        # A decision log's malformed lines are the decision parser's to reject, not ours.
+        return refuse(SCORE_BAD_JSON, f"not valid JSON ({e})") if require_score else None
+    if not isinstance(obj, dict) or ("score" not in obj and not require_score):
+        return (
+            None
+            if not require_score
+            else refuse(SCORE_WRONG_TYPE, "a score row must be a JSON object with a score")
+        )
+    decision_id = obj.get("decision_id")
+    if not isinstance(decision_id, str) or not decision_id:
+        return refuse(SCORE_MISSING_FIELD, "field 'decision_id' must be a non-empty string")
+    score = obj.get("score")
+    if isinstance(score, list) and len(score) == 1:
+        score = score[0]
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        return refuse(SCORE_WRONG_TYPE, f"field 'score' must be a finite number, got {score!r}")
+    propensity = obj.get("propensity")
+    if propensity is not None and (
+        isinstance(propensity, bool)
+        or not isinstance(propensity, int | float)
+        or not 0 <= propensity <= 1
+    ):
+        return refuse(SCORE_WRONG_TYPE, f"field 'propensity' must be in [0, 1], got {propensity!r}")
+    model_id = obj.get("model_id")
+    if model_id is not None and not isinstance(model_id, str):
+        return refuse(SCORE_WRONG_TYPE, f"field 'model_id' must be a string, got {model_id!r}")
+    explored = obj.get("explored")
+    if explored is not None and not isinstance(explored, bool):
+        return refuse(SCORE_WRONG_TYPE, f"field 'explored' must be true or false, got {explored!r}")
+    time_ms = None
+    for key in ("event_time", "scored_at"):
+        if obj.get(key) is not None:
+            try:
+                time_ms = parse_event_time(obj[key])
+            except ValueError as e:
+                return refuse(SCORE_BAD_TIME, str(e))
+            break
+    version = obj.get("blueprint_version")
+    return ScoreRow(
+        decision_id=decision_id,
+        score=float(score),
+        model_id=model_id,
+        decision=obj.get("decision"),
+        propensity=None if propensity is None else float(propensity),
+        explored=explored,
+        time_ms=time_ms,
+        blueprint_version=None if version is None else str(version),
+    )
+
+
+class _ParseScoreDoFn(beam.DoFn):
+    REJECTED = "rejected"
+
+    def __init__(self, require_score: bool):
+        self._require_score = require_score
+        self._parsed = Metrics.counter("loopline.parse_scores", "scores_parsed")
+        self._rejected = Metrics.counter("loopline.parse_scores", "scores_rejected")
+        self._without = Metrics.counter("loopline.parse_scores", "rows_without_score")
+
+    def process(self, line: str) -> Iterable[Any]:
+        result = parse_score_row(line, self._require_score)
+        if result is None:
+            self._without.inc()
+        elif isinstance(result, Refusal):
+            self._rejected.inc()
+            yield beam.pvalue.TaggedOutput(self.REJECTED, result)
+        else:
+            self._parsed.inc()
+            yield result
+
+
+class ParseScores(beam.PTransform):
+    """JSON lines of score rows to ``ScoreRow``; unusable rows leave on ``rejected``.
+
+    >>> outputs = lines | ParseScores()
+    >>> outputs.scores, outputs.rejected
+    """
+
+    def __init__(self, require_score: bool = True, label: str | None = None):
+        super().__init__(label)
+        self._require_score = require_score
+
+    def expand(self, lines: beam.PCollection) -> ScoreOutputs:
+        results = lines | "Parse" >> beam.ParDo(_ParseScoreDoFn(self._require_score)).with_outputs(
+            _ParseScoreDoFn.REJECTED, main="scores"
+        )
+        return ScoreOutputs(results.scores, results[_ParseScoreDoFn.REJECTED])
+
+
+def decision_from_score(row: ScoreRow, decision_type: str) -> DecisionEvent:
+    """A featureless decision event standing in for a score row when no decision log is given."""
+    return DecisionEvent(
+        decision_id=row.decision_id,
+        decision_type=decision_type,
+        event_time_ms=row.time_ms if row.time_ms is not None else 0,
+        features={},
+        blueprint_version=row.blueprint_version,
+        decision=row.decision,
+        model_id=row.model_id,
+        propensity=row.propensity,
+    )
+
+
+def _latest_score(rows: list[ScoreRow]) -> ScoreRow:
+    # A decision rescored (retried job, second model run) keeps its latest score; ties broken
+    # by the row's own fields so the choice does not depend on arrival order.
+    return max(rows, key=lambda r: (r.time_ms or 0, r.model_id or "", r.score))
+
+
+class _AttachScoreDoFn(beam.DoFn):
+    UNSCORED = "unscored"
+    UNMATCHED = "unmatched_scores"
+
+    def __init__(self, default_version: str):
+        self._default_version = default_version
+        self._monitored = Metrics.counter("loopline.attach_scores", "decisions_monitored")
+        self._unscored = Metrics.counter("loopline.attach_scores", "decisions_without_score")
+        self._unmatched = Metrics.counter("loopline.attach_scores", "scores_without_decision")
+        self._rescored = Metrics.counter("loopline.attach_scores", "duplicate_scores")
+
+    def process(self, element: tuple[str, dict]) -> Iterable[Any]:
+        _, grouped = element
+        joined = list(grouped["joined"])
+        scores = list(grouped["scores"])
+        if not joined:
+            self._unmatched.inc(len(scores))
+            for row in scores:
+                yield beam.pvalue.TaggedOutput(self.UNMATCHED, row)
+            return
+        decision_row = joined[0]  # the join already deduplicated decisions
+        if not scores:
+            self._unscored.inc()
+            yield beam.pvalue.TaggedOutput(self.UNSCORED, decision_row)
+            return
+        if len(scores) > 1:
+            self._rescored.inc(len(scores) - 1)
+        row = _latest_score(scores)
+        decision = decision_row.decision
+        self._monitored.inc()
+        yield MonitoredDecision(
+            decision_id=decision.decision_id,
+            model_id=row.model_id or decision.model_id or UNKNOWN_MODEL,
+            blueprint_version=str(
+                decision.blueprint_version or row.blueprint_version or self._default_version
+            ),
+            day=utc_day(decision.event_time_ms),
+            decision_time_ms=decision.event_time_ms,
+            score=row.score,
+            label=float(decision_row.label),
+            observed=decision_row.join_status != DEFAULT,
+            decision=row.decision if row.decision is not None else decision.decision,
+            propensity=row.propensity if row.propensity is not None else decision.propensity,
+            explored=row.explored,
+        )
+
+
+class AttachScores(beam.PTransform):
+    """Attaches each labelled decision's score by ``decision_id``.
+
+    Applied to ``(joined, scores)``: PCollections of ``JoinedDecision`` and ``ScoreRow``. The
+    score row's model_id, decision and propensity win over the decision event's (the row is what
+    the model actually said); a decision with no score and a score with no decision are kept
+    apart on ``unscored`` and ``unmatched_scores``.
+
+    >>> monitored = (join.joined, scores.scores) | AttachScores(blueprint.version)
+    """
+
+    def __init__(self, default_version: str = "", label: str | None = None):
+        super().__init__(label)
+        self._default_version = default_version
+
+    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> MonitorOutputs:
+        joined, scores = inputs
+        keyed_joined = joined | "KeyJoined" >> beam.Map(lambda j: (j.decision.decision_id, j))
+        keyed_scores = scores | "KeyScores" >> beam.Map(lambda s: (s.decision_id, s))
+        results = (
+            {"joined": keyed_joined, "scores": keyed_scores}
+            | "GroupByDecisionId" >> beam.CoGroupByKey()
+            | "Attach"
+            >> beam.ParDo(_AttachScoreDoFn(self._default_version)).with_outputs(
+                _AttachScoreDoFn.UNSCORED, _AttachScoreDoFn.UNMATCHED, main="outcomes"
+            )
+        )
+        return MonitorOutputs(
+            results.outcomes,
+            results[_AttachScoreDoFn.UNSCORED],
+            results[_AttachScoreDoFn.UNMATCHED],
+        )
+
+
+class OutcomeSummaryCombineFn(beam.CombineFn):
+    """Combines MonitoredDecisions into one OutcomeSummary; outputs its metrics dict."""
+
+    def __init__(self, label_type: str):
+        self._label_type = label_type
+
+    def create_accumulator(self) -> OutcomeSummary:
+        return OutcomeSummary()
+
+    def add_input(self, summary: OutcomeSummary, row: MonitoredDecision) -> OutcomeSummary:
+        return summary.add(
+            row.score, row.label, row.decision, row.propensity, row.explored, row.observed
+        )
+
+    def merge_accumulators(self, summaries: Iterable[OutcomeSummary]) -> OutcomeSummary:
+        summaries = iter(summaries)
+        merged = next(summaries)
+        for s in summaries:
+            merged.merge(s)
+        return merged
+
+    def extract_output(self, summary: OutcomeSummary) -> dict:
+        out = summary.metrics(self._label_type)
+        out["score_histogram"] = summary.score_histogram()
+        return out
+
+
+def summary_keys(row: MonitoredDecision) -> list[tuple[str, str, str]]:
+    """The (dimension, value, day) groups one row counts in: its model per day and over all
+    days, and its blueprint version over all days (for A/B between blueprint versions)."""
+    return [
+        (MODEL, row.model_id, row.day),
+        (MODEL, row.model_id, ALL_DAYS),
+        (BLUEPRINT, row.blueprint_version, ALL_DAYS),
+    ]
+
+
+class SummariseOutcomes(beam.PTransform):
+    """Per model and UTC day (and per model and blueprint version over all days): the metrics of
+    ``loopline.metrics.OutcomeSummary``, as JSON-ready dicts with ``dimension``/``group``/``day``.
+
+    >>> rows = monitored.outcomes | SummariseOutcomes("int")
+    """
+
+    def __init__(self, label_type: str, label: str | None = None):
+        super().__init__(label)
+        self._label_type = label_type
+
+    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+        return (
+            outcomes
+            | "KeyByModelAndDay" >> beam.FlatMap(lambda r: [(k, r) for k in summary_keys(r)])
+            | "Summarise" >> beam.CombinePerKey(OutcomeSummaryCombineFn(self._label_type))
+            | "ToRows"
+            >> beam.MapTuple(
+                lambda key, metrics: {
+                    "dimension": key[0],
+                    "group": key[1],
+                    "day": key[2],
+                    **metrics,
+                }
+            )
+        )
+
+
+@dataclass(frozen=True)
+class DelayBins:
+    """Fixed bins over observation offsets (observation time - decision time), in ms."""
+
+    lower_ms: int
+    upper_ms: int
+    bins: int
+
+    @classmethod
+    def for_window(cls, window_ms: int, backward_slack_ms: int, bins: int = 48) -> DelayBins:
+        """From before the backward slack to twice the window, so the window's edges show."""
+        lower = -max(backward_slack_ms * 2, window_ms // 12)
+        return cls(lower, 2 * window_ms, bins)
+
+    def index(self, offset_ms: int) -> int:
+        """0..bins-1 inside; -1 below, ``bins`` above."""
+        if offset_ms < self.lower_ms:
+            return -1
+        if offset_ms >= self.upper_ms:
+            return self.bins
+        return int((offset_ms - self.lower_ms) * self.bins // (self.upper_ms - self.lower_ms))
+
+    def edges(self) -> list[float]:
+        width = (self.upper_ms - self.lower_ms) / self.bins
+        return [self.lower_ms + i * width for i in range(self.bins + 1)]
+
+
+class LabelDelayHistogram(beam.PTransform):
+    """Counts of every observation offset of the joined decisions in ``DelayBins``, counted
+    toward the label or not; one dict ``{"bin": i, "count": n, "counted": m}`` per bin.
+
+    >>> join.joined | LabelDelayHistogram(DelayBins.for_window(3_600_000, 120_000))
+    """
+
+    def __init__(self, bins: DelayBins, label: str | None = None):
+        super().__init__(label)
+        self._bins = bins
+
+    def expand(self, joined: beam.PCollection) -> beam.PCollection:
+        bins = self._bins
+
+        def offsets(j: JoinedDecision) -> Iterable[tuple[int, tuple[int, int]]]:
+            counted = list(j.label_delays_ms)
+            for offset in j.observation_offsets_ms:
+                is_counted = offset in counted
+                if is_counted:
+                    counted.remove(offset)
+                yield bins.index(offset), (1, 1 if is_counted else 0)
+
+        return (
+            joined
+            | "Offsets" >> beam.FlatMap(offsets)
+            | "CountPerBin" >> beam.CombinePerKey(_sum_pairs)
+            | "ToRows" >> beam.MapTuple(lambda b, c: {"bin": b, "count": c[0], "counted": c[1]})
+        )
+
+
+def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    total = counted = 0
+    for t, c in pairs:
+        total += t
+        counted += c
+    return total, counted
+
+
+# ---------------------------------------------------------------------------------------------
+# Training/serving skew (Rules of ML #37): TFDV statistics of the features seen at scoring,
+# compared with the statistics the model was trained on.
+
+# Default comparator thresholds; blueprint ``monitor:`` keys override them.
+DEFAULT_MAX_SKEW_JENSEN_SHANNON = 0.1  # numeric features
+DEFAULT_MAX_SKEW_LINF = 0.1  # categorical features
+
+
+class ServingStatistics(beam.PTransform):
+    """TFDV statistics of the decision-time features of joined decisions, encoded exactly as
+    bulk scoring feeds the model (``features_to_example``); written to ``output_path``.
+
+    >>> join.joined | ServingStatistics(blueprint, key, "out/serving_stats.pb")
+    """
+
+    def __init__(self, blueprint, key: bytes | None, output_path: str, label: str | None = None):
+        super().__init__(label)
+        self._blueprint = blueprint
+        self._key = key
+        self._output_path = output_path
+
+    def expand(self, joined: beam.PCollection):
+        import tensorflow_data_validation as tfdv
+        from tfx_bsl.public import tfxio
+
+        from transforms.examples import features_to_example
+
+        blueprint, key = self._blueprint, self._key
+
+        def encode(j: JoinedDecision) -> bytes:
+            return features_to_example(j.decision.features, blueprint, key).SerializeToString()
+
+        return (
+            joined
+            | "EncodeFeatures" >> beam.Map(encode)
+            | "ToRecordBatches"
+            >> tfxio.TFExampleBeamRecord(
+                physical_format="inmem", telemetry_descriptors=["loopline", "monitor"]
+            ).BeamSource()
+            | "GenerateStatistics" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
+            | "WriteStatistics" >> tfdv.WriteStatisticsToBinaryFile(self._output_path)
+        )
+
+
+def load_statistics(path: str):
+    """A DatasetFeatureStatisticsList from a FeatureStats.pb (binary), a TFRecord of statistics,
+    or a directory holding one (StatisticsGen's ``Split-train/FeatureStats.pb`` preferred)."""
+    import tensorflow as tf
+    import tensorflow_data_validation as tfdv
+
+    if tf.io.gfile.isdir(path):
+        found = (
+            sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/**/FeatureStats.pb"))
+            or sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/*/FeatureStats.pb"))
+            or sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/FeatureStats.pb"))
+        )
+        train = [f for f in found if "train" in f.lower()]
+        if not (train or found):
+            raise ValueError(f"--training_stats {path}: no FeatureStats.pb under this directory")
+        path = (train or found)[0]
+    try:
+        return tfdv.load_stats_binary(path)
+    except Exception:  # noqa: BLE001 - not a binary proto: try the TFRecord form
+        return tfdv.load_statistics(path)
+
+
+def _only_features(stats, names: set[str]):
+    """A copy of ``stats`` holding only the features in ``names``."""
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    out = statistics_pb2.DatasetFeatureStatisticsList()
+    for dataset in stats.datasets:
+        kept = out.datasets.add()
+        kept.CopyFrom(dataset)
+        del kept.features[:]
+        for feature in dataset.features:
+            name = feature.path.step[0] if feature.path.step else feature.name
+            if name in names:
+                kept.features.add().CopyFrom(feature)
+    return out
+
+
+def skew_report(
+    blueprint,
+    training_stats,
+    serving_stats,
+    schema=None,
+    max_jensen_shannon: float = DEFAULT_MAX_SKEW_JENSEN_SHANNON,
+    max_linf: float = DEFAULT_MAX_SKEW_LINF,
+) -> dict:
+    """Per blueprint feature: the skew distance between training and serving statistics, its
+    threshold, whether it is past it, and any schema anomaly of the serving data.
+
+    Numeric features get a Jensen-Shannon divergence comparator, categorical ones an
+    L-infinity distance comparator, both as skew (training vs serving) and drift (serving vs the
+    training statistics as the previous span) comparators of the schema. Pseudonymised
+    identifiers get none: their values are expected to differ between days.
+    The schema is ``schema`` (SchemaGen's) when given, else inferred from the training
+    statistics; either way it is cut down to the blueprint's example features.
+    """
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    names = {f.name for f in blueprint.example_features}
+    training = _only_features(training_stats, names)
+    serving = _only_features(serving_stats, names)
+    if schema is None:
+        schema = tfdv.infer_schema(training)
+    kept = schema_pb2.Schema()
+    kept.CopyFrom(schema)
+    del kept.feature[:]
+    for feature in schema.feature:
+        if feature.name in names:
+            kept.feature.add().CopyFrom(feature)
+    types = blueprint.feature_types
+    comparators = {}
+    for feature in kept.feature:
+        if feature.name in blueprint.privacy.pseudonymise:
+            continue
+        if types[feature.name].removesuffix("_list") == "string":
+            comparators[feature.name] = ("L-infinity", max_linf)
+            feature.skew_comparator.infinity_norm.threshold = max_linf
+            feature.drift_comparator.infinity_norm.threshold = max_linf
+        else:
+            comparators[feature.name] = ("Jensen-Shannon", max_jensen_shannon)
+            feature.skew_comparator.jensen_shannon_divergence.threshold = max_jensen_shannon
+            feature.drift_comparator.jensen_shannon_divergence.threshold = max_jensen_shannon
+    skew = tfdv.validate_statistics(training, kept, serving_statistics=serving)
+    drift = tfdv.validate_statistics(serving, kept, previous_statistics=training)
+    distances = {}
+    for info in list(skew.drift_skew_info):
+        for m in info.skew_measurements:
+            distances[info.path.step[0]] = (float(m.value), float(m.threshold))
+    anomalies: dict[str, list[str]] = {}
+    for result in (drift, skew):
+        for name, info in result.anomaly_info.items():
+            for reason in info.reason:
+                text = reason.description or reason.short_description
+                if text not in anomalies.setdefault(name, []):
+                    anomalies[name].append(text)
+    features = []
+    for spec in blueprint.example_features:
+        comparator, threshold = comparators.get(spec.name, (None, None))
+        distance, measured_threshold = distances.get(spec.name, (None, threshold))
+        features.append(
+            {
+                "name": spec.name,
+                "type": spec.type,
+                "comparator": comparator,
+                "distance": distance,
+                "threshold": measured_threshold,
+                "skewed": distance is not None and threshold is not None and distance > threshold,
+                "anomalies": anomalies.get(spec.name, []),
+            }
+        )
+    return {
+        "features": features,
+        "skewed": [f["name"] for f in features if f["skewed"]],
+        "with_anomalies": [f["name"] for f in features if f["anomalies"]],
+    }
