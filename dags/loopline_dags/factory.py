@@ -1,0 +1,339 @@
+"""The daily Loopline DAG for one blueprint: wait for the day's logs and labels, join, train,
+score with a newly pushed model, monitor.
+
+Everything environment-specific comes from Airflow Variables at run time (never at parse time):
+
+    loopline_project, loopline_region   where the Dataflow and Vertex AI jobs run
+    loopline_bucket                     the bucket holding logs, spans, models and templates
+    loopline_release                    the image and template tag built by cloudbuild.yaml
+    loopline_service_account            the service account the jobs run as
+    loopline_repository                 Artifact Registry repository (default "loopline")
+    loopline_alert_email                optional, see loopline_dags.alerts
+
+Bucket layout (one day = one UTC date, ``{{ ds }}``; every path is a function of the blueprint
+and the day, so re-running a day rewrites the same paths, which are cleared first):
+
+    logs/<name>/<day>/decisions-*.jsonl, observations-*.jsonl   the product's logs
+    work/<name>/<day>/observations/      the observations of the day's label horizon, staged
+    data/<name>/<day>/                   the join's span (manifest.json written last)
+    pipeline_root/<name>/, serving/<name>/<version>/   TFX artifacts and pushed models
+    scores/<name>/<day>/                 bulk scores made for that day (by the previous run)
+    monitor/<name>/<day>/                monitoring of that day's scored decisions
+    templates/<release>/<pipeline>.json  Flex Template specs; train-<name>.json Vertex spec
+    blueprints/<file>                    the blueprints the jobs read
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+
+from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
+from airflow.providers.google.cloud.operators.gcs import GCSDeleteObjectsOperator
+from airflow.providers.google.cloud.operators.vertex_ai.pipeline_job import (
+    RunPipelineJobOperator,
+)
+from airflow.providers.google.cloud.sensors.gcs import GCSObjectsWithPrefixExistenceSensor
+from airflow.providers.google.cloud.transfers.gcs_to_gcs import GCSToGCSOperator
+from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
+from airflow.sdk import (
+    DAG,
+    CronDataIntervalTimetable,
+    DeadlineAlert,
+    DeadlineReference,
+    SyncCallback,
+    TriggerRule,
+    chain,
+)
+
+from loopline_dags.alerts import alert_on_failure, deadline_missed
+from loopline_dags.blueprints import BlueprintInfo
+from loopline_dags.models import check_model_pushed
+
+# Observations may arrive this long after a decision's label window and still count; the join
+# keeps decisions open as long (its --allowed_lateness).
+ALLOWED_LATENESS = timedelta(hours=1)
+# Loopline's JSON-lines logger finishes a file at most this long after opening it
+# (JsonLinesSink max_age_s), so a log file holding an event appears at most this long after it.
+LOG_FLUSH_DELAY = timedelta(hours=1)
+# Expected processing once the labels are mature: join, training, scoring and monitoring.
+PROCESSING_BUDGET = timedelta(hours=12)
+START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
+PIPELINES = ("join_decisions", "bulk_score", "monitor")
+
+BUCKET = "{{ var.value.loopline_bucket }}"
+GS = "gs://{{ var.value.loopline_bucket }}"
+PROJECT = "{{ var.value.loopline_project }}"
+REGION = "{{ var.value.loopline_region }}"
+RELEASE = "{{ var.value.loopline_release }}"
+SERVICE_ACCOUNT = "{{ var.value.loopline_service_account }}"
+IMAGE = (
+    "{{ var.value.loopline_region }}-docker.pkg.dev/{{ var.value.loopline_project }}/"
+    "{{ var.value.get('loopline_repository', 'loopline') }}/loopline:{{ var.value.loopline_release }}"
+)
+NEXT_DS = "{{ macros.ds_add(ds, 1) }}"
+# The end of day {{ ds }} (UTC midnight after it). Everything is derived from ds, so a manual
+# run for a day behaves like the scheduled one (a manual run's data interval is inferred
+# differently from a scheduled run's).
+DAY_END = "macros.datetime.fromisoformat(macros.ds_add(ds, 1) + 'T00:00:00+00:00')"
+
+
+def label_horizon(info: BlueprintInfo) -> timedelta:
+    """How long after the day ends its last decision's label is final."""
+    return info.label_window + ALLOWED_LATENESS
+
+
+def observation_days(info: BlueprintInfo) -> int:
+    """How many log days hold observations for one day of decisions (the day itself onward)."""
+    return 1 + math.ceil(label_horizon(info) / timedelta(days=1))
+
+
+def duration_param(delta: timedelta) -> str:
+    """A duration as loopline's pipelines read it (whole seconds: ``3600s``)."""
+    return f"{int(delta.total_seconds())}s"
+
+
+def dag_id(info: BlueprintInfo) -> str:
+    return f"loopline_{info.name}"
+
+
+def flex_template_body(pipeline: str, job_name: str, info: BlueprintInfo, parameters: dict) -> dict:
+    """The Flex Template launch request: the released spec, the released image, our SA."""
+    return {
+        "launchParameter": {
+            "jobName": job_name,
+            "containerSpecGcsPath": f"{GS}/templates/{RELEASE}/{pipeline}.json",
+            "parameters": parameters,
+            "environment": {
+                "tempLocation": f"{GS}/tmp/{pipeline}",
+                "stagingLocation": f"{GS}/staging/{pipeline}",
+                "serviceAccountEmail": SERVICE_ACCOUNT,
+                "sdkContainerImage": IMAGE,
+                "additionalUserLabels": {
+                    "loopline-blueprint": info.slug,
+                    "loopline-day": "{{ ds }}",
+                    "loopline-pipeline": pipeline.replace("_", "-"),
+                },
+            },
+        }
+    }
+
+
+class LooplinePipelineJobOperator(RunPipelineJobOperator):
+    """RunPipelineJobOperator whose display name, job id and labels take the day's templates."""
+
+    template_fields = (*RunPipelineJobOperator.template_fields, "display_name", "job_id", "labels")
+
+
+def build_dag(info: BlueprintInfo) -> DAG:
+    """The daily DAG for one blueprint (dag_id ``loopline_<name>``)."""
+    name, slug = info.name, info.slug
+    blueprint = f"{GS}/blueprints/{info.file_name}"
+    span = f"{GS}/data/{name}/{{{{ ds }}}}"
+    staged_observations = f"work/{name}/{{{{ ds }}}}/observations/"
+    horizon = label_horizon(info)
+    horizon_end_s = int((horizon + LOG_FLUSH_DELAY).total_seconds())
+    horizon_s = int(horizon.total_seconds())
+    horizon_end = f"{{{{ ({DAY_END} + macros.timedelta(seconds={horizon_end_s})).isoformat() }}}}"
+    horizon_ds = (
+        f"{{{{ ({DAY_END} + macros.timedelta(seconds={horizon_s})).strftime('%Y-%m-%d') }}}}"
+    )
+    wait_time = horizon + LOG_FLUSH_DELAY
+
+    with DAG(
+        dag_id=dag_id(info),
+        description=f"Loopline daily loop for blueprint {name} v{info.version}",
+        doc_md=__doc__,
+        # Data-interval schedule: the run for day D starts when D ends, and {{ ds }} is D.
+        schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+        start_date=START_DATE,
+        catchup=False,  # backfill past days explicitly: `airflow backfill create`
+        max_active_runs=1,
+        dagrun_timeout=wait_time + PROCESSING_BUDGET + timedelta(hours=12),
+        # Airflow 3 has no task SLAs: a Deadline Alert fires when the day is not done in time.
+        deadline=DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+            interval=timedelta(days=1) + wait_time + PROCESSING_BUDGET,
+            callback=SyncCallback(deadline_missed, kwargs={"dag_id": dag_id(info)}),
+        ),
+        default_args={
+            "owner": "loopline",
+            "retries": 2,
+            "retry_delay": timedelta(minutes=10),
+            "retry_exponential_backoff": True,
+            "max_retry_delay": timedelta(hours=1),
+            "execution_timeout": timedelta(hours=2),
+            "on_failure_callback": alert_on_failure,
+        },
+        tags=["loopline", name],
+    ) as dag:
+        wait_for_decision_logs = GCSObjectsWithPrefixExistenceSensor(
+            task_id="wait_for_decision_logs",
+            bucket=BUCKET,
+            prefix=f"logs/{name}/{{{{ ds }}}}/decisions-",
+            deferrable=True,
+            poke_interval=600,
+            timeout=timedelta(hours=6).total_seconds(),
+            execution_timeout=None,
+            retries=0,
+        )
+        wait_for_label_window = DateTimeSensorAsync(
+            task_id="wait_for_label_window",
+            target_time=horizon_end,
+            timeout=(wait_time + timedelta(hours=1)).total_seconds(),
+            execution_timeout=None,
+            retries=0,
+        )
+        wait_for_observation_logs = GCSObjectsWithPrefixExistenceSensor(
+            task_id="wait_for_observation_logs",
+            bucket=BUCKET,
+            prefix=f"logs/{name}/{horizon_ds}/observations-",
+            deferrable=True,
+            poke_interval=600,
+            timeout=timedelta(hours=6).total_seconds(),
+            execution_timeout=None,
+            retries=0,
+        )
+        clear_day_outputs = GCSDeleteObjectsOperator(
+            task_id="clear_day_outputs",
+            bucket_name=BUCKET,
+            prefix=[f"data/{name}/{{{{ ds }}}}/", staged_observations],
+        )
+        stage_observations = GCSToGCSOperator(
+            task_id="stage_observations",
+            source_bucket=BUCKET,
+            source_objects=[
+                f"logs/{name}/{{{{ macros.ds_add(ds, {day}) }}}}/observations-"
+                for day in range(observation_days(info))
+            ],
+            destination_bucket=BUCKET,
+            destination_object=staged_observations,
+            replace=True,
+        )
+        join = DataflowStartFlexTemplateOperator(
+            task_id="join",
+            project_id=PROJECT,
+            location=REGION,
+            body=flex_template_body(
+                "join_decisions",
+                f"loopline-join-{slug}-{{{{ ds_nodash }}}}",
+                info,
+                {
+                    "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
+                    "observations": f"{GS}/{staged_observations}*.jsonl",
+                    "blueprint": blueprint,
+                    "output": span,
+                    "allowed_lateness": duration_param(ALLOWED_LATENESS),
+                },
+            ),
+            append_job_name=False,  # one job name per day: a second launch for it is refused
+            wait_until_finished=True,
+            retries=1,
+            execution_timeout=timedelta(hours=4),
+        )
+        train = LooplinePipelineJobOperator(
+            task_id="train",
+            project_id=PROJECT,
+            region=REGION,
+            display_name=f"loopline-train-{slug}-{{{{ ds_nodash }}}}",
+            job_id=f"loopline-train-{slug}-{{{{ ds_nodash }}}}-{{{{ ti.try_number }}}}",
+            template_path=f"{GS}/templates/{RELEASE}/train-{name}.json",
+            pipeline_root=f"{GS}/pipeline_root/{name}",
+            parameter_values={"examples": span},
+            service_account=SERVICE_ACCOUNT,
+            labels={"loopline-blueprint": slug, "loopline-day": "{{ ds }}"},
+            enable_caching=False,
+            retries=1,
+            execution_timeout=timedelta(hours=8),
+        )
+        model_pushed = ShortCircuitOperator(
+            task_id="check_model_pushed",
+            python_callable=check_model_pushed,
+            op_kwargs={"bucket": BUCKET, "serving_prefix": f"serving/{name}"},
+            # Skip only scoring; monitoring still runs on a day without a new model.
+            ignore_downstream_trigger_rules=False,
+        )
+        clear_score_output = GCSDeleteObjectsOperator(
+            task_id="clear_score_output",
+            bucket_name=BUCKET,
+            prefix=f"scores/{name}/{NEXT_DS}/",
+        )
+        bulk_score = DataflowStartFlexTemplateOperator(
+            task_id="bulk_score",
+            project_id=PROJECT,
+            location=REGION,
+            body=flex_template_body(
+                "bulk_score",
+                f"loopline-score-{slug}-{{{{ ds_nodash }}}}",
+                info,
+                {
+                    # The product's candidates for the next day, scored with the new model.
+                    "input": f"{GS}/candidates/{name}/{NEXT_DS}/*.jsonl",
+                    "model_dir": f"{GS}/serving/{name}",
+                    "model_version": "{{ ti.xcom_pull(task_ids='check_model_pushed') }}",
+                    "blueprint": blueprint,
+                    "output": f"{GS}/scores/{name}/{NEXT_DS}",
+                    "log_decisions": "true",
+                },
+            ),
+            append_job_name=False,
+            wait_until_finished=True,
+            retries=1,
+            execution_timeout=timedelta(hours=4),
+        )
+        find_day_scores = GCSObjectsWithPrefixExistenceSensor(
+            task_id="find_day_scores",
+            bucket=BUCKET,
+            prefix=f"scores/{name}/{{{{ ds }}}}/scores/",
+            # No scores were made for this day (e.g. the first day): skip monitoring.
+            soft_fail=True,
+            poke_interval=30,
+            timeout=120,
+            retries=0,
+            trigger_rule=TriggerRule.NONE_FAILED,
+        )
+        clear_monitor_output = GCSDeleteObjectsOperator(
+            task_id="clear_monitor_output",
+            bucket_name=BUCKET,
+            prefix=f"monitor/{name}/{{{{ ds }}}}/",
+        )
+        monitor = DataflowStartFlexTemplateOperator(
+            task_id="monitor",
+            project_id=PROJECT,
+            location=REGION,
+            body=flex_template_body(
+                "monitor",
+                f"loopline-monitor-{slug}-{{{{ ds_nodash }}}}",
+                info,
+                {
+                    "scores": f"{GS}/scores/{name}/{{{{ ds }}}}/scores/*.jsonl",
+                    "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
+                    "observations": f"{GS}/{staged_observations}*.jsonl",
+                    "blueprint": blueprint,
+                    "manifest": f"{span}/manifest.json",
+                    "output": f"{GS}/monitor/{name}/{{{{ ds }}}}",
+                },
+            ),
+            append_job_name=False,
+            wait_until_finished=True,
+            retries=1,
+            execution_timeout=timedelta(hours=2),
+        )
+
+        chain(
+            wait_for_decision_logs,
+            wait_for_label_window,
+            wait_for_observation_logs,
+            clear_day_outputs,
+            stage_observations,
+            join,
+            train,
+            model_pushed,
+            clear_score_output,
+            bulk_score,
+            find_day_scores,
+            clear_monitor_output,
+            monitor,
+        )
+    return dag

@@ -1,0 +1,184 @@
+"""Each Flex Template's pipeline launched the way the template launcher launches it.
+
+The launcher runs ``python <pipeline file>`` with one ``--name=value`` flag per template
+parameter; here each pipeline is run as ``python -m pipelines.<name>`` with flags named exactly
+as in ``templates/<name>/metadata.json``, on the DirectRunner, with local paths and simulated
+data (``python -m loopline.simulate``). Every template needs a launch scenario below, so a new
+template fails here until it is launched too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loopline.blueprint import load_blueprint
+from tests.scoring_fixtures import export_scoring_model
+
+REPO = Path(__file__).resolve().parent.parent
+BLUEPRINT = REPO / "examples" / "notify.yaml"
+TEMPLATES = sorted(p.parent.name for p in (REPO / "templates").glob("*/metadata.json"))
+ENV = {
+    **os.environ,
+    "LOOPLINE_PII_KEY": "test-key-not-a-secret",
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def declared(pipeline: str) -> set[str]:
+    doc = json.loads((REPO / "templates" / pipeline / "metadata.json").read_text())
+    return {p["name"] for p in doc["parameters"]}
+
+
+def launch(pipeline: str, parameters: dict[str, str]) -> subprocess.CompletedProcess:
+    """Runs the pipeline as the launcher would: template parameters as --name=value flags."""
+    unknown = set(parameters) - declared(pipeline)
+    assert not unknown, f"{pipeline} launched with parameters its template lacks: {unknown}"
+    argv = [sys.executable, "-m", f"pipelines.{pipeline}", "--runner=DirectRunner"]
+    argv += [f"--{name}={value}" for name, value in parameters.items()]
+    result = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{pipeline}: {result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """One simulated day of logs, and a pushed model with the serving contract."""
+    root = tmp_path_factory.mktemp("launch")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loopline.simulate",
+            "--blueprint",
+            str(BLUEPRINT),
+            "--output",
+            str(root / "logs"),
+            "--decisions",
+            "300",
+            "--days",
+            "1",
+            "--start",
+            "2026-11-01",
+            "--seed",
+            "11",
+        ],
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    export_scoring_model(load_blueprint(BLUEPRINT), root / "serving" / "1793534400", seed=3)
+    return root
+
+
+def launch_join_decisions(root: Path) -> None:
+    span = root / "span"
+    launch(
+        "join_decisions",
+        {
+            "decisions": f"{root}/logs/decisions-*.jsonl",
+            "observations": f"{root}/logs/observations-*.jsonl",
+            "blueprint": str(BLUEPRINT),
+            "output": str(span),
+            "allowed_lateness": "10m",
+            "num_shards": "1",
+        },
+    )
+    manifest = json.loads((span / "manifest.json").read_text())
+    assert manifest["decisions_in"] > 0
+    assert (
+        manifest["examples_written"] == manifest["examples_observed"] + manifest["examples_default"]
+    )
+    assert list((span / "examples" / "train").glob("*.tfrecord.gz"))
+
+
+def launch_bulk_score(root: Path) -> None:
+    out = root / "scored"
+    launch(
+        "bulk_score",
+        {
+            "input": f"{root}/logs/decisions-*.jsonl",
+            "model_dir": str(root / "serving"),
+            "blueprint": str(BLUEPRINT),
+            "output": str(out),
+            "log_decisions": "true",
+            "min_batch_size": "8",
+            "max_batch_size": "64",
+            "device": "CPU",
+        },
+    )
+    rows = [
+        json.loads(line)
+        for f in (out / "scores").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    assert rows and all(r["model_id"] == "notify-1793534400" for r in rows)
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert list((out / "decisions").glob("*.jsonl"))
+
+
+def launch_monitor(root: Path) -> None:
+    if not (root / "scored" / "scores").is_dir():
+        launch_bulk_score(root)
+    outcomes = root / "outcomes"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loopline.simulate",
+            "--blueprint",
+            str(BLUEPRINT),
+            "--output",
+            str(outcomes),
+            "--outcomes_for",
+            f"{root}/scored/decisions/*.jsonl",
+            "--seed",
+            "11",
+        ],
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = root / "monitor"
+    launch(
+        "monitor",
+        {
+            "scores": f"{root}/scored/scores/*.jsonl",
+            "decisions": f"{root}/scored/decisions/*.jsonl",
+            "observations": f"{outcomes}/observations-*.jsonl",
+            "blueprint": str(BLUEPRINT),
+            "output": str(out),
+        },
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics
+    assert (out / "report.html").is_file()
+
+
+SCENARIOS = {
+    "join_decisions": launch_join_decisions,
+    "bulk_score": launch_bulk_score,
+    "monitor": launch_monitor,
+}
+
+
+def test_every_template_has_a_launch_scenario():
+    assert sorted(SCENARIOS) == TEMPLATES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", TEMPLATES)
+def test_pipeline_runs_as_its_template_launches_it(pipeline, workspace):
+    SCENARIOS[pipeline](workspace)
