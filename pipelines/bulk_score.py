@@ -31,9 +31,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from loopline.blueprint import Blueprint, BlueprintError, load_blueprint
+from loopline.blueprint import Blueprint, BlueprintError
+from loopline.events import DECISION, Refusal
 from loopline.policy import PolicyError, policy_from_blueprint
-from transforms.events import ParseDecisions
+from pipelines.blueprint_io import read_blueprint
+from pipelines.options import add_shared_argument
+from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
+from transforms.events import parse_one
 from transforms.examples import PiiKeyMissing, pii_key
 from transforms.inference import (
     DEVICES,
@@ -47,6 +51,8 @@ from transforms.inference import (
 INPUT_FORMATS = ("auto", "json", "avro", "tfrecord")
 MISSING_DECISION_ID = "missing_decision_id"
 BAD_EXAMPLE = "bad_example"
+DEFAULT_MIN_BATCH_SIZE = 256
+DEFAULT_MAX_BATCH_SIZE = 2048
 
 SCORE_TABLE_SCHEMA = {
     "fields": [
@@ -93,10 +99,10 @@ class BulkScoreOptions(PipelineOptions):
             "--model_dir", help="Serving dir the Pusher pushes versions to (or one version dir)."
         )
         parser.add_argument("--model_version", help="Version to score with; default the latest.")
-        parser.add_argument(
-            "--blueprint", help="Blueprint YAML; default the one the model record names."
+        add_shared_argument(
+            parser, "--blueprint", help="Blueprint YAML; default the one the model record names."
         )
-        parser.add_argument("--output", help="Output directory for JSON lines.")
+        add_shared_argument(parser, "--output", help="Output directory for JSON lines.")
         parser.add_argument("--output_table", help="BigQuery table to append score rows to.")
         parser.add_argument(
             "--log_decisions",
@@ -107,9 +113,17 @@ class BulkScoreOptions(PipelineOptions):
             help="Also write the scored decisions as decision events under OUTPUT/decisions/.",
         )
         parser.add_argument(
-            "--min_batch_size", type=int, default=None, help="Smallest model batch."
+            "--min_batch_size",
+            type=int,
+            default=None,
+            help=f"Smallest model batch (default {DEFAULT_MIN_BATCH_SIZE}, or --max_batch_size).",
         )
-        parser.add_argument("--max_batch_size", type=int, default=None, help="Largest model batch.")
+        parser.add_argument(
+            "--max_batch_size",
+            type=int,
+            default=None,
+            help=f"Largest model batch (default {DEFAULT_MAX_BATCH_SIZE}).",
+        )
         parser.add_argument(
             "--target_batch_duration_secs",
             type=float,
@@ -178,7 +192,7 @@ def _blueprint(options: BulkScoreOptions, record: dict) -> Blueprint:
             raise ConfigError(
                 "--blueprint is required: the model record does not name a readable blueprint file"
             )
-    blueprint = load_blueprint(path)
+    blueprint = read_blueprint(path)
     recorded_hash = (record.get("blueprint") or {}).get("content_hash")
     if recorded_hash and recorded_hash != blueprint.content_hash:
         logging.warning(
@@ -254,7 +268,7 @@ class _KeyExample(beam.DoFn):
         yield ids[0].decode("utf-8"), serialized
 
 
-def _refusal_to_failure(refusal) -> ScoringFailure:
+def _refusal_to_failure(refusal: Refusal) -> ScoringFailure:
     return ScoringFailure(refusal.reason, "ParseDecisions", refusal.detail, None, refusal.payload)
 
 
@@ -272,56 +286,103 @@ def _to_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+class _ParseAndKey(beam.DoFn):
+    """One raw decision (JSON line, Avro record, BigQuery row) to ``(decision_id, DecisionEvent)``
+    in one step, with ``transforms.events.parse_one``'s validation; refusals leave tagged
+    ``failed`` as ScoringFailures. Counters as ParseDecisions' (``loopline.parse``).
+
+    Scoring needs no event-time timestamps, so none are set (ParseDecisions sets them for the
+    join's windows).
+    """
+
+    def __init__(self, blueprint: Blueprint, fmt: str):
+        self._blueprint = blueprint
+        self._fmt = fmt
+
+    def setup(self) -> None:
+        self._parsed_counter = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_parsed")
+        self._rejected_total = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_rejected")
+
+    def start_bundle(self) -> None:
+        self._parsed = 0
+
+    def process(self, raw):
+        if self._fmt == "record":
+            raw = _bigquery_row(raw)
+        result = parse_one(raw, DECISION, self._fmt, self._blueprint)
+        if isinstance(result, Refusal):
+            self._rejected_total.inc()
+            beam.metrics.Metrics.counter(
+                PARSE_NAMESPACE, f"decisions_rejected_{result.reason}"
+            ).inc()
+            yield beam.pvalue.TaggedOutput("failed", _refusal_to_failure(result))
+            return
+        self._parsed += 1
+        yield result.decision_id, result
+
+    def finish_bundle(self) -> None:
+        self._parsed_counter.inc(self._parsed)
+        self._parsed = 0
+
+
+def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
+    """BatchElements' bounds: the given ones, else large defaults (256 to 2048) that keep the
+    per-batch model call and Beam's per-batch costs small per row.
+
+        >>> batch_bounds(None, None), batch_bounds(None, 100), batch_bounds(8, 32)
+        ((256, 2048), (100, 100), (8, 32))
+    """
+    low = min_batch_size or min(DEFAULT_MIN_BATCH_SIZE, max_batch_size or DEFAULT_MIN_BATCH_SIZE)
+    high = max_batch_size or max(DEFAULT_MAX_BATCH_SIZE, low)
+    return low, high
+
+
 def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> None:
-    """Adds the read -> parse -> RunInference -> policy -> write steps to ``pipeline``."""
+    """Adds the read -> parse+key -> RunInference -> policy+format -> write steps to ``pipeline``.
+
+    Everything between the read and the write is one fused stage: no shuffle (except top-k's
+    GroupByKey), tuples between steps, one DoFn per element before RunInference and one after.
+    """
     options, blueprint = job.options, job.blueprint
     failures = []
     if job.input_format == "tfrecord":
-        keyed = (
-            pipeline
-            | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)
-            | "KeyExamples" >> beam.ParDo(_KeyExample()).with_outputs("failed", main="keyed")
-        )
-        failures.append(keyed.failed)
-        keyed = keyed.keyed
+        raw = pipeline | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)
+        parse = _KeyExample()
     else:
         if job.input_format == "record":
-            raw = (
-                pipeline
-                | "ReadTable" >> beam.io.ReadFromBigQuery(table=options.input_table)
-                | "DecodeFeatures" >> beam.Map(_bigquery_row)
-            )
+            raw = pipeline | "ReadTable" >> beam.io.ReadFromBigQuery(table=options.input_table)
         elif job.input_format == "avro":
             raw = pipeline | "ReadAvro" >> beam.io.ReadFromAvro(options.input)
         else:
             raw = pipeline | "ReadDecisions" >> beam.io.ReadFromText(options.input)
-        parsed = raw | "ParseDecisions" >> ParseDecisions(blueprint, format=job.input_format)
-        failures.append(parsed.rejected | "RefusalsToFailures" >> beam.Map(_refusal_to_failure))
-        keyed = parsed.events | "KeyByDecisionId" >> beam.Map(lambda e: (e.decision_id, e))
+        parse = _ParseAndKey(blueprint, job.input_format)
+    keyed = raw | "ParseDecisions" >> beam.ParDo(parse).with_outputs("failed", main="keyed")
+    failures.append(keyed.failed)
 
+    min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
     handler = decision_model_handler(
         serving_model,
         blueprint,
         job.key,
         device=options.device,
-        min_batch_size=options.min_batch_size,
-        max_batch_size=options.max_batch_size,
+        min_batch_size=min_batch,
+        max_batch_size=max_batch,
         target_batch_duration_secs=options.target_batch_duration_secs,
         max_batch_duration_secs=options.max_batch_duration_secs,
         model_copies=options.model_copies,
         large_model=options.large_model,
     )
     policy = policy_from_blueprint(blueprint, options.seed)
-    scoring = keyed | "ScoreDecisions" >> ScoreDecisions(handler, policy)
+    scoring = keyed.keyed | "ScoreDecisions" >> ScoreDecisions(
+        handler, policy, json_rows=True, log_decisions=options.log_decisions
+    )
     failures.append(scoring.failed)
     failed = failures | "AllFailures" >> beam.Flatten()
 
     if options.output:
         out = options.output.rstrip("/")
-        _ = (
-            scoring.scored
-            | "RowsToJson" >> beam.Map(lambda s: _to_json(s.to_row()))
-            | "WriteScores" >> beam.io.WriteToText(f"{out}/scores/part", file_name_suffix=".jsonl")
+        _ = scoring.scored | "WriteScores" >> beam.io.WriteToText(
+            f"{out}/scores/part", file_name_suffix=".jsonl"
         )
         _ = (
             failed
@@ -329,14 +390,11 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
             | "WriteFailed" >> beam.io.WriteToText(f"{out}/failed/part", file_name_suffix=".jsonl")
         )
         if options.log_decisions:
-            _ = (
-                scoring.scored
-                | "ToDecisionEvents" >> beam.Map(lambda s: s.to_decision_event().to_json())
-                | "WriteDecisions"
-                >> beam.io.WriteToText(f"{out}/decisions/part", file_name_suffix=".jsonl")
+            _ = scoring.logged | "WriteDecisions" >> beam.io.WriteToText(
+                f"{out}/decisions/part", file_name_suffix=".jsonl"
             )
     if options.output_table:
-        rows = scoring.scored | "ToRows" >> beam.Map(lambda s: s.to_row())
+        rows = scoring.scored | "ToRows" >> beam.Map(json.loads)
         _ = rows | "WriteScoresTable" >> beam.io.WriteToBigQuery(
             options.output_table,
             schema=SCORE_TABLE_SCHEMA,

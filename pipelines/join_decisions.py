@@ -23,8 +23,10 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from loopline.blueprint import Blueprint, BlueprintError, parse_blueprint, parse_duration
+from loopline.blueprint import Blueprint, BlueprintError, parse_duration
 from loopline.events import DECISION, OBSERVATION
+from pipelines.blueprint_io import read_blueprint
+from pipelines.options import add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
@@ -39,8 +41,10 @@ class JoinDecisionsOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: Any) -> None:
-        parser.add_argument("--decisions", help="file glob of decision events (JSON lines or Avro)")
-        parser.add_argument("--observations", help="file glob of observation events")
+        add_shared_argument(
+            parser, "--decisions", help="file glob of decision events (JSON lines or Avro)"
+        )
+        add_shared_argument(parser, "--observations", help="file glob of observation events")
         parser.add_argument("--decisions_table", help="BigQuery table of decision events")
         parser.add_argument("--observations_table", help="BigQuery table of observation events")
         parser.add_argument(
@@ -55,8 +59,10 @@ class JoinDecisionsOptions(PipelineOptions):
             default="auto",
             help="file format: auto (by extension: .avro is Avro, else JSON lines), json or avro",
         )
-        parser.add_argument("--blueprint", help="blueprint YAML file (local or gs://)")
-        parser.add_argument("--output", help="span directory the examples and manifest go to")
+        add_shared_argument(parser, "--blueprint", help="blueprint YAML file (local or gs://)")
+        add_shared_argument(
+            parser, "--output", help="span directory the examples and manifest go to"
+        )
         parser.add_argument(
             "--allowed_lateness",
             default="0s",
@@ -131,14 +137,8 @@ def _required(value: str | None, flag: str) -> str:
 
 
 def _load_blueprint(path: str | None) -> Blueprint:
-    path = _required(path, "--blueprint")
     try:
-        with FileSystems.open(path) as f:
-            text = f.read().decode("utf-8")
-    except (OSError, Exception) as e:  # noqa: BLE001 - any filesystem's "cannot read"
-        raise _usage(f"{path}: cannot be read ({e})") from None
-    try:
-        return parse_blueprint(text, source=path)
+        return read_blueprint(_required(path, "--blueprint"))
     except BlueprintError as e:
         raise _usage(str(e)) from None
 
@@ -227,6 +227,10 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     build(pipeline, config)
     result = pipeline.run()
     if streaming:
+        # A local runner executes in daemon threads: returning would end the job with the
+        # process. A remote job (Dataflow) keeps running after the launcher returns.
+        if _runs_locally(options):
+            result.wait_until_finish()
         return None
     result.wait_until_finish()
     manifest_path = FileSystems.join(config.output, MANIFEST)
@@ -237,6 +241,13 @@ def run(argv: Sequence[str] | None = None) -> dict | None:
     write_json_atomically(manifest_path, manifest)
     _print_summary(manifest, manifest_path)
     return manifest
+
+
+def _runs_locally(options: PipelineOptions) -> bool:
+    """Whether the runner executes in this process (the default DirectRunner, Prism)."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return name is None or "Direct" in name or "Prism" in name
 
 
 def _print_summary(manifest: dict, path: str) -> None:

@@ -36,9 +36,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from loopline.blueprint import Blueprint, BlueprintError, format_duration, load_blueprint
+from loopline.blueprint import Blueprint, BlueprintError, format_duration
 from loopline.metrics import two_proportion_test
 from loopline.report import write_report
+from pipelines.blueprint_io import read_blueprint
+from pipelines.options import add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.join import JoinDecisions
 from transforms.monitoring import (
@@ -93,14 +95,21 @@ class MonitorOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--scores", help="Glob of score rows (JSON lines) from bulk scoring.")
-        parser.add_argument(
+        add_shared_argument(
+            parser,
             "--decisions",
             help="Glob of decision events (JSON lines) that were scored; a 'score' field in "
             "them is used too. Gives decision times and features (for skew).",
         )
-        parser.add_argument("--observations", help="Glob of observation events (JSON lines).")
-        parser.add_argument("--blueprint", help="The blueprint YAML the model was trained with.")
-        parser.add_argument("--output", help="Directory for metrics.json, PNGs and report.html.")
+        add_shared_argument(
+            parser, "--observations", help="Glob of observation events (JSON lines)."
+        )
+        add_shared_argument(
+            parser, "--blueprint", help="The blueprint YAML the model was trained with."
+        )
+        add_shared_argument(
+            parser, "--output", help="Directory for metrics.json, PNGs and report.html."
+        )
         parser.add_argument(
             "--training_stats",
             help="TFDV statistics of the training data (StatisticsGen's FeatureStats.pb, or "
@@ -146,7 +155,7 @@ def validate(opts: MonitorOptions) -> Blueprint:
     if not opts.scores and not opts.decisions:
         raise MonitorError("give --scores (score rows) and/or --decisions (decision events)")
     try:
-        blueprint = load_blueprint(opts.blueprint)
+        blueprint = read_blueprint(opts.blueprint)
     except BlueprintError as e:
         raise MonitorError(str(e)) from None
     monitor_settings(blueprint)

@@ -11,7 +11,13 @@ Evaluator (TFMA, against the latest blessed model found by a Resolver, with the 
 thresholds) -> Pusher (``SERVING_DIR/<version>/``). Locally it runs with LocalDagRunner,
 SQLite ML Metadata and Beam's DirectRunner under one ``--pipeline_root``; unknown ``--flags``
 and ``--beam_pipeline_args`` reach Beam (Dataflow in production), and ``--compile_vertex``
-writes a Vertex AI Pipelines spec instead of running.
+writes a Vertex AI Pipelines spec instead of running: one that reads no local span and takes
+the span to train on as its runtime parameter ``examples`` (``--examples`` is its default)::
+
+    python -m pipelines.train --compile_vertex gs://B/templates/v7/train-notify.json \
+        --blueprint examples/notify.yaml --examples gs://B/data/notify/2026-11-01 \
+        --pipeline_root gs://B/pipeline_root/notify --serving_dir gs://B/serving/notify \
+        --image REGION-docker.pkg.dev/P/loopline/loopline:v7
 
 After a run, a model record (pipelines.model_record) is written to
 ``PIPELINE_ROOT/records/<run>.json``, and next to the pushed version as
@@ -41,14 +47,17 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
 from tfx.types import artifact_utils  # noqa: E402
 
-from loopline.blueprint import Blueprint, BlueprintError, load_blueprint  # noqa: E402
+from loopline.blueprint import Blueprint, BlueprintError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
+from pipelines.blueprint_io import read_blueprint  # noqa: E402
 
 # The module file's functions by import path: the package is installed (here and in the worker
 # images), so TFX need not build and pip-install a wheel of it on every run.
 PREPROCESSING_FN = "pipelines.trainer_module.preprocessing_fn"
 RUN_FN = "pipelines.trainer_module.run_fn"
 DEFAULT_IMAGE = "gcr.io/tfx-oss-public/tfx:1.16.0"
+# The compiled Vertex AI spec's runtime parameter naming the span to train on (the DAG sets it).
+EXAMPLES_PARAMETER = "examples"
 JOIN_STATUSES = ("observed", "default")
 _KIND = {"int": "int64_list", "float": "float_list", "string": "bytes_list"}
 _SCHEMA_TYPE = {"int": schema_pb2.INT, "float": schema_pb2.FLOAT, "string": schema_pb2.BYTES}
@@ -67,9 +76,12 @@ class ExampleAnomaliesFound(ValueError):
 
 @dataclass(frozen=True)
 class ExampleSource:
-    """Where ImportExampleGen reads: a base directory and one file pattern per split."""
+    """Where ImportExampleGen reads: a base directory and one file pattern per split.
 
-    input_base: str
+    ``input_base`` is a path, or for a compiled Vertex AI spec the runtime parameter that
+    names the span at run time (see ``runtime_example_source``)."""
+
+    input_base: str | tfx.dsl.experimental.RuntimeParameter
     spans: tuple[Span, ...]
 
     @property
@@ -98,6 +110,24 @@ def example_source(spans: list[Span], pipeline_root: str) -> ExampleSource:
                 if not link.exists():
                     link.symlink_to(f.resolve())
     return ExampleSource(str(staged), tuple(spans))
+
+
+def runtime_example_source(default: str) -> ExampleSource:
+    """For a compiled spec: ImportExampleGen reads the span named at run time by the pipeline
+    parameter ``examples`` (``default`` when the job does not set it); nothing is read now.
+
+    >>> runtime_example_source("gs://b/data/notify/2026-11-01").input_base.name
+    'examples'
+    """
+    parameter = tfx.dsl.experimental.RuntimeParameter(
+        name=EXAMPLES_PARAMETER, ptype=str, default=default
+    )
+    return ExampleSource(parameter, ())
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (components run elsewhere); a URI such as gs://... as is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> None:
@@ -188,11 +218,14 @@ def write_blueprint_schema(blueprint: Blueprint, pipeline_root: str) -> str:
     """Writes the blueprint's schema once per blueprint version; returns its directory."""
     from google.protobuf import text_format
 
-    directory = Path(pipeline_root) / "schemas" / f"{blueprint.name}-{blueprint.content_hash[:12]}"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "schema.pbtxt"
-    path.write_text(text_format.MessageToString(blueprint_schema(blueprint)), encoding="utf-8")
-    return str(path)
+    fileio = tfx.dsl.io.fileio  # local or gs://: a compiled spec's schema is read on Vertex AI
+    name = f"{blueprint.name}-{blueprint.content_hash[:12]}"
+    directory = os.path.join(pipeline_root, "schemas", name)
+    fileio.makedirs(directory)
+    path = os.path.join(directory, "schema.pbtxt")
+    with fileio.open(path, "w") as f:
+        f.write(text_format.MessageToString(blueprint_schema(blueprint)))
+    return path
 
 
 def custom_config(blueprint: Blueprint) -> dict:
@@ -439,8 +472,15 @@ def metadata_path(pipeline_root: str) -> str:
     return os.path.join(pipeline_root, "metadata.sqlite")
 
 
-def compile_vertex(pipeline: tfx.dsl.Pipeline, spec_path: str, image: str) -> str:
-    """Compiles the pipeline into a Vertex AI Pipelines (Kubeflow V2) JSON spec."""
+def compile_vertex(
+    pipeline: tfx.dsl.Pipeline,
+    spec_path: str,
+    image: str,
+    parameter_values: dict[str, str] | None = None,
+) -> str:
+    """Compiles the pipeline into a Vertex AI Pipelines (Kubeflow V2) JSON spec at
+    ``spec_path`` (local or gs://); ``parameter_values`` become its runtime parameters'
+    defaults (``runtimeConfig``), which a job's own parameter values override."""
     try:
         import kfp.pipeline_spec  # noqa: F401
     except ImportError:
@@ -450,10 +490,10 @@ def compile_vertex(pipeline: tfx.dsl.Pipeline, spec_path: str, image: str) -> st
         ) from None
     runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
         config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(default_image=image),
-        output_dir=os.path.dirname(os.path.abspath(spec_path)),
+        output_dir=os.path.dirname(absolute(spec_path)),
         output_filename=os.path.basename(spec_path),
     )
-    runner.run(pipeline, write_out=True)
+    runner.run(pipeline, parameter_values=parameter_values, write_out=True)
     return spec_path
 
 
@@ -466,7 +506,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--blueprint", required=True, help="blueprint YAML file")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--examples", help="one span: a join output directory")
+    where.add_argument(
+        "--examples",
+        help="one span: a join output directory; with --compile_vertex, the default of the "
+        "spec's runtime parameter 'examples' (not read when compiling)",
+    )
     where.add_argument("--dataset_root", help="ROOT holding spans as ROOT/<name>/<YYYY-MM-DD>/")
     parser.add_argument(
         "--spans",
@@ -488,16 +532,36 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--compile_vertex",
         metavar="SPEC.json",
-        help="write a Vertex AI Pipelines spec instead of running locally",
+        help="write a Vertex AI Pipelines spec (local or gs://) instead of running locally",
     )
     parser.add_argument(
         "--image", default=DEFAULT_IMAGE, help="container image for --compile_vertex"
     )
     args, beam_args = parser.parse_known_args(argv)
+    if args.compile_vertex and args.dataset_root:
+        parser.error(
+            "--compile_vertex takes the span as the runtime parameter 'examples': give its "
+            "default with --examples, not --dataset_root"
+        )
     for arg in beam_args:
         if not arg.startswith("--"):
             parser.error(f"unexpected argument {arg!r} (Beam options look like --name=value)")
     return args, shlex.split(args.beam_pipeline_args) + beam_args
+
+
+def _warn_local_paths(args: argparse.Namespace, pipeline_root: str, serving_dir: str) -> None:
+    """A compiled spec runs on Vertex AI, which cannot read this machine's paths: say so."""
+    for flag, path in (
+        ("--examples", args.examples),
+        ("--pipeline_root", pipeline_root),
+        ("--serving_dir", serving_dir),
+        ("--schema", args.schema),
+    ):
+        if path and "://" not in path:
+            print(
+                f"warning: {flag} {path} is a local path; a Vertex AI job cannot read it",
+                file=sys.stderr,
+            )
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -509,22 +573,30 @@ def run(argv: list[str] | None = None) -> int:
 
     args, beam_args = parse_args(argv)
     try:
-        blueprint = load_blueprint(args.blueprint)
-        if args.examples:
-            spans = [read_span(args.examples)]
+        blueprint = read_blueprint(args.blueprint)
+        pipeline_root = absolute(args.pipeline_root)
+        serving_dir = absolute(args.serving_dir)
+        if args.compile_vertex:
+            # Compiled for Vertex AI: the span is a runtime parameter; no local span is read.
+            spans = []
+            source = runtime_example_source(absolute(args.examples))
+            _warn_local_paths(args, pipeline_root, serving_dir)
         else:
-            spans = find_spans(args.dataset_root, blueprint.name, newest=args.spans)
-        check_examples_match_blueprint(spans, blueprint)
-        pipeline_root = os.path.abspath(args.pipeline_root)
-        os.makedirs(pipeline_root, exist_ok=True)
-        schema_file = args.schema or write_blueprint_schema(blueprint, pipeline_root)
-        source = example_source(spans, pipeline_root)
+            if args.examples:
+                spans = [read_span(args.examples)]
+            else:
+                spans = find_spans(args.dataset_root, blueprint.name, newest=args.spans)
+            check_examples_match_blueprint(spans, blueprint)
+            os.makedirs(pipeline_root, exist_ok=True)
+            source = example_source(spans, pipeline_root)
+        schema_file = absolute(args.schema) if args.schema else None
+        schema_file = schema_file or write_blueprint_schema(blueprint, pipeline_root)
         mlmd_path = args.metadata_path or metadata_path(pipeline_root)
         pipeline = create_pipeline(
             blueprint,
             source,
             pipeline_root,
-            os.path.abspath(args.serving_dir),
+            serving_dir,
             schema_file,
             metadata_path=None if args.compile_vertex else mlmd_path,
             beam_pipeline_args=beam_args,
@@ -534,7 +606,12 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     if args.compile_vertex:
         try:
-            compile_vertex(pipeline, args.compile_vertex, args.image)
+            compile_vertex(
+                pipeline,
+                args.compile_vertex,
+                args.image,
+                parameter_values={EXAMPLES_PARAMETER: source.input_base.default},
+            )
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -551,7 +628,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: the training pipeline failed: {e}", file=sys.stderr)
         return 1
     record = model_record.build(blueprint, spans, mlmd_path, started=started)
-    model_record.write(record, pipeline_root, os.path.abspath(args.serving_dir))
+    model_record.write(record, pipeline_root, serving_dir)
     print(json.dumps(record, indent=2, sort_keys=True))
     if record["blessed"]:
         print(f"blessed and pushed: {record['model_id']} -> {record['pushed_to']}")

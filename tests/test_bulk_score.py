@@ -174,3 +174,11 @@ def test_missing_pii_key_exits_with_one_line(
             "--blueprint", str(blueprint_path),
         ])  # fmt: skip
     assert "LOOPLINE_PII_KEY" in capsys.readouterr().err
+
+
+def test_batch_bounds_default_to_large_batches_and_honour_the_given_ones():
+    assert bulk_score.batch_bounds(None, None) == (256, 2048)
+    assert bulk_score.batch_bounds(None, 100) == (100, 100)
+    assert bulk_score.batch_bounds(512, None) == (512, 2048)
+    assert bulk_score.batch_bounds(4096, None) == (4096, 4096)
+    assert bulk_score.batch_bounds(8, 32) == (8, 32)

@@ -219,3 +219,48 @@ def test_cloudbuild_builds_every_template_from_its_metadata():
         py_file = option["--env"].removeprefix("FLEX_TEMPLATE_PYTHON_PY_FILE=")
         assert (REPO / py_file.removeprefix("/template/")).is_file(), py_file
         assert step["waitFor"] == ["push-image"]
+
+
+def test_cloudbuild_compiles_the_vertex_training_spec_the_dag_runs(tmp_path):
+    """The ``vertex-train`` step's script, run here with the bucket mapped to a local directory
+    (the only change: Cloud Build's ``$$`` unescaped, substitutions filled in), writes one
+    spec per blueprint at the path, and with the pipeline root, the DAG's ``train`` task uses."""
+    step = {s["id"]: s for s in cloudbuild()["steps"]}["vertex-train"]
+    assert step["waitFor"] == ["push-image"]
+    assert step["name"].endswith("/loopline:${_TAG}") and step["entrypoint"] == "bash"
+    factory = (REPO / "dags/loopline_dags/factory.py").read_text()
+    assert 'template_path=f"{GS}/templates/{RELEASE}/train-{name}.json"' in factory
+    assert 'pipeline_root=f"{GS}/pipeline_root/{name}"' in factory
+    assert 'parameter_values={"examples": span}' in factory
+    bucket = tmp_path / "bucket"
+    script = step["args"][-1].replace("gs://${_BUCKET}", str(bucket))
+    for name, value in {
+        "_REGION": "europe-west4",
+        "_REPOSITORY": "loopline",
+        "_TAG": "v7",
+        "PROJECT_ID": "p",
+    }.items():
+        script = script.replace("${" + name + "}", value)
+    script = script.replace("$$", "$")
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "TF_USE_LEGACY_KERAS": "1",  # set in the image
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [yaml.safe_load(p.read_text())["name"] for p in sorted(REPO.glob("examples/*.yaml"))]
+    assert names
+    for name in names:
+        compiled = json.loads((bucket / "templates" / "v7" / f"train-{name}.json").read_text())
+        assert compiled["runtimeConfig"]["gcsOutputDirectory"] == str(
+            bucket / "pipeline_root" / name
+        )
+        assert "examples" in compiled["pipelineSpec"]["root"]["inputDefinitions"]["parameters"]
+        text = json.dumps(compiled)
+        assert "europe-west4-docker.pkg.dev/p/loopline/loopline:v7" in text
+        assert "--runner=DataflowRunner" in text
+        assert str(bucket / "serving" / name) in text

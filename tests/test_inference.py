@@ -1,13 +1,15 @@
 """The RunInference model handler and ScoreDecisions: exact scores, model ids, batching bounds,
 dead letters for rows that cannot be encoded and for a model that throws."""
 
+import json
+import math
 from dataclasses import replace
 
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 
-from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
+from loopline.policy import Choice, EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
 from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
 from transforms.examples import features_to_example
 from transforms.inference import (
@@ -16,9 +18,11 @@ from transforms.inference import (
     ModelNotFound,
     SavedModelHandler,
     SavedModelScorer,
+    ScoredDecision,
     ScoreDecisions,
     decision_model_handler,
     resolve_serving_model,
+    row_json,
 )
 
 KEY = b"test-key-not-a-secret"
@@ -215,3 +219,66 @@ def test_saved_model_scorer_matches_the_model(serving_dir, blueprint):
     expected = score_serialized(scorer.serving_model.path, _serialized(events, blueprint))
     for event, want in zip(events, expected, strict=True):
         assert scorer(event.features) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "decision_id, score, choice",
+    [
+        ("d-000001", 0.7310585975646973, Choice(1, 0.975, False)),
+        ('quote"and\\slash\u00e9\n', 1e-07, Choice(0, 0.025, True)),
+        ("d-2", 0.0, Choice(0, 1.0, False)),
+        ("d-3", math.nan, Choice(1, 1.0, False)),
+    ],
+)
+def test_row_json_is_exactly_the_json_of_the_output_row(decision_id, score, choice):
+    scored = ScoredDecision(
+        decision_id, score, choice.decision, choice.propensity, choice.explored, "notify-1",
+        "2026-11-01T12:00:00.000Z",
+    )  # fmt: skip
+    want = json.dumps(scored.to_row(), sort_keys=True, separators=(",", ":"))
+    assert row_json(decision_id, score, choice, "notify-1", scored.scored_at) == want
+
+
+def test_json_rows_and_logged_decisions_come_from_the_fused_policy_step(serving_dir, blueprint):
+    events = make_decisions(blueprint, 40, seed=11)
+    broken = replace(events[0], features={**events[0].features, "country": None})
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    outputs = (
+        pipeline
+        | beam.Create([(e.decision_id, e) for e in [broken, *events[1:]]])
+        | ScoreDecisions(
+            decision_model_handler(model, blueprint, KEY, min_batch_size=8, max_batch_size=8),
+            policy,
+            json_rows=True,
+            log_decisions=True,
+        )
+    )
+    _ = outputs.scored | "CollectScored" >> beam.Map(_collect("rows"))
+    _ = outputs.logged | "CollectLogged" >> beam.Map(_collect("logged"))
+    _ = outputs.failed | "CollectFailed" >> beam.Map(_collect("failed"))
+    pipeline.run().wait_until_finish()
+    rows = [json.loads(r) for r in _COLLECTED.pop("rows")]
+    logged = {d["decision_id"]: d for d in map(json.loads, _COLLECTED.pop("logged"))}
+    failed = _COLLECTED.pop("failed")
+
+    # The row with an unencodable feature fails alone; the rest of its batch is scored.
+    assert [(f.reason, f.decision_id) for f in failed] == [(ENCODE_FAILED, broken.decision_id)]
+    expected = score_serialized(model.path, _serialized(events[1:], blueprint))
+    want = {e.decision_id: float(s) for e, s in zip(events[1:], expected, strict=True)}
+    assert sorted(r["decision_id"] for r in rows) == sorted(want) == sorted(logged)
+    for row in rows:
+        assert row["score"] == pytest.approx(want[row["decision_id"]], rel=1e-6, abs=1e-7)
+        choice = policy.choose(row["score"], row["decision_id"])
+        assert (row["decision"], row["propensity"], row["explored"]) == (
+            choice.decision,
+            choice.propensity,
+            choice.explored,
+        )
+        event = logged[row["decision_id"]]
+        assert (event["decision"], event["propensity"], event["model_id"]) == (
+            row["decision"],
+            row["propensity"],
+            "notify-1700000100",
+        )

@@ -409,7 +409,7 @@ def test_bad_arguments_are_refused_in_one_sentence(args, message, capsys):
 def test_unknown_monitor_setting_is_refused(tmp_path):
     (tmp_path / "bp.yaml").write_text(BLUEPRINT.replace("min_count: 1", "min_aucc: 1"))
     with pytest.raises(monitor.MonitorError, match="monitor.min_aucc is not a monitor setting"):
-        monitor.monitor_settings(monitor.load_blueprint(tmp_path / "bp.yaml"))
+        monitor.monitor_settings(monitor.read_blueprint(str(tmp_path / "bp.yaml")))
 
 
 def test_numeric_label_gets_rmse_mae_r2_and_the_manifest_delays(tmp_path):

@@ -150,7 +150,7 @@ def test_fallback_policy_returns_the_blueprint_fallback(blueprint):
 def test_policy_from_blueprint_builds_each_type(blueprint):
     policy = policy_from_blueprint(blueprint)
     assert isinstance(policy, EpsilonGreedyPolicy)
-    assert (policy.threshold, policy.epsilon, policy.seed) == (0.5, 0.05, 7)
+    assert (policy.threshold, policy.epsilon, policy.seed) == (0.1, 0.05, 7)
     assert policy_from_blueprint(blueprint, seed=3).seed == 3
     top_k = policy_from_blueprint(
         replace(blueprint, policy={"type": "top_k", "k": 2, "group_feature": "user_id"})

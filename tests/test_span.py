@@ -263,13 +263,14 @@ def test_build_manifest_prices_alternative_windows_against_an_independent_count(
 
 
 def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
-    """docs/join_api.md's code, executed verbatim: own source, label_fn, own sink, WriteSpan."""
+    """The README's "join as a library" code, executed verbatim: own source, label_fn, own
+    sink, WriteSpan."""
     repo = Path(__file__).resolve().parent.parent
-    text = (repo / "docs" / "join_api.md").read_text()
+    text = (repo / "README.md").read_text().split("## The join as a library", 1)[1]
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "examples").symlink_to(repo / "examples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs/join_api.md", "exec"), {"__name__": "join_api_doc"})
+    exec(compile(code, "README.md", "exec"), {"__name__": "join_api_doc"})
 
     examples = _read_examples(str(tmp_path / "my-examples/part*"), compression="")
     labels = {

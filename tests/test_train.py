@@ -293,22 +293,25 @@ def test_eval_config_gates_auc_on_the_overall_slice_with_blueprint_thresholds(bl
     assert json.loads(precision.config) == {"thresholds": [0.5]}  # the policy's threshold
 
 
-def test_vertex_spec_compiles_from_options(tmp_path, blueprint):
-    span = tmp_path / "span"
-    write_span(span, blueprint, 40, seed=9, key=KEY.encode())
+def test_vertex_spec_compiles_from_options(tmp_path):
+    """Compiling reads no span: the span is the spec's runtime parameter ``examples``, whose
+    default is the gs:// path given; gs:// paths reach the spec as they are."""
+    examples = "gs://bucket/data/notify/2026-11-01"  # never read while compiling
     spec = tmp_path / "vertex" / "notify.json"
     spec.parent.mkdir()
     rc, out, err = run_train(
         "--blueprint",
         str(EXAMPLE_BLUEPRINT),
         "--examples",
-        str(span),
+        examples,
         "--pipeline_root",
         str(tmp_path / "root"),
         "--serving_dir",
-        "gs://bucket/serving",
+        "gs://bucket/serving/notify",
         "--compile_vertex",
         str(spec),
+        "--image",
+        "europe-west4-docker.pkg.dev/p/loopline/loopline:v7",
         "--runner=DataflowRunner",
         "--project=p",
         "--region=r",
@@ -326,8 +329,47 @@ def test_vertex_spec_compiles_from_options(tmp_path, blueprint):
         "Evaluator",
         "Pusher",
     } <= set(tasks)
-    assert "--runner=DataflowRunner" in json.dumps(compiled)
+    # The runtime parameter the DAG sets (parameter_values={"examples": <span>}), read by
+    # ImportExampleGen as its input_base, with the given default.
+    assert pipeline_spec["root"]["inputDefinitions"]["parameters"] == {
+        "examples": {"type": "STRING"}
+    }
+    input_base = tasks["ImportExampleGen"]["inputs"]["parameters"]["input_base"]
+    assert input_base == {"componentInputParameter": "examples"}
+    default = compiled["runtimeConfig"]["parameters"]["examples"]
+    assert default == {"stringValue": examples}
+    text = json.dumps(compiled)
+    assert "--runner=DataflowRunner" in text
+    assert "gs://bucket/serving/notify" in text and "gs:/bucket" not in text  # not absolutised
+    images = {
+        e["container"]["image"]
+        for e in pipeline_spec["deploymentSpec"]["executors"].values()
+        if "container" in e  # the Resolver's two steps run no container
+    }
+    assert images == {"europe-west4-docker.pkg.dev/p/loopline/loopline:v7"}
+    schemas = list((tmp_path / "root" / "schemas").glob("notify-*/schema.pbtxt"))
+    assert len(schemas) == 1 and str(schemas[0]) in text  # what ImportSchemaGen imports
+    assert "a Vertex AI job cannot read it" in err  # the local pipeline root is pointed out
     assert not Path(tmp_path / "root" / "metadata.sqlite").exists()  # compiled, not run
+    assert not (tmp_path / "root" / "staged_spans").exists()
+
+
+def test_vertex_spec_refuses_dataset_root(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        run_train(
+            "--blueprint",
+            str(EXAMPLE_BLUEPRINT),
+            "--dataset_root",
+            str(tmp_path),
+            "--pipeline_root",
+            str(tmp_path / "root"),
+            "--serving_dir",
+            "gs://bucket/serving/notify",
+            "--compile_vertex",
+            str(tmp_path / "notify.json"),
+        )
+    assert stop.value.code == 2
+    assert not (tmp_path / "notify.json").exists()
 
 
 # The simulator's eval split is small and its clicks rare (~10%): a wider margin than above.

@@ -103,33 +103,53 @@ def joined_to_example(
     return example
 
 
+# Per blueprint, the encoding plan: (name, base type, is_list, pseudonymised) for each example
+# feature, computed once instead of re-deriving the blueprint's properties for every row. Keyed by
+# identity; the blueprint is kept in the value so that its id cannot be reused while cached.
+_PLANS: dict[int, tuple[Blueprint, tuple[tuple[str, str, bool, bool], ...]]] = {}
+
+
+def _plan(blueprint: Blueprint) -> tuple[tuple[str, str, bool, bool], ...]:
+    cached = _PLANS.get(id(blueprint))
+    if cached is not None and cached[0] is blueprint:
+        return cached[1]
+    hashed = blueprint.privacy.pseudonymise
+    plan = tuple(
+        (spec.name, spec.base_type, spec.is_list, spec.name in hashed)
+        for spec in blueprint.example_features
+    )
+    if len(_PLANS) > 64:  # blueprints are few; never let a caller grow this without bound
+        _PLANS.clear()
+    _PLANS[id(blueprint)] = (blueprint, plan)
+    return plan
+
+
 def _add_features(
     feature_map: Any, features: Mapping[str, Any], blueprint: Blueprint, key: bytes | None
 ) -> None:
-    hashed = blueprint.privacy.pseudonymise
-    for spec in blueprint.example_features:
-        if spec.name not in features or features[spec.name] is None:
-            raise ValueError(f"feature {spec.name!r} ({spec.type}) is missing from the decision")
-        value = features[spec.name]
-        values = value if spec.is_list else [value]
-        base = spec.base_type
+    for name, base, is_list, hashed in _plan(blueprint):
+        value = features.get(name)
+        if value is None:
+            spec_type = f"{base}_list" if is_list else base
+            raise ValueError(f"feature {name!r} ({spec_type}) is missing from the decision")
+        values = value if is_list else (value,)
         # SetInParent marks the kind even for an empty list, so readers see a typed empty value.
         if base == "int":
-            ints = feature_map[spec.name].int64_list
+            ints = feature_map[name].int64_list
             ints.SetInParent()
-            ints.value.extend(int(v) for v in values)
+            ints.value.extend([int(v) for v in values])
         elif base == "float":
-            floats = feature_map[spec.name].float_list
+            floats = feature_map[name].float_list
             floats.SetInParent()
-            floats.value.extend(float(v) for v in values)
+            floats.value.extend([float(v) for v in values])
         else:
-            if spec.name in hashed:
+            if hashed:
                 if key is None:
                     raise PiiKeyMissing(
-                        f"feature {spec.name!r} must be pseudonymised but no key was given; "
+                        f"feature {name!r} must be pseudonymised but no key was given; "
                         f"set {blueprint.privacy.key_env}"
                     )
                 values = [pseudonymise(str(v), key) for v in values]
-            strings = feature_map[spec.name].bytes_list
+            strings = feature_map[name].bytes_list
             strings.SetInParent()
-            strings.value.extend(str(v).encode("utf-8") for v in values)
+            strings.value.extend([str(v).encode("utf-8") for v in values])

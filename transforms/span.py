@@ -515,6 +515,16 @@ def _window_name(window: Any) -> str:
     return f"{start}_{end}"
 
 
+class _Delay(beam.DoFn):
+    """Moves each element's timestamp ``delay_ms`` later (never earlier: no late data made)."""
+
+    def __init__(self, delay_ms: int):
+        self.delay = beam_window.Duration(micros=delay_ms * 1000)
+
+    def process(self, element: Any, timestamp: Any = beam.DoFn.TimestampParam) -> Iterable[Any]:
+        yield beam_window.TimestampedValue(element, timestamp + self.delay)
+
+
 class _WriteWindowManifest(beam.DoFn):
     """Streaming: one manifest per output window, once its files are written (same pane)."""
 
@@ -540,7 +550,12 @@ class _WriteWindowManifest(beam.DoFn):
             "unmatched_observations": [],
             "rejected": [],
         }
-        for kind, value in element[1]:
+        items = list(element[1])
+        if not items:
+            # The DirectRunner may fire an empty final pane after the window's on-time one; it
+            # must not overwrite that window's manifest with zeros.
+            return
+        for kind, value in items:
             if kind == "stats":
                 merged.merge(value)
             else:
@@ -750,8 +765,18 @@ class WriteSpan(beam.PTransform):
                 shards=shards,
             )
         )
-        rejected_d = windowed("rejected_decisions", inputs.rejected_decisions)
-        rejected_o = windowed("rejected_observations", inputs.rejected_observations)
+        # A dead letter keeps its message's event time, so one that arrives behind the
+        # watermark would be dropped as late by its output window. Shifted forward by the
+        # allowed lateness, it is on time whenever its message is within the allowed lateness.
+        delay = _Delay(self.allowed_lateness_ms)
+        rejected_d = windowed(
+            "rejected_decisions",
+            inputs.rejected_decisions | "DelayRejected[decisions]" >> beam.ParDo(delay),
+        )
+        rejected_o = windowed(
+            "rejected_observations",
+            inputs.rejected_observations | "DelayRejected[observations]" >> beam.ParDo(delay),
+        )
         written["rejected"] = (
             (rejected_d, rejected_o)
             | "FlattenRejected" >> beam.Flatten()
@@ -773,9 +798,9 @@ class WriteSpan(beam.PTransform):
             "rejected_decisions": rejected_d,
             "rejected_observations": rejected_o,
         }
-        for raw in ("raw_decisions", "raw_observations"):
-            if getattr(inputs, raw) is not None:
-                parts[raw] = windowed(raw, getattr(inputs, raw))
+        # Raw inputs are not counted per window: a decision is written in the window where its
+        # session closes, not where it was read, so a window's decisions_in / observations_in
+        # are the sums of its outputs (summed over all windows they equal what was read).
         joined_fn = _SpanStatsFn(
             "joined", bp.eval_fraction, bp.label.backward_slack_ms, alternative_windows_ms(bp)
         )
@@ -805,12 +830,7 @@ class WriteSpan(beam.PTransform):
             | "GroupWindowOutputs" >> beam.GroupByKey()
             | "WriteManifests"
             >> beam.ParDo(
-                _WriteWindowManifest(
-                    self.output_dir,
-                    bp,
-                    self.allowed_lateness_ms,
-                    (inputs.raw_decisions is not None, inputs.raw_observations is not None),
-                )
+                _WriteWindowManifest(self.output_dir, bp, self.allowed_lateness_ms, (False, False))
             )
         )
         return SpanResult(
