@@ -290,7 +290,7 @@ def test_eval_config_gates_auc_on_the_overall_slice_with_blueprint_thresholds(bl
     assert threshold.value_threshold.lower_bound.value == pytest.approx(0.6)
     assert threshold.change_threshold.absolute.value == pytest.approx(-0.01)
     precision = next(m for m in config.metrics_specs[0].metrics if m.class_name == "Precision")
-    assert json.loads(precision.config) == {"thresholds": [0.5]}  # the policy's threshold
+    assert json.loads(precision.config) == {"thresholds": [0.1]}  # the policy's threshold
 
 
 def test_vertex_spec_compiles_from_options(tmp_path):
