@@ -35,10 +35,10 @@ from loopline.blueprint import Blueprint, BlueprintError
 from loopline.events import DECISION, Refusal
 from loopline.policy import PolicyError, policy_from_blueprint
 from pipelines.blueprint_io import read_blueprint
-from pipelines.options import add_shared_argument
+from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
 from transforms.events import parse_one
-from transforms.examples import PiiKeyMissing, pii_key
+from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 from transforms.inference import (
     DEVICES,
     ModelNotFound,
@@ -103,6 +103,7 @@ class BulkScoreOptions(PipelineOptions):
             parser, "--blueprint", help="Blueprint YAML; default the one the model record names."
         )
         add_shared_argument(parser, "--output", help="Output directory for JSON lines.")
+        add_shared_argument(parser, "--pii_key_secret", help=PII_KEY_SECRET_HELP)
         parser.add_argument("--output_table", help="BigQuery table to append score rows to.")
         parser.add_argument(
             "--log_decisions",
@@ -234,7 +235,12 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
     blueprint = _blueprint(options, dict(probe.record))
     serving_model = resolve_serving_model(options.model_dir, blueprint.name, options.model_version)
     # TFRecord examples are already encoded (and pseudonymised) by the join.
-    key = None if input_format == "tfrecord" else pii_key(blueprint)
+    if input_format == "tfrecord":
+        if options.pii_key_secret:
+            check_pii_key_secret(options.pii_key_secret)
+        key = None
+    else:
+        key = pii_key(blueprint, options.pii_key_secret)
     return ScoringJob(options, blueprint, input_format, key), serving_model
 
 

@@ -26,7 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
 from loopline.events import DECISION, OBSERVATION
 from pipelines.blueprint_io import read_blueprint
-from pipelines.options import add_shared_argument
+from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
@@ -60,6 +60,7 @@ class JoinDecisionsOptions(PipelineOptions):
             help="file format: auto (by extension: .avro is Avro, else JSON lines), json or avro",
         )
         add_shared_argument(parser, "--blueprint", help="blueprint YAML file (local or gs://)")
+        add_shared_argument(parser, "--pii_key_secret", help=PII_KEY_SECRET_HELP)
         add_shared_argument(
             parser, "--output", help="span directory the examples and manifest go to"
         )
@@ -87,7 +88,7 @@ class JoinConfig:
         self.streaming = streaming
         self.blueprint = _load_blueprint(options.blueprint)
         try:
-            self.key = pii_key(self.blueprint)
+            self.key = pii_key(self.blueprint, options.pii_key_secret)
         except PiiKeyMissing as e:
             raise _usage(str(e)) from None
         self.output = _required(options.output, "--output")

@@ -40,7 +40,7 @@ from loopline.blueprint import Blueprint, BlueprintError, format_duration
 from loopline.metrics import two_proportion_test
 from loopline.report import write_report
 from pipelines.blueprint_io import read_blueprint
-from pipelines.options import add_shared_argument
+from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.join import JoinDecisions
 from transforms.monitoring import (
@@ -117,6 +117,7 @@ class MonitorOptions(PipelineOptions):
         )
         parser.add_argument("--schema", help="Schema (schema.pbtxt) for the skew report.")
         parser.add_argument("--manifest", help="manifest.json of the join span, for its delays.")
+        add_shared_argument(parser, "--pii_key_secret", help=PII_KEY_SECRET_HELP)
 
 
 def monitor_settings(blueprint: Blueprint) -> tuple[dict, dict]:
@@ -452,13 +453,16 @@ def run(argv: list[str] | None = None) -> dict:
     blueprint = validate(opts)
     _, settings = monitor_settings(blueprint)
     key = None
-    if opts.training_stats:
-        from transforms.examples import PiiKeyMissing, pii_key
+    # The key only hashes the scored decisions' features for the skew report.
+    from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 
-        try:
-            key = pii_key(blueprint)
-        except PiiKeyMissing as e:
-            raise MonitorError(str(e)) from None
+    try:
+        if opts.training_stats:
+            key = pii_key(blueprint, opts.pii_key_secret)
+        elif opts.pii_key_secret:
+            check_pii_key_secret(opts.pii_key_secret)
+    except PiiKeyMissing as e:
+        raise MonitorError(str(e)) from None
     manifest = None
     if opts.manifest:
         with FileSystems.open(opts.manifest) as f:

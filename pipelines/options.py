@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-SHARED_FLAGS = ("--blueprint", "--output", "--decisions", "--observations")
+SHARED_FLAGS = ("--blueprint", "--output", "--decisions", "--observations", "--pii_key_secret")
+# The one help text of --pii_key_secret: whichever pipeline declares it first, it reads right.
+PII_KEY_SECRET_HELP = (
+    "Secret Manager secret version holding the pseudonymisation key "
+    "(projects/P/secrets/S/versions/V); default: the blueprint's privacy.key_env variable."
+)
 
 
 def add_shared_argument(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:

@@ -32,6 +32,7 @@ EXPECTED_TASKS = [
     "monitor",
 ]
 RESULT_MARKER = "AIRFLOW_CHECKS_RESULT "
+PII_KEY_SECRET = "projects/acme-ml/secrets/loopline-pii-key/versions/3"  # test_dags' Variable
 FLEX_TASKS = {"join": "join_decisions", "bulk_score": "bulk_score", "monitor": "monitor"}
 
 
@@ -216,6 +217,8 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
             "blueprint": f"{gs}/blueprints/notify.yaml",
             "output": f"{gs}/data/notify/2026-11-01",
             "allowed_lateness": "3600s",
+            # notify pseudonymises user_id: the launcher reads the key from Secret Manager.
+            "pii_key_secret": PII_KEY_SECRET,
         },
         f"join parameters {launch['parameters']}",
     )
@@ -252,6 +255,7 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
     )
     check(score["parameters"]["model_dir"] == f"{gs}/serving/notify", "model dir")
     check(score["parameters"]["model_version"] == "1793599000", "scores with the pushed version")
+    check(score["parameters"]["pii_key_secret"] == PII_KEY_SECRET, "scoring gets the key secret")
 
     check(
         rendered["find_day_scores"]["prefix"] == "scores/notify/2026-11-01/scores/",

@@ -36,6 +36,7 @@ VARIABLES = {
     "AIRFLOW_VAR_LOOPLINE_BUCKET": "acme-loopline",
     "AIRFLOW_VAR_LOOPLINE_RELEASE": "v7",
     "AIRFLOW_VAR_LOOPLINE_SERVICE_ACCOUNT": "loopline@acme-ml.iam.gserviceaccount.com",
+    "AIRFLOW_VAR_LOOPLINE_PII_KEY_SECRET": "projects/acme-ml/secrets/loopline-pii-key/versions/3",
 }
 
 sys.path.insert(0, str(REPO / "dags"))
@@ -167,6 +168,7 @@ def test_blueprint_reader_gets_label_timing_with_plain_yaml():
     assert (info.name, info.version, info.file_name) == ("notify", "1", "notify.yaml")
     assert info.label_window == timedelta(hours=1)
     assert info.backward_slack == timedelta(minutes=2)
+    assert info.pseudonymises  # privacy.pseudonymise: [user_id]
     assert parse_duration("250ms") == timedelta(milliseconds=250)
     assert parse_duration(90) == timedelta(seconds=90)
     with pytest.raises(ValueError):
@@ -179,6 +181,13 @@ def test_two_blueprint_files_with_one_name_are_refused(tmp_path):
     (tmp_path / "b.yaml").write_text(text)
     with pytest.raises(BlueprintFileError, match="also defined"):
         find_blueprints(tmp_path)
+
+
+def test_blueprint_without_pseudonymised_identifiers_needs_no_key(tmp_path):
+    (tmp_path / "x.yaml").write_text(
+        "name: x\nversion: 1\nlabel: {window: 1h}\nprivacy: {drop: [email]}\n"
+    )
+    assert find_blueprints(tmp_path)[0].pseudonymises is False
 
 
 def test_blueprint_without_label_window_is_refused(tmp_path):

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted(p.parent.name for p in (REPO / "templates").glob("*/metadata.json"))
 GCS_REGEX = r"^gs:\/\/[^\n\r]+$"
 SUBSCRIPTION_REGEX = r"^projects\/[^\n\r\/]+\/subscriptions\/[^\n\r\/]+$"
+SECRET_VERSION_REGEX = r"^projects\/[^\n\r\/]+\/secrets\/[^\n\r\/]+\/versions\/[^\n\r\/]+$"
 
 
 def metadata(name: str) -> dict:
@@ -106,6 +107,10 @@ def test_regexes_fit_the_kind_of_value(name):
             assert param["regexes"] == [SUBSCRIPTION_REGEX], where
             assert regex_accepts(param, "projects/p/subscriptions/notify-decisions")
             assert not regex_accepts(param, "projects/p/topics/notify-decisions"), where
+        elif key.endswith("_secret"):
+            assert param["regexes"] == [SECRET_VERSION_REGEX], where
+            assert regex_accepts(param, "projects/p/secrets/loopline-pii-key/versions/latest")
+            assert not regex_accepts(param, "projects/p/secrets/loopline-pii-key"), where
         elif key.endswith("_table"):
             assert regex_accepts(param, "my-project:logs.decisions"), where
             assert regex_accepts(param, "logs.decisions"), where
@@ -116,6 +121,21 @@ def test_regexes_fit_the_kind_of_value(name):
             assert not regex_accepts(param, "ten minutes"), where
         elif key.endswith(("_size", "_shards", "_copies")):
             assert regex_accepts(param, "64") and not regex_accepts(param, "0"), where
+
+
+def test_secret_regex_is_the_one_the_launcher_checks():
+    """What a template lets through, pii_key accepts, and the other way round."""
+    from transforms.examples import SECRET_VERSION
+
+    for value in (
+        "projects/p/secrets/s/versions/3",
+        "projects/p/secrets/s",
+        "projects/p/secrets/s/versions/3/x",
+        "projects//secrets/s/versions/3",
+    ):
+        assert bool(re.fullmatch(SECRET_VERSION_REGEX, value)) == bool(
+            SECRET_VERSION.fullmatch(value)
+        ), value
 
 
 def test_dataflow_inputs_and_outputs_are_cloud_storage_paths():

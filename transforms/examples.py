@@ -6,6 +6,7 @@ the model, so training and serving cannot drift apart. Privacy is applied here t
 features never reach an example, pseudonymised ones arrive as keyed HMAC-SHA256 hex digests.
 
     >>> key = pii_key(blueprint)                      # None when nothing is pseudonymised
+    >>> key = pii_key(blueprint, "projects/p/secrets/pii-key/versions/1")  # from Secret Manager
     >>> example = features_to_example(event.features, blueprint, key)
     >>> example.features.feature["tenure_days"].int64_list.value
     [120]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,24 +31,80 @@ class PiiKeyMissing(ValueError):
     """The blueprint pseudonymises identifiers but no key was provided in its environment variable."""
 
 
-def pii_key(blueprint: Blueprint) -> bytes | None:
-    """The pseudonymisation key from ``blueprint.privacy.key_env``; None when nothing is hashed.
+class PiiKeySecretError(PiiKeyMissing):
+    """``--pii_key_secret`` is not a secret version name, or Secret Manager would not give it."""
 
-    Read on the launcher, once, and passed to transforms as configuration: workers never look at
-    the environment. Raises ``PiiKeyMissing`` when the blueprint pseudonymises and the variable is
-    unset or empty.
+
+# A Secret Manager secret version, as --pii_key_secret takes it (the templates' regex too).
+SECRET_VERSION = re.compile(r"^projects/[^\n\r/]+/secrets/[^\n\r/]+/versions/[^\n\r/]+$")
+
+
+def check_pii_key_secret(secret: str) -> None:
+    """Raises ``PiiKeySecretError`` unless ``secret`` names a secret version.
+
+    >>> check_pii_key_secret("projects/acme/secrets/loopline-pii-key/versions/latest")
     """
+    if not SECRET_VERSION.fullmatch(secret):
+        raise PiiKeySecretError(
+            f"--pii_key_secret must name a secret version like "
+            f"projects/PROJECT/secrets/SECRET/versions/VERSION, got {secret!r}"
+        )
+
+
+def pii_key(blueprint: Blueprint, secret: str | None = None, client: Any = None) -> bytes | None:
+    """The pseudonymisation key; None when nothing is hashed.
+
+    From the Secret Manager secret version ``secret`` when given (its payload bytes as stored,
+    fetched once with ``client``, by default a ``SecretManagerServiceClient`` with the
+    launcher's credentials), else from the environment variable ``blueprint.privacy.key_env``.
+    Read on the launcher, once, and passed to transforms as configuration: workers never look at
+    the environment or Secret Manager. The key is never logged nor part of any message.
+
+    Raises ``PiiKeySecretError`` (a ``PiiKeyMissing``) for a malformed secret name, even when
+    nothing is hashed, or a secret that cannot be read or is empty; ``PiiKeyMissing`` when the
+    blueprint pseudonymises, no secret is given and the variable is unset or empty.
+
+        >>> pii_key(blueprint, "projects/acme/secrets/loopline-pii-key/versions/3")
+    """
+    if secret:
+        check_pii_key_secret(secret)
     privacy = blueprint.privacy
     if not privacy.pseudonymise:
         return None
+    if secret:
+        return _secret_key(secret, client)
     value = os.environ.get(privacy.key_env, "")
     if not value:
         raise PiiKeyMissing(
             f"blueprint {blueprint.name} v{blueprint.version} pseudonymises "
             f"{', '.join(privacy.pseudonymise)} but environment variable {privacy.key_env} "
-            "is unset or empty; set it to the pseudonymisation key (or mount the secret there)"
+            "is unset or empty; set it to the pseudonymisation key (or mount the secret there), "
+            "or pass --pii_key_secret"
         )
     return value.encode("utf-8")
+
+
+def _secret_key(secret: str, client: Any) -> bytes:
+    """The payload of secret version ``secret``; PiiKeySecretError when it cannot be had."""
+    from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
+
+    try:
+        if client is None:
+            from google.cloud import secretmanager
+
+            client = secretmanager.SecretManagerServiceClient()
+        data = client.access_secret_version(name=secret).payload.data
+    except (GoogleAPIError, GoogleAuthError) as e:
+        # The exception's own first line only: it names the secret and the cause, not the key.
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PiiKeySecretError(
+            f"cannot read the pseudonymisation key from Secret Manager {secret} ({reason}); "
+            "the launcher's service account needs roles/secretmanager.secretAccessor on it"
+        ) from None
+    if not data:
+        raise PiiKeySecretError(f"Secret Manager {secret} holds an empty pseudonymisation key")
+    return bytes(data)
 
 
 def pseudonymise(value: str, key: bytes) -> str:

@@ -1,7 +1,8 @@
 """Reading blueprints in the Airflow environment, with plain YAML (no Loopline import).
 
-The scheduler only needs a blueprint's name, version, file name and label timing (how long to
-wait before a day's labels are mature); the pipelines validate the whole blueprint themselves.
+The scheduler only needs a blueprint's name, version, file name, label timing (how long to
+wait before a day's labels are mature) and whether it pseudonymises (the jobs then get the key's
+secret); the pipelines validate the whole blueprint themselves.
 
     >>> info = read_blueprint("examples/notify.yaml")
     >>> info.name, info.label_window
@@ -42,6 +43,8 @@ class BlueprintInfo:
     path: Path
     label_window: timedelta
     backward_slack: timedelta
+    # Whether privacy.pseudonymise lists identifiers: the jobs then need the key's secret.
+    pseudonymises: bool = False
 
     @property
     def file_name(self) -> str:
@@ -91,7 +94,11 @@ def read_blueprint(path: str | Path) -> BlueprintInfo:
         slack = parse_duration(label.get("backward_slack", 0))
     except ValueError as e:
         raise BlueprintFileError(f"{path}: label: {e}") from None
-    return BlueprintInfo(name, str(version), path, window, slack)
+    privacy = data.get("privacy") or {}
+    if not isinstance(privacy, dict):
+        raise BlueprintFileError(f"{path}: privacy: must be a mapping")
+    pseudonymises = bool(privacy.get("pseudonymise"))
+    return BlueprintInfo(name, str(version), path, window, slack, pseudonymises)
 
 
 def blueprint_dir(dag_folder: str | Path) -> Path:

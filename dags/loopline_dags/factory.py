@@ -9,6 +9,9 @@ Everything environment-specific comes from Airflow Variables at run time (never 
     loopline_service_account            the service account the jobs run as
     loopline_repository                 Artifact Registry repository (default "loopline")
     loopline_alert_email                optional, see loopline_dags.alerts
+    loopline_pii_key_secret             the pseudonymisation key's Secret Manager version
+                                        (projects/P/secrets/S/versions/V); needed only by
+                                        blueprints that pseudonymise (join and bulk scoring)
 
 Bucket layout (one day = one UTC date, ``{{ ds }}``; every path is a function of the blueprint
 and the day, so re-running a day rewrites the same paths, which are cleared first):
@@ -68,6 +71,7 @@ PROJECT = "{{ var.value.loopline_project }}"
 REGION = "{{ var.value.loopline_region }}"
 RELEASE = "{{ var.value.loopline_release }}"
 SERVICE_ACCOUNT = "{{ var.value.loopline_service_account }}"
+PII_KEY_SECRET = "{{ var.value.loopline_pii_key_secret }}"
 IMAGE = (
     "{{ var.value.loopline_region }}-docker.pkg.dev/{{ var.value.loopline_project }}/"
     "{{ var.value.get('loopline_repository', 'loopline') }}/loopline:{{ var.value.loopline_release }}"
@@ -140,6 +144,8 @@ def build_dag(info: BlueprintInfo) -> DAG:
         f"{{{{ ({DAY_END} + macros.timedelta(seconds={horizon_s})).strftime('%Y-%m-%d') }}}}"
     )
     wait_time = horizon + LOG_FLUSH_DELAY
+    # A template launcher has no per-run environment for the key: it reads it from Secret Manager.
+    pii_key = {"pii_key_secret": PII_KEY_SECRET} if info.pseudonymises else {}
 
     with DAG(
         dag_id=dag_id(info),
@@ -225,6 +231,7 @@ def build_dag(info: BlueprintInfo) -> DAG:
                     "blueprint": blueprint,
                     "output": span,
                     "allowed_lateness": duration_param(ALLOWED_LATENESS),
+                    **pii_key,
                 },
             ),
             append_job_name=False,  # one job name per day: a second launch for it is refused
@@ -275,6 +282,7 @@ def build_dag(info: BlueprintInfo) -> DAG:
                     "blueprint": blueprint,
                     "output": f"{GS}/scores/{name}/{NEXT_DS}",
                     "log_decisions": "true",
+                    **pii_key,
                 },
             ),
             append_job_name=False,
