@@ -121,10 +121,10 @@ def _published(tag: str) -> list[bytes]:
     return [step[1] for step in SCRIPT if step[0] == tag]
 
 
-def _pubsub_test_stream(timestamp_attribute: str) -> test_stream.TestStream:
+def _pubsub_test_stream(timestamp_attribute: str, script: list) -> test_stream.TestStream:
     """The script as Pub/Sub messages, timestamped by their ``timestamp_attribute``."""
     stream = test_stream.TestStream(output_tags=[DEC, OBS])
-    for step in SCRIPT:
+    for step in script:
         if step[0] == "watermark":
             for tag in (DEC, OBS):
                 stream.advance_watermark_to(Timestamp(micros=step[1] * 1000), tag=tag)
@@ -150,6 +150,7 @@ class _FakePubSub(beam.PTransform):
 
     calls: list[dict] = []
     streams: dict = {}
+    script: list = SCRIPT
 
     def __init__(self, subscription: str, with_attributes: bool, timestamp_attribute: str):
         super().__init__()
@@ -167,7 +168,7 @@ class _FakePubSub(beam.PTransform):
         key = id(pbegin.pipeline)
         if key not in self.streams:
             self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(
-                self.timestamp_attribute
+                self.timestamp_attribute, self.script
             )
         return self.streams[key][SUBSCRIPTIONS[self.subscription]] | "Messages" >> beam.Map(
             lambda message: message
@@ -287,3 +288,54 @@ def test_malformed_messages_land_in_rejected(runs):
             ("observation", "bad_json", '{"decision_id": "d5", "event_time": '),
         ]
     )  # fmt: skip
+
+
+# d1's session closes at 13:22 (its last observation, 12:10, plus the 1h 12m gap) and fires when
+# the watermark passes it; the observation of 12:50, inside d1's label window, arrives with the
+# watermark at 15:10: far beyond the horizon, but within the join's own lateness (its session,
+# 12:50-14:02, plus the gap reaches 15:14), so the join emits it in a late pane, as orphan,
+# timestamped 14:02: behind the watermark and in an output window (14:00-15:00) already closed.
+LATE_SCRIPT = [
+    _watermark(T0 - MINUTE),
+    _message(DEC, _decision("d1", T0), T0),
+    _message(OBS, _observation("d1", T0 + 10 * MINUTE, 1), T0 + 10 * MINUTE),
+    _watermark(T0 + 3 * HOUR + 10 * MINUTE),
+    _message(OBS, _observation("d1", T0 + 50 * MINUTE, 0), T0 + 50 * MINUTE),
+    _message(DEC, _decision("d2", T0 + 3 * HOUR + 20 * MINUTE), T0 + 3 * HOUR + 20 * MINUTE),
+]
+
+
+def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOPLINE_PII_KEY", KEY)
+        mp.setattr(_FakePubSub, "calls", [])
+        mp.setattr(_FakePubSub, "streams", {})
+        mp.setattr(_FakePubSub, "script", LATE_SCRIPT)
+        mp.setattr(beam.io, "ReadFromPubSub", _FakePubSub)
+        run(
+            [
+                "--streaming",
+                "--blueprint", str(BLUEPRINT), "--allowed_lateness", LATENESS,
+                "--decisions_subscription", DECISIONS_SUB,
+                "--observations_subscription", OBSERVATIONS_SUB,
+                "--output", str(tmp_path), "--output_window", "1h",
+            ]
+        )  # fmt: skip
+    unmatched = [
+        json.loads(line)
+        for path in sorted(glob.glob(str(tmp_path / "unmatched_observations/*.jsonl")))
+        for line in Path(path).read_text().splitlines()
+    ]
+    assert unmatched == [{"reason": "orphan", "event": _observation("d1", T0 + 50 * MINUTE, 0)}]
+    manifests = _window_manifests(tmp_path)
+    assert all(m["reconciles"] is True for m in manifests), [m["reconciliation"] for m in manifests]
+    totals = {name: sum(m[name] for m in manifests) for name in COUNT_NAMES}
+    published = [step for step in LATE_SCRIPT if step[0] != "watermark"]
+    assert totals["decisions_in"] == sum(1 for step in published if step[0] == DEC) == 2
+    assert totals["observations_in"] == sum(1 for step in published if step[0] == OBS) == 2
+    assert (totals["observations_used"], totals["observations_orphan"]) == (1, 1)
+    assert totals["observations_out_of_window"] == totals["duplicate_observations"] == 0
+    # The orphan is counted by the manifest of an output window that lists its file.
+    (counting,) = [m for m in manifests if m["observations_orphan"]]
+    assert counting["files"]["unmatched_observations"]
+    assert _ms(counting["output_window"]["start"]) >= T0 + 3 * HOUR

@@ -36,11 +36,20 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window as beam_window
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from loopline.blueprint import Blueprint, format_duration
 from loopline.events import Refusal, format_event_time
 from transforms.examples import PiiKeyMissing, joined_to_example
-from transforms.join import DEFAULT, OBSERVED, ORPHAN, OUT_OF_WINDOW, JoinedDecision, JoinOutputs
+from transforms.join import (
+    DEFAULT,
+    OBSERVED,
+    ORPHAN,
+    OUT_OF_WINDOW,
+    JoinedDecision,
+    JoinOutputs,
+    session_gap_ms,
+)
 
 TRAIN = "train"
 EVAL = "eval"
@@ -525,6 +534,32 @@ class _Delay(beam.DoFn):
         yield beam_window.TimestampedValue(element, timestamp + self.delay)
 
 
+class _CatchUpLatePanes(beam.DoFn):
+    """Moves an element of a late join pane ``delay_ms`` later; on-time panes pass unchanged.
+
+    A late pane of the streaming join (an event that arrived after its decision's session fired)
+    is timestamped at its session's end, which the watermark has passed, so its output window
+    would drop it as late. The join accepts such an event only while the watermark is within
+    its own allowed lateness (the session gap) of that end, so moved by the gap its timestamp
+    is at or past the watermark: it lands, counted, in a still open output window.
+    """
+
+    def __init__(self, delay_ms: int):
+        self.delay = beam_window.Duration(micros=delay_ms * 1000)
+
+    def process(
+        self,
+        element: Any,
+        timestamp: Any = beam.DoFn.TimestampParam,
+        pane: Any = beam.DoFn.PaneInfoParam,
+    ) -> Iterable[Any]:
+        if pane is not None and pane.timing == PaneInfoTiming.LATE:
+            Metrics.counter("loopline.write_span", "late_join_outputs").inc()
+            yield beam_window.TimestampedValue(element, timestamp + self.delay)
+        else:
+            yield element
+
+
 class _WriteWindowManifest(beam.DoFn):
     """Streaming: one manifest per output window, once its files are written (same pane)."""
 
@@ -742,7 +777,16 @@ class WriteSpan(beam.PTransform):
                 beam_window.FixedWindows(size)
             )
 
-        joined = windowed("joined", inputs.joined)
+        # What the join emits after a decision's session fired (an observation beyond the
+        # horizon, reported orphan; a decision re-delivered that late) comes in a late pane,
+        # behind the watermark; moved forward by the join's lateness (its session gap) it is
+        # on time for the current output window instead of being dropped (_CatchUpLatePanes).
+        catch_up = _CatchUpLatePanes(session_gap_ms(bp, self.allowed_lateness_ms))
+
+        def join_output(name: str, pcoll: Any) -> Any:
+            return windowed(name, pcoll | f"CatchUpLatePanes[{name}]" >> beam.ParDo(catch_up))
+
+        joined = join_output("joined", inputs.joined)
         encoded = joined | "EncodeExamples" >> beam.ParDo(
             EncodeExamples(bp, self.key)
         ).with_outputs(EVAL, main=TRAIN)
@@ -754,7 +798,7 @@ class WriteSpan(beam.PTransform):
                 sink=_GzipTFRecordSink(),
                 shards=shards,
             )
-        unmatched = windowed("unmatched", inputs.unmatched)
+        unmatched = join_output("unmatched", inputs.unmatched)
         written["unmatched_observations"] = (
             unmatched
             | "UnmatchedToJson" >> beam.Map(_unmatched_json)
@@ -791,8 +835,8 @@ class WriteSpan(beam.PTransform):
         parts = {
             "joined": joined,
             "unmatched": unmatched,
-            "duplicate_decisions": windowed("duplicate_decisions", inputs.duplicate_decisions),
-            "duplicate_observations": windowed(
+            "duplicate_decisions": join_output("duplicate_decisions", inputs.duplicate_decisions),
+            "duplicate_observations": join_output(
                 "duplicate_observations", inputs.duplicate_observations
             ),
             "rejected_decisions": rejected_d,
