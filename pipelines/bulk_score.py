@@ -42,7 +42,7 @@ from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 from transforms.inference import (
     DEVICES,
     ModelNotFound,
-    ScoreDecisions,
+    ScoreBatches,
     ScoringFailure,
     decision_model_handler,
     resolve_serving_model,
@@ -331,6 +331,40 @@ class _ParseAndKey(beam.DoFn):
         self._parsed = 0
 
 
+class _PerBatch(beam.DoFn):
+    """Runs a per-row DoFn over a whole batch in one step: its tagged outputs (dead letters)
+    leave one by one, its main outputs leave together as ONE list (none for an empty one).
+
+        raw | beam.BatchElements() | beam.ParDo(_PerBatch(_ParseAndKey(blueprint, "json")))
+    """
+
+    def __init__(self, row_fn: beam.DoFn):
+        self._row_fn = row_fn
+
+    def setup(self) -> None:
+        self._row_fn.setup()
+
+    def start_bundle(self) -> None:
+        self._row_fn.start_bundle()
+
+    def process(self, batch: list):
+        kept = []
+        for raw in batch:
+            for out in self._row_fn.process(raw) or ():
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield out
+                else:
+                    kept.append(out)
+        if kept:
+            yield kept
+
+    def finish_bundle(self) -> None:
+        self._row_fn.finish_bundle()
+
+    def teardown(self) -> None:
+        self._row_fn.teardown()
+
+
 def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
     """BatchElements' bounds: the given ones, else large defaults (256 to 2048) that keep the
     per-batch model call and Beam's per-batch costs small per row.
@@ -344,10 +378,12 @@ def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tupl
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> None:
-    """Adds the read -> parse+key -> RunInference -> policy+format -> write steps to ``pipeline``.
+    """Adds the read -> batch -> parse+key -> RunInference -> policy+format -> write steps.
 
-    Everything between the read and the write is one fused stage: no shuffle (except top-k's
-    GroupByKey), tuples between steps, one DoFn per element before RunInference and one after.
+    Rows are batched right after the read (BatchElements with the batching options), so every
+    later step handles a whole batch as one element: parse+key per batch (refusals leave one by
+    one as dead letters), one RunInference call per batch (``ScoreBatches``), and one policy step
+    that formats the batch's output lines together. No shuffle except top-k's GroupByKey.
     """
     options, blueprint = job.options, job.blueprint
     failures = []
@@ -362,8 +398,6 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         else:
             raw = pipeline | "ReadDecisions" >> beam.io.ReadFromText(options.input)
         parse = _ParseAndKey(blueprint, job.input_format)
-    keyed = raw | "ParseDecisions" >> beam.ParDo(parse).with_outputs("failed", main="keyed")
-    failures.append(keyed.failed)
 
     min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
     handler = decision_model_handler(
@@ -378,9 +412,15 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         model_copies=options.model_copies,
         large_model=options.large_model,
     )
+    batches = (
+        raw
+        | "Batch" >> beam.BatchElements(**handler.batch_elements_kwargs())
+        | "ParseDecisions" >> beam.ParDo(_PerBatch(parse)).with_outputs("failed", main="keyed")
+    )
+    failures.append(batches.failed)
     policy = policy_from_blueprint(blueprint, options.seed)
-    scoring = keyed.keyed | "ScoreDecisions" >> ScoreDecisions(
-        handler, policy, json_rows=True, log_decisions=options.log_decisions
+    scoring = batches.keyed | "ScoreDecisions" >> ScoreBatches(
+        handler, policy, log_decisions=options.log_decisions
     )
     failures.append(scoring.failed)
     failed = failures | "AllFailures" >> beam.Flatten()
@@ -400,7 +440,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
                 f"{out}/decisions/part", file_name_suffix=".jsonl"
             )
     if options.output_table:
-        rows = scoring.scored | "ToRows" >> beam.Map(json.loads)
+        rows = scoring.scored | "ToRows" >> beam.FlatMap(
+            lambda lines: [json.loads(line) for line in lines.split("\n")]
+        )
         _ = rows | "WriteScoresTable" >> beam.io.WriteToBigQuery(
             options.output_table,
             schema=SCORE_TABLE_SCHEMA,

@@ -18,6 +18,7 @@ from transforms.inference import (
     ModelNotFound,
     SavedModelHandler,
     SavedModelScorer,
+    ScoreBatches,
     ScoredDecision,
     ScoreDecisions,
     decision_model_handler,
@@ -282,3 +283,66 @@ def test_json_rows_and_logged_decisions_come_from_the_fused_policy_step(serving_
             row["propensity"],
             "notify-1700000100",
         )
+
+
+def _run_batches(batches, handler, policy, name):
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    outputs = (
+        pipeline
+        | f"Create{name}" >> beam.Create(batches, reshuffle=False)
+        | f"Score{name}" >> ScoreBatches(handler, policy, log_decisions=True)
+    )
+    _ = outputs.scored | "CollectScored" >> beam.Map(_collect("rows"))
+    _ = outputs.logged | "CollectLogged" >> beam.Map(_collect("logged"))
+    _ = outputs.failed | "CollectFailed" >> beam.Map(_collect("failed"))
+    result = pipeline.run()
+    result.wait_until_finish()
+    # Each scored/logged element is a whole batch's lines.
+    rows = [json.loads(line) for block in _COLLECTED.pop("rows") for line in block.split("\n")]
+    logged = [json.loads(line) for block in _COLLECTED.pop("logged") for line in block.split("\n")]
+    return rows, logged, _COLLECTED.pop("failed"), result
+
+
+def test_pre_batched_scoring_matches_row_scoring_with_per_row_and_per_batch_dead_letters(
+    serving_dir, throwing_model, blueprint
+):
+    events = make_decisions(blueprint, 45, seed=12)
+    broken = replace(events[0], features={**events[0].features, "country": None})
+    keyed = [(e.decision_id, e) for e in [broken, *events[1:]]]
+    batches = [keyed[i : i + 10] for i in range(0, len(keyed), 10)]
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
+    rows, logged, failed, result = _run_batches(
+        batches, decision_model_handler(model, blueprint, KEY), policy, "Good"
+    )
+
+    assert [(f.reason, f.decision_id) for f in failed] == [(ENCODE_FAILED, broken.decision_id)]
+    expected = score_serialized(model.path, _serialized(events[1:], blueprint))
+    want = {e.decision_id: float(s) for e, s in zip(events[1:], expected, strict=True)}
+    assert sorted(r["decision_id"] for r in rows) == sorted(want)
+    for row in rows:
+        assert row["score"] == pytest.approx(want[row["decision_id"]], rel=1e-6, abs=1e-7)
+        choice = policy.choose(row["score"], row["decision_id"])
+        assert (row["decision"], row["propensity"], row["explored"], row["model_id"]) == (
+            choice.decision,
+            choice.propensity,
+            choice.explored,
+            "notify-1700000100",
+        )
+    assert {d["decision_id"]: (d["decision"], d["propensity"]) for d in logged} == {
+        r["decision_id"]: (r["decision"], r["propensity"]) for r in rows
+    }
+    # RunInference's metrics count rows: one model batch per pre-formed batch.
+    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
+    assert (sizes.count, sizes.sum, sizes.max, sizes.min) == (5, 45, 10, 5)
+
+    # A model that throws fails exactly its batches (all their rows), row by row.
+    model = resolve_serving_model(str(throwing_model), blueprint.name)
+    poisoned_batches = [b for b in batches if any(e.features["country"] == "BR" for _, e in b)]
+    assert 0 < len(poisoned_batches) < len(batches)
+    rows, _, failed, _ = _run_batches(
+        batches, decision_model_handler(model, blueprint, KEY), ThresholdPolicy(), "Throwing"
+    )
+    inference_failed = {f.decision_id for f in failed if f.reason == INFERENCE_FAILED}
+    assert inference_failed == {d for b in poisoned_batches for d, _ in b}
+    assert len(rows) + len(failed) == 45

@@ -13,6 +13,8 @@ encoding the join writes for training, so training and serving see the same byte
 Per-element work is kept to two fused steps around RunInference: the handler encodes each batch
 inside ``run_inference`` (no per-element preprocessing step), and one DoFn applies the policy and,
 with ``json_rows=True``, formats the output line (and the logged decision event) in place.
+``ScoreBatches`` does the same for input already cut into batches (bulk scoring batches right
+after the read): each batch crosses RunInference and the policy step as ONE element.
 
 One model is loaded per worker process and shared by its threads (Beam's shared handle);
 ``large_model`` or ``model_copies`` load it in a separate process shared by all SDK processes
@@ -632,6 +634,155 @@ class ScoreDecisions(beam.PTransform):
             encode_failed = chosen[FAILED]
         failures = [
             encode_failed,
+            dead.failed_inferences | "InferenceFailures" >> beam.FlatMap(_inference_failures),
+        ]
+        failed = failures | "AllFailures" >> beam.Flatten()
+        logged = chosen[LOGGED] if self._log_decisions else None
+        return ScoringOutputs(chosen[SCORED], failed, logged)
+
+
+class BatchAsOneElement(ModelHandler):
+    """Wraps a (keyed) handler for input that is already batched: each element is one batch
+    (a list of ``(decision_id, value)``), RunInference skips its own BatchElements, and the
+    batch's results leave as ONE element, the list of ``(decision_id, PredictionResult)``.
+
+    RunInference's metrics still count rows (``len`` of the batch), so
+    ``inference_request_batch_size`` is the real model batch size.
+
+        handler = BatchAsOneElement(decision_model_handler(model, blueprint, key))
+    """
+
+    def __init__(self, base: ModelHandler):
+        super().__init__()
+        self._base = base
+
+    def load_model(self):
+        return self._base.load_model()
+
+    def run_inference(self, batch, model, inference_args=None):
+        return [list(self._base.run_inference(batch, model, inference_args))]
+
+    def get_num_bytes(self, batch) -> int:
+        # A keyed batch: the keys' UTF-8 size plus the handler's own count (SavedModelHandler:
+        # the encoded examples), instead of KeyedModelHandler's pickling of all the keys.
+        unkeyed = getattr(self._base, "_unkeyed", None)
+        if isinstance(self._base, KeyedModelHandler) and isinstance(unkeyed, SavedModelHandler):
+            return sum(len(key.encode()) for key, _ in batch) + unkeyed.get_num_bytes(())
+        return self._base.get_num_bytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._base.get_metrics_namespace()
+
+    def get_resource_hints(self):
+        return self._base.get_resource_hints()
+
+    def batch_elements_kwargs(self):
+        return self._base.batch_elements_kwargs()
+
+    def validate_inference_args(self, inference_args):
+        return self._base.validate_inference_args(inference_args)
+
+    def update_model_path(self, model_path=None):
+        return self._base.update_model_path(model_path=model_path)
+
+    def should_skip_batching(self) -> bool:
+        return True
+
+    def share_model_across_processes(self) -> bool:
+        return self._base.share_model_across_processes()
+
+    def model_copies(self) -> int:
+        return self._base.model_copies()
+
+    def __repr__(self) -> str:
+        return f"BatchAsOneElement({self._base!r})"
+
+
+class _ApplyPolicyToBatch(_ApplyPolicy):
+    """A batch of ``(decision_id, PredictionResult)`` to ONE element of newline-joined output
+    JSON lines (``row_json``) and, with ``log_decisions``, one of decision-event lines tagged
+    ``logged``; per-row encode failures leave tagged ``failed`` as in ``_ApplyPolicy``."""
+
+    def __init__(self, policy: Policy, log_decisions: bool, clock=utc_now):
+        super().__init__(policy, _Emit(True, log_decisions), clock)
+        self._log_decisions = log_decisions
+
+    def process(self, batch: list[tuple[str, PredictionResult]]):
+        choose = self._policy.choose
+        scored_at = self._clock()
+        rows: list[str] = []
+        logged: list[str] = []
+        explored = 0
+        for decision_id, result in batch:
+            if isinstance(result.inference, EncodeFailure):
+                self._encode_failed.inc()
+                yield _encode_failure(decision_id, result)
+                continue
+            choice = choose(result.inference, decision_id)
+            explored += choice.explored
+            rows.append(row_json(decision_id, result.inference, choice, result.model_id, scored_at))
+            if self._log_decisions and isinstance(result.example, DecisionEvent):
+                event = replace(
+                    result.example,
+                    decision=choice.decision,
+                    model_id=result.model_id,
+                    propensity=choice.propensity,
+                )
+                logged.append(event.to_json())
+        self._counts[0] += len(rows)
+        self._counts[1] += explored
+        if rows:
+            yield "\n".join(rows)
+        if logged:
+            yield beam.pvalue.TaggedOutput(LOGGED, "\n".join(logged))
+
+
+class ScoreBatches(beam.PTransform):
+    """``ScoreDecisions`` for input already cut into batches (lists of ``(decision_id,
+    DecisionEvent | bytes)``, e.g. from ``beam.BatchElements`` right after the read): one
+    RunInference call per batch and one policy step per batch, so rows cross no Beam step one by
+    one. Outputs as ``ScoreDecisions(json_rows=True)``, except that each ``scored`` (and
+    ``logged``) element is a whole batch's JSON lines joined by newlines (``WriteToText`` writes
+    them as lines). Top-k policies group rows, so their batches are split back into rows.
+
+        outputs = batches | ScoreBatches(decision_model_handler(model, bp, key), policy)
+    """
+
+    def __init__(
+        self, model_handler: ModelHandler, policy: Policy, clock=utc_now, *, log_decisions=False
+    ):
+        super().__init__()
+        self._handler = model_handler
+        self._policy = policy
+        self._clock = clock
+        self._log_decisions = log_decisions
+
+    def expand(self, batches: beam.PCollection) -> ScoringOutputs:
+        if isinstance(self._policy, TopKPolicy):
+            return (
+                batches
+                | "Unbatch" >> beam.FlatMap(lambda batch: batch)
+                | "ScoreDecisions"
+                >> ScoreDecisions(
+                    self._handler,
+                    self._policy,
+                    self._clock,
+                    json_rows=True,
+                    log_decisions=self._log_decisions,
+                )
+            )
+        results, dead = (
+            batches
+            | "RunInference"
+            >> RunInference(
+                BatchAsOneElement(self._handler), metrics_namespace=METRICS_NAMESPACE
+            ).with_exception_handling()
+        )
+        chosen = results | "ApplyPolicy" >> beam.ParDo(
+            _ApplyPolicyToBatch(self._policy, self._log_decisions, self._clock)
+        ).with_outputs(FAILED, LOGGED, main=SCORED)
+        failures = [
+            chosen[FAILED],
             dead.failed_inferences | "InferenceFailures" >> beam.FlatMap(_inference_failures),
         ]
         failed = failures | "AllFailures" >> beam.Flatten()
