@@ -146,24 +146,7 @@ def check_dag(dag, repo: Path, blueprint_name: str) -> dict:
         "monitoring must run when scoring was skipped",
     )
 
-    rendered = {
-        task_id: render(dag, task_id)
-        for task_id in (
-            "wait_for_decision_logs",
-            "wait_for_label_window",
-            "wait_for_observation_logs",
-            "clear_day_outputs",
-            "stage_observations",
-            "join",
-            "train",
-            "check_model_pushed",
-            "clear_score_output",
-            "bulk_score",
-            "find_day_scores",
-            "clear_monitor_output",
-            "monitor",
-        )
-    }
+    rendered = {task_id: render(dag, task_id) for task_id in EXPECTED_TASKS}
     found["rendered"] = rendered
     return found
 

@@ -429,8 +429,8 @@ def _refusal_json(refusal: Refusal) -> str:
     return json.dumps(refusal.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-class _WriteManifest(beam.DoFn):
-    """Writes manifest.json once every file of the span is final (its side inputs)."""
+class _ManifestDoFn(beam.DoFn):
+    """What both manifest writers need: where the span goes and how it was joined."""
 
     def __init__(
         self,
@@ -443,6 +443,10 @@ class _WriteManifest(beam.DoFn):
         self.blueprint = blueprint
         self.allowed_lateness_ms = allowed_lateness_ms
         self.counted_raw = counted_raw
+
+
+class _WriteManifest(_ManifestDoFn):
+    """Writes manifest.json once every file of the span is final (its side inputs)."""
 
     def process(
         self, _: Any, stats: list, train: list, eval_: list, unmatched: list, rejected: list
@@ -560,20 +564,8 @@ class _CatchUpLatePanes(beam.DoFn):
             yield element
 
 
-class _WriteWindowManifest(beam.DoFn):
+class _WriteWindowManifest(_ManifestDoFn):
     """Streaming: one manifest per output window, once its files are written (same pane)."""
-
-    def __init__(
-        self,
-        output_dir: str,
-        blueprint: Blueprint,
-        allowed_lateness_ms: int,
-        counted_raw: tuple[bool, bool],
-    ):
-        self.output_dir = output_dir
-        self.blueprint = blueprint
-        self.allowed_lateness_ms = allowed_lateness_ms
-        self.counted_raw = counted_raw
 
     def process(
         self, element: tuple[Any, Iterable[tuple[str, Any]]], window: Any = beam.DoFn.WindowParam

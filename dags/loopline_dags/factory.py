@@ -130,6 +130,20 @@ class LooplinePipelineJobOperator(RunPipelineJobOperator):
     template_fields = (*RunPipelineJobOperator.template_fields, "display_name", "job_id", "labels")
 
 
+def _wait_for_logs(task_id: str, prefix: str) -> GCSObjectsWithPrefixExistenceSensor:
+    """A deferrable sensor that waits (up to 6 h, checking every 10 min) for a log prefix."""
+    return GCSObjectsWithPrefixExistenceSensor(
+        task_id=task_id,
+        bucket=BUCKET,
+        prefix=prefix,
+        deferrable=True,
+        poke_interval=600,
+        timeout=timedelta(hours=6).total_seconds(),
+        execution_timeout=None,
+        retries=0,
+    )
+
+
 def build_dag(info: BlueprintInfo) -> DAG:
     """The daily DAG for one blueprint (dag_id ``loopline_<name>``)."""
     name, slug = info.name, info.slug
@@ -174,15 +188,8 @@ def build_dag(info: BlueprintInfo) -> DAG:
         },
         tags=["loopline", name],
     ) as dag:
-        wait_for_decision_logs = GCSObjectsWithPrefixExistenceSensor(
-            task_id="wait_for_decision_logs",
-            bucket=BUCKET,
-            prefix=f"logs/{name}/{{{{ ds }}}}/decisions-",
-            deferrable=True,
-            poke_interval=600,
-            timeout=timedelta(hours=6).total_seconds(),
-            execution_timeout=None,
-            retries=0,
+        wait_for_decision_logs = _wait_for_logs(
+            "wait_for_decision_logs", f"logs/{name}/{{{{ ds }}}}/decisions-"
         )
         wait_for_label_window = DateTimeSensorAsync(
             task_id="wait_for_label_window",
@@ -191,15 +198,8 @@ def build_dag(info: BlueprintInfo) -> DAG:
             execution_timeout=None,
             retries=0,
         )
-        wait_for_observation_logs = GCSObjectsWithPrefixExistenceSensor(
-            task_id="wait_for_observation_logs",
-            bucket=BUCKET,
-            prefix=f"logs/{name}/{horizon_ds}/observations-",
-            deferrable=True,
-            poke_interval=600,
-            timeout=timedelta(hours=6).total_seconds(),
-            execution_timeout=None,
-            retries=0,
+        wait_for_observation_logs = _wait_for_logs(
+            "wait_for_observation_logs", f"logs/{name}/{horizon_ds}/observations-"
         )
         clear_day_outputs = GCSDeleteObjectsOperator(
             task_id="clear_day_outputs",
