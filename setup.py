@@ -12,7 +12,9 @@ setuptools.setup(
     version="0.1.0",
     description="Join logged decisions with delayed observations, train with TFX, score with Beam.",
     python_requires=">=3.10,<3.11",
-    packages=setuptools.find_packages(include=["loopline", "loopline.*", "transforms", "transforms.*", "pipelines", "pipelines.*"]),
+    packages=setuptools.find_packages(
+        include=["loopline", "loopline.*", "transforms", "transforms.*", "pipelines", "pipelines.*"]
+    ),
     package_data={"loopline": ["schemas/*.avsc"]},
     install_requires=[
         "apache-beam[gcp]>=2.61,<3",
