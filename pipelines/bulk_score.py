@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -47,6 +48,7 @@ from transforms.inference import (
     decision_model_handler,
     resolve_serving_model,
 )
+from transforms.sources import ReadLineBatches
 
 INPUT_FORMATS = ("auto", "json", "avro", "tfrecord")
 MISSING_DECISION_ID = "missing_decision_id"
@@ -241,6 +243,8 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
         key = None
     else:
         key = pii_key(blueprint, options.pii_key_secret)
+    if options.input and not FileSystems.match([options.input])[0].metadata_list:
+        raise ConfigError(f"no files match --input {options.input}")
     return ScoringJob(options, blueprint, input_format, key), serving_model
 
 
@@ -387,18 +391,6 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
     """
     options, blueprint = job.options, job.blueprint
     failures = []
-    if job.input_format == "tfrecord":
-        raw = pipeline | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)
-        parse = _KeyExample()
-    else:
-        if job.input_format == "record":
-            raw = pipeline | "ReadTable" >> beam.io.ReadFromBigQuery(table=options.input_table)
-        elif job.input_format == "avro":
-            raw = pipeline | "ReadAvro" >> beam.io.ReadFromAvro(options.input)
-        else:
-            raw = pipeline | "ReadDecisions" >> beam.io.ReadFromText(options.input)
-        parse = _ParseAndKey(blueprint, job.input_format)
-
     min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
     handler = decision_model_handler(
         serving_model,
@@ -412,10 +404,32 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         model_copies=options.model_copies,
         large_model=options.large_model,
     )
-    batches = (
-        raw
-        | "Batch" >> beam.BatchElements(**handler.batch_elements_kwargs())
-        | "ParseDecisions" >> beam.ParDo(_PerBatch(parse)).with_outputs("failed", main="keyed")
+    batching = handler.batch_elements_kwargs()
+    if job.input_format == "json":
+        # Lines are read in chunks of min_batch and chunks batched by their line count, so no
+        # step sees single lines and every batch holds min_batch to max_batch rows (but the
+        # last of a file range).
+        batches = (
+            pipeline
+            | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
+            | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
+            | "JoinChunks" >> beam.Map(lambda chunks: list(itertools.chain.from_iterable(chunks)))
+        )
+    else:
+        if job.input_format == "tfrecord":
+            raw = pipeline | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)
+        elif job.input_format == "record":
+            raw = pipeline | "ReadTable" >> beam.io.ReadFromBigQuery(table=options.input_table)
+        else:
+            raw = pipeline | "ReadAvro" >> beam.io.ReadFromAvro(options.input)
+        batches = raw | "Batch" >> beam.BatchElements(**batching)
+    parse = (
+        _KeyExample()
+        if job.input_format == "tfrecord"
+        else _ParseAndKey(blueprint, job.input_format)
+    )
+    batches = batches | "ParseDecisions" >> beam.ParDo(_PerBatch(parse)).with_outputs(
+        "failed", main="keyed"
     )
     failures.append(batches.failed)
     policy = policy_from_blueprint(blueprint, options.seed)

@@ -1,0 +1,101 @@
+"""transforms.sources.ReadLineBatches: every line of every file exactly once, as ReadFromText
+reads it, whatever the split points and batch sizes."""
+
+import gzip
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transforms.sources import (
+    LineRange,
+    NoFilesMatched,
+    ReadLineBatches,
+    read_line_range,
+    split_file,
+)
+
+# Line content: anything but a newline, with carriage returns and empty lines likely.
+LINE = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"x")) | st.sampled_from(
+    [b"", b"\r", b"{}", b'{"a": 1}\r']
+)
+
+
+def _expected_lines(content: bytes) -> list[bytes]:
+    """ReadFromText's lines: split on \\n, one \\r before it dropped, no line after a final
+    \\n; a last line without \\n keeps a trailing \\r."""
+    if not content:
+        return []
+    *ended, last = content.split(b"\n")
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in ended]
+    return lines + [last] if last else lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(LINE, max_size=30),
+    final_newline=st.booleans(),
+    split_bytes=st.integers(1, 40),
+    batch_lines=st.integers(1, 7),
+)
+def test_ranges_give_every_line_once_in_order_in_bounded_batches(
+    tmp_path_factory, lines, final_newline, split_bytes, batch_lines
+):
+    content = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path_factory.mktemp("lines") / "f.jsonl"
+    path.write_bytes(content)
+
+    batches = [
+        batch
+        for line_range in split_file(str(path), len(content), split_bytes)
+        for batch in read_line_range(line_range, batch_lines)
+    ]
+
+    assert [line for batch in batches for line in batch] == _expected_lines(content)
+    assert all(1 <= len(batch) <= batch_lines for batch in batches)
+
+
+def test_split_file_covers_the_file_and_keeps_compressed_files_whole():
+    ranges = split_file("a.jsonl", 250, 100)
+    assert [(r.start, r.end) for r in ranges] == [(0, 100), (100, 200), (200, None)]
+    assert split_file("a.jsonl", 0, 100) == [LineRange("a.jsonl", 0, None)]
+    assert split_file("a.jsonl.gz", 10_000, 100) == [LineRange("a.jsonl.gz", 0, None)]
+    with pytest.raises(ValueError, match="split_bytes"):
+        split_file("a.jsonl", 10, 0)
+
+
+def test_pipeline_reads_what_read_from_text_reads_across_files_and_gzip(tmp_path: Path):
+    (tmp_path / "a.jsonl").write_bytes(b"".join(b'{"n": %d}\r\n' % i for i in range(300)))
+    (tmp_path / "b.jsonl").write_bytes(b"first\n\nlast-without-newline")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wb") as f:
+        f.write(b"".join(b"zipped %d\n" % i for i in range(50)))
+    pattern = str(tmp_path / "*.jsonl*")
+
+    expected = [
+        *(f'{{"n": {i}}}' for i in range(300)),
+        *("first", "", "last-without-newline"),
+        *(f"zipped {i}" for i in range(50)),
+    ]
+
+    with TestPipeline() as p:
+        batches = p | "Batches" >> ReadLineBatches(pattern, batch_lines=16, split_bytes=512)
+        lines = batches | beam.FlatMap(lambda batch: [line.decode() for line in batch])
+        assert_that(lines, equal_to(expected))
+        reference = p | beam.io.ReadFromText(pattern)
+        assert_that(reference, equal_to(expected), label="ReadFromTextReadsTheSame")
+        assert_that(
+            batches | beam.Map(len) | beam.CombineGlobally(max),
+            equal_to([16]),
+            label="BatchesAtMost16",
+        )
+
+
+def test_a_pattern_that_matches_nothing_fails_when_the_pipeline_is_built(tmp_path: Path):
+    with pytest.raises(NoFilesMatched, match="no files match"):
+        ReadLineBatches(str(tmp_path / "missing-*.jsonl"), batch_lines=8)
+    with pytest.raises(ValueError, match="batch_lines"):
+        ReadLineBatches(str(tmp_path / "*"), batch_lines=0)
