@@ -96,6 +96,10 @@ def test_json_lines_are_scored_exactly_with_dead_letters_and_logged_decisions(
     manifest = json.loads((out / "manifest.json").read_text())
     sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
     assert sizes["sum"] == 150 and sizes["max"] <= 32
+    # 152 lines, read in chunks of --min_batch_size (19 full ones), batched up to 32 lines.
+    lines = manifest["distributions"]["BatchElements.batch_size"]
+    assert lines["sum"] == 152 and lines["min"] >= 8 and lines["max"] <= 32
+    assert manifest["counters"]["loopline.read.lines"] == 152
     assert manifest["model_id"] == "notify-1793538000"
     assert manifest["counters"]["loopline.parse.decisions_rejected"] == 2
 
