@@ -195,6 +195,7 @@ def parse_decision_json(
     """One JSON line to a DecisionEvent, validated against ``blueprint`` when given."""
     raw = _text(payload)
     try:
+        _check_utf8(payload)
         return _decision(_load_json(raw), blueprint)
     except _Refused as r:
         return Refusal(r.reason, DECISION, raw, r.detail)
@@ -206,6 +207,7 @@ def parse_observation_json(
     """One JSON line to an ObservationEvent; with a blueprint, the label value must be numeric."""
     raw = _text(payload)
     try:
+        _check_utf8(payload)
         return _observation(_load_json(raw), blueprint)
     except _Refused as r:
         return Refusal(r.reason, OBSERVATION, raw, r.detail)
@@ -364,6 +366,16 @@ def _text(payload: str | bytes) -> str:
     if isinstance(payload, bytes | bytearray):
         return payload.decode("utf-8", errors="replace")
     return payload
+
+
+def _check_utf8(payload: str | bytes) -> None:
+    """Bytes that are not UTF-8 are refused, not parsed with replacement characters (which
+    would score or join a mangled id); the refusal's payload keeps them replaced."""
+    if isinstance(payload, bytes | bytearray):
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Refused(BAD_JSON, f"not valid UTF-8 ({e})") from None
 
 
 def _dump(record: Any) -> str:

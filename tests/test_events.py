@@ -175,6 +175,12 @@ def test_bytes_payloads_are_decoded_and_kept(blueprint):
     result = parse_observation_json(b"\xff\xfe not json")
     assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
     assert result.source == "observation" and "not json" in result.payload
+    # Valid JSON in bytes that are not UTF-8: refused, not parsed with replacement characters.
+    line = decision_line().replace('"decision_id": "', '"decision_id": "\udcff', 1)
+    mangled = parse_decision_json(line.encode("utf-8", "surrogateescape"), blueprint)
+    assert isinstance(mangled, Refusal) and mangled.reason == events.BAD_JSON
+    assert "not valid UTF-8" in mangled.detail and "\ufffd" in mangled.payload
+    assert isinstance(parse_decision_json(decision_line().encode(), blueprint), DecisionEvent)
 
 
 def test_avro_round_trip_equals_json_parsing(blueprint):
