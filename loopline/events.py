@@ -393,12 +393,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_string(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# Feature type -> (check of one value, is a list); built once, used for every feature of every row.
+_BASE_CHECKS = {"int": _is_int, "float": _is_number, "string": _is_string}
+_TYPE_CHECKS = {name: (check, False) for name, check in _BASE_CHECKS.items()} | {
+    f"{name}_list": (check, True) for name, check in _BASE_CHECKS.items()
+}
+
+
 def _has_type(value: Any, ftype: str) -> bool:
-    check = {"int": _is_int, "float": _is_number, "string": lambda v: isinstance(v, str)}
-    if ftype.endswith("_list"):
-        base = check[ftype.removesuffix("_list")]
-        return isinstance(value, list) and all(base(v) for v in value)
-    return check[ftype](value)
+    check, is_list = _TYPE_CHECKS[ftype]
+    if is_list:
+        return isinstance(value, list) and all(map(check, value))
+    return check(value)
 
 
 def _describe(value: Any) -> str:
