@@ -7,10 +7,10 @@ On the same JSON-lines file of decision events and the same model it measures
 * the fair ceiling ("plain loop, same work"): a plain Python loop over the same file that does
   exactly what the pipeline does per row, with the pipeline's own functions: read the lines,
   parse and validate (``transforms.events.parse_one``), encode and score in batches (the
-  handler's ``run_inference``: ``features_to_example`` + one serving-signature call per batch),
+  handler's ``run_inference``: ``features_to_examples`` + one serving-signature call per batch),
   apply the blueprint's policy, format the output line (``row_json``) and write it to a file.
   Timed from model load to the closed output file, like the pipeline;
-* the encode + model loop: decisions already parsed in memory, ``features_to_example`` and one
+* the encode + model loop: decisions already parsed in memory, the same batch encoding and one
   model call per batch, nothing else (no read, parse, policy or write): how fast the model side
   alone could go, for reference;
 * the pipeline: ``pipelines.bulk_score`` on the DirectRunner, wall clock from launch to finished
@@ -63,13 +63,12 @@ MODEL = {"hidden_units": (512, 256, 128), "buckets": 2000, "embedding_dim": 16, 
 
 
 def encode_and_model(events, blueprint, key, model: LoadedModel, batch_size: int) -> dict:
-    """Encode + one model call per batch on parsed decisions in memory; nothing else."""
+    """Encode (the handler's batch encoder) + one model call per batch on parsed decisions in
+    memory; nothing else."""
+    encoder = DecisionEncoder(blueprint, key)
     start = time.perf_counter()
     for i in range(0, len(events), batch_size):
-        batch = events[i : i + batch_size]
-        model.score(
-            [features_to_example(e.features, blueprint, key).SerializeToString() for e in batch]
-        )
+        model.score(encoder.encode_batch(events[i : i + batch_size]))
     seconds = time.perf_counter() - start
     return {
         "batch_size": batch_size,

