@@ -24,6 +24,7 @@ of a worker (``model_copies`` fixes how many copies, e.g. one per GPU).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 import threading
@@ -133,6 +134,27 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
+_FROZEN = threading.Lock()
+_frozen = False
+
+
+def _freeze_long_lived_objects() -> None:
+    """Once per process, after the first model load: collect, then ``gc.freeze()`` what is left.
+
+    The libraries (TensorFlow, Beam) and the model are several hundred thousand objects that live
+    as long as the worker, and every full garbage collection walks them all: at 200,000 rows
+    that was 1.2 s of a 9 s plain loop and 2.4 s of the pipeline. Frozen, they are skipped (and
+    never collected, which is why garbage is collected first and why this runs only once).
+    """
+    global _frozen
+    with _FROZEN:
+        if _frozen:
+            return
+        gc.collect()
+        gc.freeze()
+        _frozen = True
+
+
 class LoadedModel:
     """A loaded SavedModel's serving signature, called on batches of serialized examples.
 
@@ -154,6 +176,12 @@ class LoadedModel:
             self._serve = self._saved.signatures[SIGNATURE]
         except KeyError:
             raise ModelNotFound(f"{path} has no {SIGNATURE} signature") from None
+        # One call on no rows builds what TF builds lazily on the first call, so that the first
+        # batch is not slow and what it builds is frozen below. A model that refuses it fails
+        # on its real batches instead, as dead letters.
+        with contextlib.suppress(Exception), self._scope():
+            self._serve(examples=tf.constant([], dtype=tf.string))
+        _freeze_long_lived_objects()
 
     def _scope(self):
         return tf.device(self._device) if self._device else contextlib.nullcontext()
