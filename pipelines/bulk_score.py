@@ -33,7 +33,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.blueprint import Blueprint, BlueprintError
-from loopline.events import DECISION, Refusal
+from loopline.events import DECISION, DecisionEvent, Refusal
 from loopline.policy import PolicyError, policy_from_blueprint
 from pipelines.blueprint_io import read_blueprint
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
@@ -248,34 +248,24 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
     return ScoringJob(options, blueprint, input_format, key), serving_model
 
 
-class _KeyExample(beam.DoFn):
+def _key_example(serialized: bytes) -> tuple[str, bytes] | ScoringFailure:
     """A serialized tf.Example to ``(decision_id, bytes)`` using its ``decision_id`` feature."""
-
-    def process(self, serialized: bytes):
-        try:
-            example = tf.train.Example.FromString(serialized)
-        except Exception as e:  # noqa: BLE001 - a corrupt record is a dead letter
-            yield beam.pvalue.TaggedOutput(
-                "failed",
-                ScoringFailure(
-                    BAD_EXAMPLE, "KeyExamples", f"{type(e).__name__}: {e}", None, serialized.hex()
-                ),
-            )
-            return
-        ids = example.features.feature["decision_id"].bytes_list.value
-        if len(ids) != 1:
-            yield beam.pvalue.TaggedOutput(
-                "failed",
-                ScoringFailure(
-                    MISSING_DECISION_ID,
-                    "KeyExamples",
-                    "the example has no single decision_id",
-                    None,
-                    serialized.hex(),
-                ),
-            )
-            return
-        yield ids[0].decode("utf-8"), serialized
+    try:
+        example = tf.train.Example.FromString(serialized)
+    except Exception as e:  # noqa: BLE001 - a corrupt record is a dead letter
+        return ScoringFailure(
+            BAD_EXAMPLE, "KeyExamples", f"{type(e).__name__}: {e}", None, serialized.hex()
+        )
+    ids = example.features.feature["decision_id"].bytes_list.value
+    if len(ids) != 1:
+        return ScoringFailure(
+            MISSING_DECISION_ID,
+            "KeyExamples",
+            "the example has no single decision_id",
+            None,
+            serialized.hex(),
+        )
+    return ids[0].decode("utf-8"), serialized
 
 
 def _refusal_to_failure(refusal: Refusal) -> ScoringFailure:
@@ -296,13 +286,17 @@ def _to_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-class _ParseAndKey(beam.DoFn):
-    """One raw decision (JSON line, Avro record, BigQuery row) to ``(decision_id, DecisionEvent)``
-    in one step, with ``transforms.events.parse_one``'s validation; refusals leave tagged
-    ``failed`` as ScoringFailures. Counters as ParseDecisions' (``loopline.parse``).
+class _KeyBatch(beam.DoFn):
+    """A batch of raw rows to ONE list of ``(decision_id, value)`` (none for an empty one); rows
+    that cannot be keyed leave one by one, tagged ``failed``, as ScoringFailures.
 
-    Scoring needs no event-time timestamps, so none are set (ParseDecisions sets them for the
-    join's windows).
+    For decision events (JSON lines, Avro records, BigQuery rows; ``fmt`` says which) the value is
+    the ``DecisionEvent``, with ``transforms.events.parse_one``'s validation and ParseDecisions'
+    counters (``loopline.parse``); for TFRecords (``fmt="tfrecord"``) it is the serialized
+    example, keyed by its ``decision_id`` feature. Scoring needs no event-time timestamps, so
+    none are set (ParseDecisions sets them for the join's windows).
+
+        raw | beam.BatchElements() | beam.ParDo(_KeyBatch(blueprint, "json"))
     """
 
     def __init__(self, blueprint: Blueprint, fmt: str):
@@ -313,10 +307,22 @@ class _ParseAndKey(beam.DoFn):
         self._parsed_counter = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_parsed")
         self._rejected_total = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_rejected")
 
-    def start_bundle(self) -> None:
-        self._parsed = 0
+    def process(self, batch: list):
+        if self._fmt == "tfrecord":
+            keyed = [_key_example(raw) for raw in batch]
+        else:
+            keyed = [self._parse(raw) for raw in batch]
+        kept = [row for row in keyed if type(row) is tuple]
+        if len(kept) < len(keyed):
+            for row in keyed:
+                if type(row) is not tuple:
+                    yield beam.pvalue.TaggedOutput("failed", row)
+        if self._fmt != "tfrecord":
+            self._parsed_counter.inc(len(kept))
+        if kept:
+            yield kept
 
-    def process(self, raw):
+    def _parse(self, raw) -> tuple[str, DecisionEvent] | ScoringFailure:
         if self._fmt == "record":
             raw = _bigquery_row(raw)
         result = parse_one(raw, DECISION, self._fmt, self._blueprint)
@@ -325,48 +331,8 @@ class _ParseAndKey(beam.DoFn):
             beam.metrics.Metrics.counter(
                 PARSE_NAMESPACE, f"decisions_rejected_{result.reason}"
             ).inc()
-            yield beam.pvalue.TaggedOutput("failed", _refusal_to_failure(result))
-            return
-        self._parsed += 1
-        yield result.decision_id, result
-
-    def finish_bundle(self) -> None:
-        self._parsed_counter.inc(self._parsed)
-        self._parsed = 0
-
-
-class _PerBatch(beam.DoFn):
-    """Runs a per-row DoFn over a whole batch in one step: its tagged outputs (dead letters)
-    leave one by one, its main outputs leave together as ONE list (none for an empty one).
-
-        raw | beam.BatchElements() | beam.ParDo(_PerBatch(_ParseAndKey(blueprint, "json")))
-    """
-
-    def __init__(self, row_fn: beam.DoFn):
-        self._row_fn = row_fn
-
-    def setup(self) -> None:
-        self._row_fn.setup()
-
-    def start_bundle(self) -> None:
-        self._row_fn.start_bundle()
-
-    def process(self, batch: list):
-        kept = []
-        for raw in batch:
-            for out in self._row_fn.process(raw) or ():
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    yield out
-                else:
-                    kept.append(out)
-        if kept:
-            yield kept
-
-    def finish_bundle(self) -> None:
-        self._row_fn.finish_bundle()
-
-    def teardown(self) -> None:
-        self._row_fn.teardown()
+            return _refusal_to_failure(result)
+        return result.decision_id, result
 
 
 def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
@@ -423,14 +389,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         else:
             raw = pipeline | "ReadAvro" >> beam.io.ReadFromAvro(options.input)
         batches = raw | "Batch" >> beam.BatchElements(**batching)
-    parse = (
-        _KeyExample()
-        if job.input_format == "tfrecord"
-        else _ParseAndKey(blueprint, job.input_format)
-    )
-    batches = batches | "ParseDecisions" >> beam.ParDo(_PerBatch(parse)).with_outputs(
-        "failed", main="keyed"
-    )
+    batches = batches | "ParseDecisions" >> beam.ParDo(
+        _KeyBatch(blueprint, job.input_format)
+    ).with_outputs("failed", main="keyed")
     failures.append(batches.failed)
     policy = policy_from_blueprint(blueprint, options.seed)
     scoring = batches.keyed | "ScoreDecisions" >> ScoreBatches(
