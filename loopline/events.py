@@ -193,9 +193,10 @@ def parse_decision_json(
     payload: str | bytes, blueprint: Blueprint | None = None
 ) -> DecisionEvent | Refusal:
     """One JSON line to a DecisionEvent, validated against ``blueprint`` when given."""
-    raw = _text(payload)
+    raw, not_utf8 = _decode(payload)
     try:
-        _check_utf8(payload)
+        if not_utf8:
+            raise _Refused(BAD_JSON, not_utf8)
         return _decision(_load_json(raw), blueprint)
     except _Refused as r:
         return Refusal(r.reason, DECISION, raw, r.detail)
@@ -205,9 +206,10 @@ def parse_observation_json(
     payload: str | bytes, blueprint: Blueprint | None = None
 ) -> ObservationEvent | Refusal:
     """One JSON line to an ObservationEvent; with a blueprint, the label value must be numeric."""
-    raw = _text(payload)
+    raw, not_utf8 = _decode(payload)
     try:
-        _check_utf8(payload)
+        if not_utf8:
+            raise _Refused(BAD_JSON, not_utf8)
         return _observation(_load_json(raw), blueprint)
     except _Refused as r:
         return Refusal(r.reason, OBSERVATION, raw, r.detail)
@@ -362,20 +364,16 @@ def _load_json(raw: str) -> Any:
         raise _Refused(BAD_JSON, f"not valid JSON ({e})") from None
 
 
-def _text(payload: str | bytes) -> str:
-    if isinstance(payload, bytes | bytearray):
-        return payload.decode("utf-8", errors="replace")
-    return payload
-
-
-def _check_utf8(payload: str | bytes) -> None:
-    """Bytes that are not UTF-8 are refused, not parsed with replacement characters (which
-    would score or join a mangled id); the refusal's payload keeps them replaced."""
+def _decode(payload: str | bytes) -> tuple[str, str | None]:
+    """The payload as text, and why it is refused if it is bytes that are not UTF-8: those are
+    not parsed with replacement characters (which would score or join a mangled id), but the
+    refusal's payload keeps them replaced."""
     if isinstance(payload, bytes | bytearray):
         try:
-            payload.decode("utf-8")
+            return payload.decode("utf-8"), None
         except UnicodeDecodeError as e:
-            raise _Refused(BAD_JSON, f"not valid UTF-8 ({e})") from None
+            return payload.decode("utf-8", errors="replace"), f"not valid UTF-8 ({e})"
+    return payload, None
 
 
 def _dump(record: Any) -> str:
