@@ -35,15 +35,16 @@ def _expected_lines(content: bytes) -> list[bytes]:
     return lines + [last] if last else lines
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     lines=st.lists(LINE, max_size=30),
     final_newline=st.booleans(),
     split_bytes=st.integers(1, 40),
     batch_lines=st.integers(1, 7),
+    block_bytes=st.integers(1, 16) | st.just(1 << 20),
 )
 def test_ranges_give_every_line_once_in_order_in_bounded_batches(
-    tmp_path_factory, lines, final_newline, split_bytes, batch_lines
+    tmp_path_factory, lines, final_newline, split_bytes, batch_lines, block_bytes
 ):
     content = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
     path = tmp_path_factory.mktemp("lines") / "f.jsonl"
@@ -52,7 +53,7 @@ def test_ranges_give_every_line_once_in_order_in_bounded_batches(
     batches = [
         batch
         for line_range in split_file(str(path), len(content), split_bytes)
-        for batch in read_line_range(line_range, batch_lines)
+        for batch in read_line_range(line_range, batch_lines, block_bytes)
     ]
 
     assert [line for batch in batches for line in batch] == _expected_lines(content)

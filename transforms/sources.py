@@ -35,6 +35,7 @@ _MS = timedelta(milliseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 READ_NAMESPACE = "loopline.read"
 DEFAULT_SPLIT_BYTES = 64 << 20
+READ_BLOCK_BYTES = 1 << 20
 
 
 def detect_format(pattern: str, format: str = "auto") -> str:
@@ -173,12 +174,13 @@ def split_file(path: str, size: int, split_bytes: int = DEFAULT_SPLIT_BYTES) -> 
     ]
 
 
-def read_line_range(line_range: LineRange, batch_lines: int):
+def read_line_range(line_range: LineRange, batch_lines: int, block_bytes: int = READ_BLOCK_BYTES):
     """The lines that begin in ``line_range``, as bytes without their line ending, in lists of
     at most ``batch_lines``. The same lines ``ReadFromText`` gives (an empty line included,
-    no extra one after a final newline), so every line belongs to exactly one range."""
+    no extra one after a final newline, a ``\\r`` before a newline dropped), so every line
+    belongs to exactly one range. Reads ``block_bytes`` at a time and splits in C."""
     path, start, end = line_range
-    batch: list[bytes] = []
+    pending: list[bytes] = []
     with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
         position = start
         if start > 0:
@@ -186,16 +188,39 @@ def read_line_range(line_range: LineRange, batch_lines: int):
             # ends it: either way the next line is the first to begin at or after start.
             f.seek(start - 1)
             position = start - 1 + len(f.readline())
-        for line in iter(f.readline, b""):
-            if end is not None and position >= end:
+        left = None if end is None else end - position  # bytes whose lines begin in the range
+        tail = b""  # the start of a line whose end is not read yet
+        while left is None or left > 0:
+            block = f.read(block_bytes if left is None else min(block_bytes, left))
+            if not block:
                 break
-            position += len(line)
-            batch.append(_strip_line_end(line))
-            if len(batch) == batch_lines:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            if left is not None:
+                left -= len(block)
+            buffer = tail + block
+            lines = buffer.split(b"\n")
+            tail = lines.pop()
+            pending.extend(_without_cr(lines) if b"\r" in buffer else lines)
+            pending = yield from _full_batches(pending, batch_lines)
+        if tail:
+            if left == 0:
+                tail += f.readline()  # begun in the range: it is ours to its end
+            pending.append(_strip_line_end(tail))
+    if pending:  # fewer than batch_lines + 1: the loop left fewer than batch_lines
+        yield from _full_batches(pending, batch_lines)
+        if len(pending) % batch_lines:
+            yield pending[len(pending) - len(pending) % batch_lines :]
+
+
+def _full_batches(lines: list[bytes], batch_lines: int):
+    """Yields the full batches of ``batch_lines`` lines and returns the lines left over."""
+    full = len(lines) - len(lines) % batch_lines
+    for i in range(0, full, batch_lines):
+        yield lines[i : i + batch_lines]
+    return lines[full:]
+
+
+def _without_cr(lines: list[bytes]) -> list[bytes]:
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
 def _strip_line_end(line: bytes) -> bytes:
