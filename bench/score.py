@@ -1,6 +1,6 @@
 """Bulk scoring throughput: the full Beam pipeline against plain loops doing the same work.
 
-    python -m bench.score [--rows 200000] [--batch_size 512] [--repeat 3] [--sweep 128,512,2048]
+    python -m bench.score [--rows 200000] [--batch_size 512] [--repeat 5] [--sweep 128,512,2048]
 
 On the same JSON-lines file of decision events and the same model it measures
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--repeat",
         type=int,
-        default=3,
+        default=5,
         help="Loop/pipeline pairs at --batch_size; the pair with the median ratio is reported.",
     )
     parser.add_argument("--output", default=str(REPO / "bench-out" / "score.json"))

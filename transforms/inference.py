@@ -2,8 +2,9 @@
 
 The pushed model (DESIGN.md, "Model serving contract") is a TF SavedModel whose
 ``serving_default(examples: tf.string[None]) -> {"score": float32[None]}`` takes serialized raw
-``tf.Example``s. Decisions are encoded with ``transforms.examples.features_to_example``, the
-encoding the join writes for training, so training and serving see the same bytes.
+``tf.Example``s. Decisions are encoded with ``transforms.examples.features_to_example`` (a whole
+batch at once with ``features_to_examples``, which parses to the same examples), the encoding the
+join writes for training, so training and serving see the same features.
 
     handler = decision_model_handler(serving_model, blueprint, key, min_batch_size=256)
     outputs = keyed_decisions | ScoreDecisions(handler, policy)
