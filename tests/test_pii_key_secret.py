@@ -196,6 +196,7 @@ def serving_dir(tmp_path_factory):
 
 
 def _score_args(serving_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    (tmp_path / "candidates-0.jsonl").touch()  # an input must match when the job is resolved
     return [
         "--input", str(tmp_path / "candidates-*.jsonl"),
         "--model_dir", str(serving_dir),
