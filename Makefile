@@ -10,7 +10,7 @@ export UV_PYTHON_DOWNLOADS := never
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: env demo test test-fast lint bench lock clean
+.PHONY: env demo test test-fast lint bench bench-score lock clean
 
 env: $(STAMP)
 
@@ -38,6 +38,9 @@ lint: env
 
 bench: env
 	$(PY) -m bench.join
+
+bench-score: env
+	$(PY) -m bench.score
 
 # Re-resolve the full pinned set after editing requirements/requirements.in.
 lock: env
