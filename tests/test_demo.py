@@ -55,3 +55,6 @@ def test_demo_runs_the_whole_loop_and_writes_the_report(tmp_path):
     manifests = list((workdir / "data" / "notify").glob("*/manifest.json"))
     assert len(manifests) == 3
     assert all(json.loads(m.read_text())["reconciles"] for m in manifests)
+    # Scoring exits cleanly: no TensorFlow finalizer errors at interpreter shutdown.
+    scoring_log = (workdir / "stage-logs" / "bulk_score.log").read_text()
+    assert "scored" in scoring_log and "Exception ignored" not in scoring_log

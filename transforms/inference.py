@@ -24,12 +24,14 @@ of a worker (``model_copies`` fixes how many copies, e.g. one per GPU).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import json
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -137,6 +139,21 @@ def _read_record(path: Path) -> dict:
 
 _FROZEN = threading.Lock()
 _frozen = False
+_LOADED: weakref.WeakSet = weakref.WeakSet()  # every LoadedModel of this process
+
+
+@atexit.register
+def _release_loaded_models() -> None:
+    """Drops the loaded models' TensorFlow objects at exit, while TensorFlow is still whole.
+
+    Beam's shared handle keeps the last model alive until the process ends; left to interpreter
+    shutdown, TF's function finalizers run after module teardown and print a TypeError each
+    ("Exception ignored in: AtomicFunction.__del__"). Harmless, but noise after every job.
+    """
+    for model in list(_LOADED):
+        model.release()
+    gc.unfreeze()
+    gc.collect()
 
 
 def _freeze_long_lived_objects() -> None:
@@ -182,7 +199,12 @@ class LoadedModel:
         # on its real batches instead, as dead letters.
         with contextlib.suppress(Exception), self._scope():
             self._serve(examples=tf.constant([], dtype=tf.string))
+        _LOADED.add(self)
         _freeze_long_lived_objects()
+
+    def release(self) -> None:
+        """Lets go of the SavedModel; the model cannot score afterwards."""
+        self._serve = self._saved = None
 
     def _scope(self):
         return tf.device(self._device) if self._device else contextlib.nullcontext()
