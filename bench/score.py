@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
         events = make_decisions(blueprint, args.rows, seed=0)
         source = work / "decisions.jsonl"
         source.write_text("".join(e.to_json() + "\n" for e in events), encoding="utf-8")
-        model = LoadedModel(str(resolve_serving_model(str(serving), blueprint.name).path))
+        # Loaded through the handler, as the loop and the pipeline do, so that its one-time
+        # garbage-collector set-up (transforms.inference) happens here, before any timing.
+        model = SavedModelHandler(resolve_serving_model(str(serving), blueprint.name)).load_model()
         extra = args.beam_args.split()
         serialized = [
             features_to_example(e.features, blueprint, key).SerializeToString() for e in events

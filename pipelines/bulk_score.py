@@ -265,7 +265,12 @@ def _key_example(serialized: bytes) -> tuple[str, bytes] | ScoringFailure:
             None,
             serialized.hex(),
         )
-    return ids[0].decode("utf-8"), serialized
+    try:
+        return ids[0].decode("utf-8"), serialized
+    except UnicodeDecodeError as e:
+        return ScoringFailure(
+            BAD_EXAMPLE, "KeyExamples", f"decision_id is not UTF-8 ({e})", None, serialized.hex()
+        )
 
 
 def _refusal_to_failure(refusal: Refusal) -> ScoringFailure:
@@ -371,7 +376,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         large_model=options.large_model,
     )
     batching = handler.batch_elements_kwargs()
-    if job.input_format == "json":
+    if job.input_format == "json" and options.max_batch_duration_secs is None:
         # Lines are read in chunks of min_batch and chunks batched by their line count, so no
         # step sees single lines and every batch holds min_batch to max_batch rows (but the
         # last of a file range).
@@ -380,6 +385,15 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
             | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
             | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
             | "JoinChunks" >> beam.Map(lambda chunks: list(itertools.chain.from_iterable(chunks)))
+        )
+    elif job.input_format == "json":
+        # With max_batch_duration_secs, BatchElements batches statefully and counts elements,
+        # not element_size_fn: lines must reach it one by one to keep batches within bounds.
+        batches = (
+            pipeline
+            | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
+            | "Lines" >> beam.FlatMap(lambda chunk: chunk)
+            | "Batch" >> beam.BatchElements(**batching)
         )
     else:
         if job.input_format == "tfrecord":

@@ -188,3 +188,32 @@ def test_batch_bounds_default_to_large_batches_and_honour_the_given_ones():
     assert bulk_score.batch_bounds(512, None) == (512, 2048)
     assert bulk_score.batch_bounds(4096, None) == (4096, 4096)
     assert bulk_score.batch_bounds(8, 32) == (8, 32)
+
+
+@pytest.mark.slow
+def test_stateful_batching_keeps_batches_within_bounds(
+    tmp_path, serving_dir, blueprint, blueprint_path, pii_key
+):
+    # --max_batch_duration_secs makes BatchElements stateful; it must still see single rows.
+    events = make_decisions(blueprint, 120, seed=4)
+    source = write_decision_lines(tmp_path / "decisions.jsonl", events, [])
+    out = tmp_path / "out"
+    bulk_score.run([
+        "--input", str(source), "--model_dir", str(serving_dir),
+        "--blueprint", str(blueprint_path), "--output", str(out),
+        "--min_batch_size", "8", "--max_batch_size", "32", "--max_batch_duration_secs", "5",
+    ])  # fmt: skip
+
+    assert sorted(r["decision_id"] for r in _lines(out / "scores")) == sorted(
+        e.decision_id for e in events
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
+    assert sizes["max"] <= 32
+
+
+def test_a_tfrecord_whose_decision_id_is_not_utf8_is_a_dead_letter():
+    example = tf.train.Example()
+    example.features.feature["decision_id"].bytes_list.value.append(b"\xff")
+    failure = bulk_score._key_example(example.SerializeToString())
+    assert failure.reason == bulk_score.BAD_EXAMPLE and "not UTF-8" in failure.detail

@@ -248,3 +248,20 @@ def test_batch_encoding_of_no_rows_and_without_a_key(blueprint):
     assert features_to_examples([], blueprint, None) == []
     with pytest.raises(PiiKeyMissing):
         features_to_examples([FEATURES], blueprint, None)
+
+
+def test_batch_encoding_refuses_what_it_would_encode_differently(blueprint, pii_key):
+    from collections import defaultdict
+
+    key = pii_key.encode()
+
+    class Hundred(int):
+        def __int__(self):
+            return 100
+
+    # A row that only looks complete, a bool and an int subclass: each makes the batch raise,
+    # so callers fall back to features_to_example row by row.
+    lazy = defaultdict(list, {k: v for k, v in FEATURES.items() if k != "topics"})
+    for row in (lazy, {**FEATURES, "hour_of_day": True}, {**FEATURES, "hour_of_day": Hundred(5)}):
+        with pytest.raises((TypeError, ValueError)):
+            features_to_examples([FEATURES, row], blueprint, key)

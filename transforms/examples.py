@@ -147,6 +147,7 @@ _ARROW_TYPES = {
     "string": pa.list_(pa.binary()),
 }
 _FLOAT32_LIST = pa.list_(pa.float32())
+_EXACT_TYPES = {"int": (int,), "float": (float, int), "string": (str,)}
 _ENCODERS = threading.local()  # one tfx_bsl encoder per thread, made on first use
 
 
@@ -163,13 +164,15 @@ def features_to_examples(
         return []
     names, arrays = [], []
     for name, base, is_list, hashed in _plan(blueprint):
-        values = [row[name] for row in rows]
+        values = [row.get(name) for row in rows]
         lists = values if is_list else [[value] for value in values]
         if is_list and not all(type(value) is list for value in values):
             raise TypeError(f"feature {name!r}: every value must be a list")
-        if base == "string" and not all(type(v) is str for value in lists for v in value):
-            # features_to_example writes str(v): only str is encoded alike here.
-            raise TypeError(f"feature {name!r}: every value must be a str")
+        # features_to_example writes int(v), float(v), str(v): only values of exactly these
+        # types (no bool, no subclass with its own conversion) are encoded alike here.
+        exact = _EXACT_TYPES[base]
+        if not all(type(v) in exact for value in lists for v in value):
+            raise TypeError(f"feature {name!r}: a value is not of type {base}")
         if hashed:
             if key is None:
                 raise PiiKeyMissing(f"feature {name!r} must be pseudonymised but no key was given")

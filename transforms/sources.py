@@ -254,7 +254,9 @@ class ReadLineBatches(beam.PTransform):
     The pattern is matched when the pipeline is built (no match raises ``NoFilesMatched``), as
     ``ReadFromText`` validates it; the files are cut into ranges of ``split_bytes`` (a
     compressed file is one range) that ``Create`` spreads over workers, like
-    ``ReadAllFromText``. Counts lines read as ``loopline.read.lines``.
+    ``ReadAllFromText``. Counts lines read as ``loopline.read.lines``. The ranges travel in the
+    job graph (about 100 bytes each), so a pattern of tens of thousands of files would make a
+    large Dataflow graph; merge small files first, or read them with ``ReadFromText``.
 
         >>> batches = p | ReadLineBatches("logs/decisions-*.jsonl", batch_lines=512)
     """
