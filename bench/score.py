@@ -1,6 +1,6 @@
 """Bulk scoring throughput: the full Beam pipeline against plain loops doing the same work.
 
-    python -m bench.score [--rows 200000] [--batch_size 512] [--repeat 5] [--sweep 128,512,2048]
+    python -m bench.score [--rows 200000] [--batch_size 512] [--repeat 5] [--sweep 128,512,2048] [--sweep_repeat 3]
 
 On the same JSON-lines file of decision events and the same model it measures
 
@@ -16,7 +16,8 @@ On the same JSON-lines file of decision events and the same model it measures
 * the pipeline: ``pipelines.bulk_score`` on the DirectRunner, wall clock from launch to finished
   outputs (pipeline construction and model load included); the loop and the pipeline run
   ``--repeat`` times in turn and the pair with the median ratio is reported, with every ratio;
-* their ratios, and a batch-size sweep of all three (plus the model alone on pre-encoded rows);
+* their ratios, and a batch-size sweep of all three (the median of ``--sweep_repeat`` pairs per
+  point; plus the model alone on pre-encoded rows);
 
 and writes everything to ``bench-out/score.json``. The model is the realistic tabular scorer from
 ``tests/scoring_fixtures.py`` at benchmark size: the example blueprint's raw features parsed in
@@ -176,11 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
         default=5,
         help="Loop/pipeline pairs at --batch_size; the pair with the median ratio is reported.",
     )
+    parser.add_argument(
+        "--sweep_repeat", type=int, default=3, help="Loop/pipeline pairs per sweep point."
+    )
     parser.add_argument("--output", default=str(REPO / "bench-out" / "score.json"))
     parser.add_argument("--beam_args", default="", help="Extra Beam options for the pipeline runs.")
     args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    for name in ("repeat", "sweep_repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     blueprint = load_blueprint(BLUEPRINT)
     key = pii_key(blueprint)
@@ -203,15 +208,18 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Side by side, each on the same file and the same model; the loop and the pipeline
         # alternate, so that a slower spell of a shared machine hits both alike.
-        pairs = []
-        for _ in range(args.repeat):
-            looped = plain_loop(
-                source, serving, blueprint, key, work / "loop.jsonl", args.batch_size
-            )
-            piped = pipeline(source, serving, work, args.batch_size, extra)
-            pairs.append((piped["rows_per_s"] / looped["rows_per_s"], looped, piped))
-        ratios = sorted(pair[0] for pair in pairs)
-        _, loop, full = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]
+        def median_pair(source: Path, size: int, repeat: int):
+            """Loop and pipeline ``repeat`` times in turn: every ratio, and the median pair."""
+            pairs = []
+            for _ in range(repeat):
+                looped = plain_loop(source, serving, blueprint, key, work / "loop.jsonl", size)
+                piped = pipeline(source, serving, work, size, extra)
+                pairs.append((piped["rows_per_s"] / looped["rows_per_s"], looped, piped))
+            pairs.sort(key=lambda pair: pair[0])
+            _, looped, piped = pairs[len(pairs) // 2]
+            return [pair[0] for pair in pairs], looped, piped
+
+        ratios, loop, full = median_pair(source, args.batch_size, args.repeat)
         encode_model = encode_and_model(events, blueprint, key, model, args.batch_size)
         fixed = pipeline(_head(source, work, 100), serving, work, args.batch_size, extra)
         assert full["scored"] == loop["scored"] == args.rows, (full["scored"], loop["scored"])
@@ -220,14 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_source = _head(source, work, len(sweep_events))
         sweep = []
         for size in (int(s) for s in args.sweep.split(",") if s):
-            looped = plain_loop(sweep_source, serving, blueprint, key, work / "loop.jsonl", size)
-            piped = pipeline(sweep_source, serving, work, size, extra)
+            size_ratios, looped, piped = median_pair(sweep_source, size, args.sweep_repeat)
             raw = encode_and_model(sweep_events, blueprint, key, model, size)
             sweep.append({
                 "batch_size": size,
                 "plain_loop_rows_per_s": looped["rows_per_s"],
                 "pipeline_rows_per_s": piped["rows_per_s"],
                 "ratio": round(piped["rows_per_s"] / looped["rows_per_s"], 3),
+                "ratios_of_each_pair": [round(r, 3) for r in size_ratios],
                 "encode_and_model_rows_per_s": raw["rows_per_s"],
                 "ratio_to_encode_and_model": round(piped["rows_per_s"] / raw["rows_per_s"], 3),
                 "model_only_rows_per_s": model_only(serialized[: len(sweep_events)], model, size)["rows_per_s"],

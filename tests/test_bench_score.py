@@ -12,7 +12,7 @@ def test_small_run_reports_ratios_side_by_side(tmp_path, pii_key):
     output = tmp_path / "score.json"
     report = main([
         "--rows", "600", "--batch_size", "64", "--repeat", "2", "--sweep", "32",
-        "--sweep_rows", "200", "--output", str(output),
+        "--sweep_rows", "200", "--sweep_repeat", "1", "--output", str(output),
     ])  # fmt: skip
 
     assert json.loads(output.read_text()) == report
@@ -25,9 +25,11 @@ def test_small_run_reports_ratios_side_by_side(tmp_path, pii_key):
     assert report["model"]["parameters"] > 300_000
     [point] = report["sweep"]
     assert point["batch_size"] == 32 and point["pipeline_batch_sizes_seen"]["max"] <= 32
+    assert len(point["ratios_of_each_pair"]) == 1
 
 
-def test_repeat_must_be_positive(capsys):
+@pytest.mark.parametrize("flag", ["--repeat", "--sweep_repeat"])
+def test_repeats_must_be_positive(flag, capsys):
     with pytest.raises(SystemExit):
-        main(["--repeat", "0"])
-    assert "--repeat must be at least 1" in capsys.readouterr().err
+        main([flag, "0"])
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
