@@ -376,25 +376,24 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         large_model=options.large_model,
     )
     batching = handler.batch_elements_kwargs()
-    if job.input_format == "json" and options.max_batch_duration_secs is None:
-        # Lines are read in chunks of min_batch and chunks batched by their line count, so no
-        # step sees single lines and every batch holds min_batch to max_batch rows (but the
-        # last of a file range).
-        batches = (
-            pipeline
-            | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
-            | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
-            | "JoinChunks" >> beam.Map(lambda chunks: list(itertools.chain.from_iterable(chunks)))
-        )
-    elif job.input_format == "json":
-        # With max_batch_duration_secs, BatchElements batches statefully and counts elements,
-        # not element_size_fn: lines must reach it one by one to keep batches within bounds.
-        batches = (
-            pipeline
-            | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
-            | "Lines" >> beam.FlatMap(lambda chunk: chunk)
-            | "Batch" >> beam.BatchElements(**batching)
-        )
+    if job.input_format == "json":
+        chunks = pipeline | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
+        if options.max_batch_duration_secs is None:
+            # Chunks of min_batch lines, batched by their line count: no step sees single lines
+            # and every batch holds min_batch to max_batch rows (but the last of a file range).
+            batches = (
+                chunks
+                | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
+                | "JoinChunks" >> beam.Map(lambda cs: list(itertools.chain.from_iterable(cs)))
+            )
+        else:
+            # BatchElements then batches statefully and counts elements, not element_size_fn:
+            # lines must reach it one by one to keep batches within bounds.
+            batches = (
+                chunks
+                | "Lines" >> beam.FlatMap(lambda chunk: chunk)
+                | "Batch" >> beam.BatchElements(**batching)
+            )
     else:
         if job.input_format == "tfrecord":
             raw = pipeline | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)

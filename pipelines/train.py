@@ -47,7 +47,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
 from tfx.types import artifact_utils  # noqa: E402
 
-from loopline.blueprint import Blueprint, BlueprintError  # noqa: E402
+from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
 
@@ -136,14 +136,6 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
     a feature of another type (a blueprint version that does not match the data)."""
     expected = {f.name: _KIND[f.base_type] for f in blueprint.example_features}
     expected[blueprint.label.name] = _KIND[blueprint.label.type]
-    reserved = {
-        "decision_id",
-        "decision_time_ms",
-        "join_status",
-        "blueprint_version",
-        "model_id",
-        "propensity",
-    }
     for span in spans:
         for split in ("train", "eval"):
             example = _first_example(span.split_files(split))
@@ -157,7 +149,7 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
                     f"{where} lacks {', '.join(missing)}, declared by blueprint "
                     f"{blueprint.name} v{blueprint.version}"
                 )
-            extra = sorted(set(present) - set(expected) - reserved)
+            extra = sorted(set(present) - set(expected) - RESERVED_NAMES)
             if extra:
                 raise ExampleMismatch(
                     f"{where} carries {', '.join(extra)}, not declared by blueprint "

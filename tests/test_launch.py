@@ -47,35 +47,20 @@ def launch(pipeline: str, parameters: dict[str, str]) -> subprocess.CompletedPro
     return result
 
 
+def simulate(output: Path, *args: str) -> None:
+    """``python -m loopline.simulate`` for the example blueprint, seed 11."""
+    subprocess.run(
+        [sys.executable, "-m", "loopline.simulate", "--blueprint", str(BLUEPRINT),
+         "--output", str(output), "--seed", "11", *args],
+        cwd=REPO, env=ENV, check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """One simulated day of logs, and a pushed model with the serving contract."""
     root = tmp_path_factory.mktemp("launch")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loopline.simulate",
-            "--blueprint",
-            str(BLUEPRINT),
-            "--output",
-            str(root / "logs"),
-            "--decisions",
-            "300",
-            "--days",
-            "1",
-            "--start",
-            "2026-11-01",
-            "--seed",
-            "11",
-        ],
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    simulate(root / "logs", "--decisions", "300", "--days", "1", "--start", "2026-11-01")
     export_scoring_model(load_blueprint(BLUEPRINT), root / "serving" / "1793534400", seed=3)
     return root
 
@@ -130,27 +115,7 @@ def launch_monitor(root: Path) -> None:
     if not (root / "scored" / "scores").is_dir():
         launch_bulk_score(root)
     outcomes = root / "outcomes"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loopline.simulate",
-            "--blueprint",
-            str(BLUEPRINT),
-            "--output",
-            str(outcomes),
-            "--outcomes_for",
-            f"{root}/scored/decisions/*.jsonl",
-            "--seed",
-            "11",
-        ],
-        cwd=REPO,
-        env=ENV,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    simulate(outcomes, "--outcomes_for", f"{root}/scored/decisions/*.jsonl")
     out = root / "monitor"
     launch(
         "monitor",

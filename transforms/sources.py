@@ -205,10 +205,9 @@ def read_line_range(line_range: LineRange, batch_lines: int, block_bytes: int = 
             if left == 0:
                 tail += f.readline()  # begun in the range: it is ours to its end
             pending.append(_strip_line_end(tail))
-    if pending:  # fewer than batch_lines + 1: the loop left fewer than batch_lines
-        yield from _full_batches(pending, batch_lines)
-        if len(pending) % batch_lines:
-            yield pending[len(pending) - len(pending) % batch_lines :]
+    pending = yield from _full_batches(pending, batch_lines)
+    if pending:
+        yield pending
 
 
 def _full_batches(lines: list[bytes], batch_lines: int):

@@ -124,6 +124,28 @@ def flex_template_body(pipeline: str, job_name: str, info: BlueprintInfo, parame
     }
 
 
+def _flex_template_job(
+    task_id: str, pipeline: str, job: str, info: BlueprintInfo, parameters: dict, hours: int
+) -> DataflowStartFlexTemplateOperator:
+    """A Dataflow job from the released Flex Template of ``pipeline``, waited for, retried once.
+
+    Its name is fixed per day (``loopline-<job>-<blueprint>-<day>``) and never suffixed, so a
+    second launch for the same day is refused instead of running twice.
+    """
+    return DataflowStartFlexTemplateOperator(
+        task_id=task_id,
+        project_id=PROJECT,
+        location=REGION,
+        body=flex_template_body(
+            pipeline, f"loopline-{job}-{info.slug}-{{{{ ds_nodash }}}}", info, parameters
+        ),
+        append_job_name=False,
+        wait_until_finished=True,
+        retries=1,
+        execution_timeout=timedelta(hours=hours),
+    )
+
+
 class LooplinePipelineJobOperator(RunPipelineJobOperator):
     """RunPipelineJobOperator whose display name, job id and labels take the day's templates."""
 
@@ -217,27 +239,20 @@ def build_dag(info: BlueprintInfo) -> DAG:
             destination_object=staged_observations,
             replace=True,
         )
-        join = DataflowStartFlexTemplateOperator(
-            task_id="join",
-            project_id=PROJECT,
-            location=REGION,
-            body=flex_template_body(
-                "join_decisions",
-                f"loopline-join-{slug}-{{{{ ds_nodash }}}}",
-                info,
-                {
-                    "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
-                    "observations": f"{GS}/{staged_observations}*.jsonl",
-                    "blueprint": blueprint,
-                    "output": span,
-                    "allowed_lateness": duration_param(ALLOWED_LATENESS),
-                    **pii_key,
-                },
-            ),
-            append_job_name=False,  # one job name per day: a second launch for it is refused
-            wait_until_finished=True,
-            retries=1,
-            execution_timeout=timedelta(hours=4),
+        join = _flex_template_job(
+            "join",
+            "join_decisions",
+            "join",
+            info,
+            {
+                "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
+                "observations": f"{GS}/{staged_observations}*.jsonl",
+                "blueprint": blueprint,
+                "output": span,
+                "allowed_lateness": duration_param(ALLOWED_LATENESS),
+                **pii_key,
+            },
+            hours=4,
         )
         train = LooplinePipelineJobOperator(
             task_id="train",
@@ -266,29 +281,22 @@ def build_dag(info: BlueprintInfo) -> DAG:
             bucket_name=BUCKET,
             prefix=f"scores/{name}/{NEXT_DS}/",
         )
-        bulk_score = DataflowStartFlexTemplateOperator(
-            task_id="bulk_score",
-            project_id=PROJECT,
-            location=REGION,
-            body=flex_template_body(
-                "bulk_score",
-                f"loopline-score-{slug}-{{{{ ds_nodash }}}}",
-                info,
-                {
-                    # The product's candidates for the next day, scored with the new model.
-                    "input": f"{GS}/candidates/{name}/{NEXT_DS}/*.jsonl",
-                    "model_dir": f"{GS}/serving/{name}",
-                    "model_version": "{{ ti.xcom_pull(task_ids='check_model_pushed') }}",
-                    "blueprint": blueprint,
-                    "output": f"{GS}/scores/{name}/{NEXT_DS}",
-                    "log_decisions": "true",
-                    **pii_key,
-                },
-            ),
-            append_job_name=False,
-            wait_until_finished=True,
-            retries=1,
-            execution_timeout=timedelta(hours=4),
+        bulk_score = _flex_template_job(
+            "bulk_score",
+            "bulk_score",
+            "score",
+            info,
+            {
+                # The product's candidates for the next day, scored with the new model.
+                "input": f"{GS}/candidates/{name}/{NEXT_DS}/*.jsonl",
+                "model_dir": f"{GS}/serving/{name}",
+                "model_version": "{{ ti.xcom_pull(task_ids='check_model_pushed') }}",
+                "blueprint": blueprint,
+                "output": f"{GS}/scores/{name}/{NEXT_DS}",
+                "log_decisions": "true",
+                **pii_key,
+            },
+            hours=4,
         )
         find_day_scores = GCSObjectsWithPrefixExistenceSensor(
             task_id="find_day_scores",
@@ -306,27 +314,20 @@ def build_dag(info: BlueprintInfo) -> DAG:
             bucket_name=BUCKET,
             prefix=f"monitor/{name}/{{{{ ds }}}}/",
         )
-        monitor = DataflowStartFlexTemplateOperator(
-            task_id="monitor",
-            project_id=PROJECT,
-            location=REGION,
-            body=flex_template_body(
-                "monitor",
-                f"loopline-monitor-{slug}-{{{{ ds_nodash }}}}",
-                info,
-                {
-                    "scores": f"{GS}/scores/{name}/{{{{ ds }}}}/scores/*.jsonl",
-                    "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
-                    "observations": f"{GS}/{staged_observations}*.jsonl",
-                    "blueprint": blueprint,
-                    "manifest": f"{span}/manifest.json",
-                    "output": f"{GS}/monitor/{name}/{{{{ ds }}}}",
-                },
-            ),
-            append_job_name=False,
-            wait_until_finished=True,
-            retries=1,
-            execution_timeout=timedelta(hours=2),
+        monitor = _flex_template_job(
+            "monitor",
+            "monitor",
+            "monitor",
+            info,
+            {
+                "scores": f"{GS}/scores/{name}/{{{{ ds }}}}/scores/*.jsonl",
+                "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
+                "observations": f"{GS}/{staged_observations}*.jsonl",
+                "blueprint": blueprint,
+                "manifest": f"{span}/manifest.json",
+                "output": f"{GS}/monitor/{name}/{{{{ ds }}}}",
+            },
+            hours=2,
         )
 
         chain(
