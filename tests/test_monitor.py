@@ -15,7 +15,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from loopline.events import DecisionEvent
+from loopline.readout import monitor_settings
 from pipelines import monitor
+from pipelines.blueprint_io import read_blueprint
 from transforms.join import DEFAULT, OBSERVED, JoinedDecision
 from transforms.monitoring import (
     AttachScores,
@@ -351,7 +353,7 @@ def test_bad_arguments_exit_non_zero_with_one_line():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "monitor: --observations is required"
+    assert proc.stderr.strip().splitlines()[-1] == "monitor: error: --observations is required"
     assert sum(line.startswith("monitor:") for line in proc.stderr.splitlines()) == 1
 
 
@@ -403,13 +405,13 @@ def test_bad_arguments_exit_non_zero_with_one_line():
 def test_bad_arguments_are_refused_in_one_sentence(args, message, capsys):
     assert monitor.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("monitor: ") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("monitor: error: ") and message in err[0]
 
 
 def test_unknown_monitor_setting_is_refused(tmp_path):
     (tmp_path / "bp.yaml").write_text(BLUEPRINT.replace("min_count: 1", "min_aucc: 1"))
     with pytest.raises(monitor.MonitorError, match="monitor.min_aucc is not a monitor setting"):
-        monitor.monitor_settings(monitor.read_blueprint(str(tmp_path / "bp.yaml")))
+        monitor_settings(read_blueprint(str(tmp_path / "bp.yaml")))
 
 
 def test_numeric_label_gets_rmse_mae_r2_and_the_manifest_delays(tmp_path):
@@ -575,3 +577,86 @@ def test_label_delay_histogram_counts_offsets_in_window_bins():
                 ]
             ),
         )
+
+
+def _small_inputs(tmp_path, observations, monitor_section="{min_count: 1}"):
+    """Four score rows of one model and the given observations; returns the monitor's argv."""
+    (tmp_path / "notify.yaml").write_text(
+        BLUEPRINT.replace(
+            "monitor: {min_auc: 0.6, max_calibration_error: 0.1, min_count: 1}",
+            f"monitor: {monitor_section}",
+        )
+    )
+    rows = [
+        {"decision_id": f"d-{i}", "score": s, "model_id": "notify-1", "event_time": "2026-11-01T10:00:00Z"}
+        for i, s in enumerate([0.2, 0.9, 0.6, 0.4])
+    ]  # fmt: skip
+    (tmp_path / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "obs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in observations))
+    return [
+        "--scores", str(tmp_path / "scores.jsonl"),
+        "--observations", str(tmp_path / "obs.jsonl"),
+        "--blueprint", str(tmp_path / "notify.yaml"),
+        "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+
+CLICKS = [
+    {"decision_id": "d-1", "event_time": "2026-11-01T10:30:00Z", "observations": {"click": 1}},
+    {"decision_id": "d-2", "event_time": "2026-11-01T10:59:00Z", "observations": {"click": 1}},
+]
+
+
+def test_unknown_flag_is_refused_instead_of_dropped(tmp_path, capsys):
+    args = _small_inputs(tmp_path, CLICKS) + ["--alowed_lateness", "1h"]
+    assert monitor.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "monitor: error: unknown argument '--alowed_lateness'; "
+        "see python -m pipelines.monitor --help for the flags"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_monitors_own_flags():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.monitor", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    for flag in ("--scores", "--observations", "--training_stats", "--fail_on_flags"):
+        assert flag in proc.stdout
+    assert "--runner RUNNER" not in proc.stdout  # Beam's own options are only pointed to
+
+
+def test_no_usable_observation_fails_the_run_after_writing_its_outputs(tmp_path, capsys):
+    orphan = [{"decision_id": "nobody", "event_time": "2026-11-01T10:30:00Z", "observations": {"click": 1}}]  # fmt: skip
+    assert monitor.main(_small_inputs(tmp_path, orphan)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "monitor: error: no usable observations (1 read, none counted toward a scored "
+        "decision's label)"
+    ]
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_fired_monitor_flag_fails_the_run_and_names_the_flag(tmp_path, capsys):
+    args = _small_inputs(tmp_path, CLICKS, "{min_count: 1, max_log_loss: 0.1}")
+    assert monitor.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("monitor: error: model notify-1: log_loss ")
+    assert "is above max_log_loss 0.1 (all days, n=4)" in err[0]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["flagged_models"] == ["notify-1"]
+
+
+def test_flags_do_not_fail_the_run_when_asked_not_to(tmp_path):
+    args = _small_inputs(tmp_path, CLICKS, "{min_count: 1, max_log_loss: 0.1}")
+    assert monitor.main([*args, "--fail_on_flags", "false"]) == 0
+
+
+def test_a_clean_run_exits_zero(tmp_path):
+    assert monitor.main(_small_inputs(tmp_path, CLICKS)) == 0

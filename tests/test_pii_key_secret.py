@@ -237,7 +237,7 @@ def test_monitor_with_a_malformed_secret_fails_with_one_line(tmp_path, secret_ma
     ])  # fmt: skip
     assert code == 2
     line = _one_error_line(capsys)
-    assert line.startswith("monitor: --pii_key_secret must name a secret version")
+    assert line.startswith("monitor: error: --pii_key_secret must name a secret version")
 
 
 def test_every_pipeline_declares_the_flag_once_in_beams_combined_parser():

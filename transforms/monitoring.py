@@ -25,12 +25,17 @@ from apache_beam.metrics import Metrics
 
 from loopline.events import DecisionEvent, Refusal, parse_event_time
 from loopline.metrics import OutcomeSummary
+from loopline.readout import (
+    ALL_DAYS,
+    BLUEPRINT,
+    DEFAULT_MAX_SKEW_JENSEN_SHANNON,
+    DEFAULT_MAX_SKEW_LINF,
+    MODEL,
+    DelayBins,
+)
 from transforms.join import DEFAULT, JoinedDecision
 
 SCORE = "score"
-MODEL = "model"
-BLUEPRINT = "blueprint"
-ALL_DAYS = "all"
 UNKNOWN_MODEL = "unknown"
 
 # Reason codes for score rows that cannot be used.
@@ -360,33 +365,6 @@ class SummariseOutcomes(beam.PTransform):
         )
 
 
-@dataclass(frozen=True)
-class DelayBins:
-    """Fixed bins over observation offsets (observation time - decision time), in ms."""
-
-    lower_ms: int
-    upper_ms: int
-    bins: int
-
-    @classmethod
-    def for_window(cls, window_ms: int, backward_slack_ms: int, bins: int = 48) -> DelayBins:
-        """From before the backward slack to twice the window, so the window's edges show."""
-        lower = -max(backward_slack_ms * 2, window_ms // 12)
-        return cls(lower, 2 * window_ms, bins)
-
-    def index(self, offset_ms: int) -> int:
-        """0..bins-1 inside; -1 below, ``bins`` above."""
-        if offset_ms < self.lower_ms:
-            return -1
-        if offset_ms >= self.upper_ms:
-            return self.bins
-        return int((offset_ms - self.lower_ms) * self.bins // (self.upper_ms - self.lower_ms))
-
-    def edges(self) -> list[float]:
-        width = (self.upper_ms - self.lower_ms) / self.bins
-        return [self.lower_ms + i * width for i in range(self.bins + 1)]
-
-
 class LabelDelayHistogram(beam.PTransform):
     """Counts of every observation offset of the joined decisions in ``DelayBins``, counted
     toward the label or not; one dict ``{"bin": i, "count": n, "counted": m}`` per bin.
@@ -430,8 +408,6 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
 # compared with the statistics the model was trained on.
 
 # Default comparator thresholds; blueprint ``monitor:`` keys override them.
-DEFAULT_MAX_SKEW_JENSEN_SHANNON = 0.1  # numeric features
-DEFAULT_MAX_SKEW_LINF = 0.1  # categorical features
 
 
 class ServingStatistics(beam.PTransform):
