@@ -447,6 +447,9 @@ class OutcomeSummary:
             "observed": self.observed,
             "observed_share": self.observed / n if n else None,
             "label_rate": self.label_sum / n if n else None,
+            # The label's sum and sum of squares: what a sequential test between arms needs.
+            "label_sum": self.label_sum,
+            "label_sum_sq": self.label_m2 + n * self.label_mean * self.label_mean,
             "mean_score": self.score_sum / n if n else None,
             "decision_rate": (
                 self.decisions_positive / self.decisions_known if self.decisions_known else None

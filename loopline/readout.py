@@ -21,6 +21,7 @@ from loopline.metrics import two_proportion_test
 
 # Summary dimensions (``transforms.monitoring.summary_keys``) and the day of an all-days group.
 MODEL = "model"
+ARM = "arm"
 BLUEPRINT = "blueprint"
 ALL_DAYS = "all"
 
@@ -172,6 +173,7 @@ def assemble_metrics(
     label = blueprint.label
     models: dict[str, dict] = {}
     versions: dict[str, dict] = {}
+    arms: dict[str, dict[str, dict]] = {}  # arm -> day -> summary
     for row in summaries:
         dimension, group, day = row.pop("dimension"), row.pop("group"), row.pop("day")
         if dimension == MODEL:
@@ -182,6 +184,8 @@ def assemble_metrics(
                 model["days"][day] = row
         elif dimension == BLUEPRINT:
             versions[group] = row
+        elif dimension == ARM:
+            arms.setdefault(group, {})[day] = row
     for model_id, model in models.items():
         model["flags"] = flag_model(model_id, model, thresholds, settings["min_count"])
         model["status"] = "flagged" if model["flags"] else "ok"
@@ -216,6 +220,7 @@ def assemble_metrics(
         "inputs": counters,
         "models": models,
         "blueprint_versions": versions,
+        "arms": arms,
         "flagged_models": sorted(m for m, v in models.items() if v["flags"]),
         "ab": ab,
         "label_delay": label_delay_section(delays, blueprint, manifest),

@@ -660,3 +660,21 @@ def test_flags_do_not_fail_the_run_when_asked_not_to(tmp_path):
 
 def test_a_clean_run_exits_zero(tmp_path):
     assert monitor.main(_small_inputs(tmp_path, CLICKS)) == 0
+
+
+def test_arms_are_summarised_per_day_for_the_experiment(tmp_path):
+    args = _small_inputs(tmp_path, CLICKS)
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    for row in rows:  # d-0, d-2 production; d-1, d-3 challenger
+        row["arm"] = "challenger" if int(row["decision_id"][2:]) % 2 else "production"
+    (tmp_path / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = monitor.run(args)
+    day = metrics["arms"]["challenger"]["2026-11-01"]
+    assert (day["count"], day["label_sum"], day["label_sum_sq"]) == (2, 1.0, 1.0)  # d-1 clicked
+    day = metrics["arms"]["production"]["2026-11-01"]
+    assert (day["count"], day["label_sum"]) == (2, 1.0)  # d-2 clicked
+
+
+def test_a_score_row_with_an_empty_arm_is_refused():
+    row = parse_score_row(json.dumps({"decision_id": "d", "score": 0.5, "arm": ""}))
+    assert row.reason == "wrong_type" and "arm" in row.detail

@@ -27,6 +27,7 @@ from loopline.events import DecisionEvent, Refusal, parse_event_time
 from loopline.metrics import OutcomeSummary
 from loopline.readout import (
     ALL_DAYS,
+    ARM,
     BLUEPRINT,
     DEFAULT_MAX_SKEW_JENSEN_SHANNON,
     DEFAULT_MAX_SKEW_LINF,
@@ -61,6 +62,7 @@ class ScoreRow:
     explored: bool | None = None
     time_ms: int | None = None
     blueprint_version: str | None = None
+    arm: str | None = None  # "production" or "challenger" during a rollout
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class MonitoredDecision:
     decision: Any = None
     propensity: float | None = None
     explored: bool | None = None
+    arm: str | None = None
 
 
 class ScoreOutputs(NamedTuple):
@@ -139,6 +142,9 @@ def parse_score_row(line: str | bytes, require_score: bool = True) -> ScoreRow |
     explored = obj.get("explored")
     if explored is not None and not isinstance(explored, bool):
         return refuse(SCORE_WRONG_TYPE, f"field 'explored' must be true or false, got {explored!r}")
+    arm = obj.get("arm")
+    if arm is not None and (not isinstance(arm, str) or not arm):
+        return refuse(SCORE_WRONG_TYPE, f"field 'arm' must be a non-empty string, got {arm!r}")
     time_ms = None
     for key in ("event_time", "scored_at"):
         if obj.get(key) is not None:
@@ -157,6 +163,7 @@ def parse_score_row(line: str | bytes, require_score: bool = True) -> ScoreRow |
         explored=explored,
         time_ms=time_ms,
         blueprint_version=None if version is None else str(version),
+        arm=arm,
     )
 
 
@@ -263,6 +270,7 @@ class _AttachScoreDoFn(beam.DoFn):
             decision=row.decision if row.decision is not None else decision.decision,
             propensity=row.propensity if row.propensity is not None else decision.propensity,
             explored=row.explored,
+            arm=row.arm,
         )
 
 
@@ -329,12 +337,16 @@ class OutcomeSummaryCombineFn(beam.CombineFn):
 
 def summary_keys(row: MonitoredDecision) -> list[tuple[str, str, str]]:
     """The (dimension, value, day) groups one row counts in: its model per day and over all
-    days, and its blueprint version over all days (for A/B between blueprint versions)."""
-    return [
+    days, its blueprint version over all days (for A/B between blueprint versions) and, during a
+    rollout, its arm per day (the experiment compares arms within a day, never across days)."""
+    keys = [
         (MODEL, row.model_id, row.day),
         (MODEL, row.model_id, ALL_DAYS),
         (BLUEPRINT, row.blueprint_version, ALL_DAYS),
     ]
+    if row.arm is not None:
+        keys.append((ARM, row.arm, row.day))
+    return keys
 
 
 class SummariseOutcomes(beam.PTransform):
