@@ -123,6 +123,64 @@ class DayComparison:
     challenger: Moments
 
 
+def day_comparisons(
+    day: Sequence[str],
+    arm: Sequence[str],
+    value: Sequence[float],
+    unit: Sequence[str | int] | None = None,
+) -> list[DayComparison]:
+    """Per-day per-arm ``Moments`` from one row per decision (its day, arm and metric value).
+
+    With ``unit``, a unit's decisions on a day become one row (its summed value and its
+    decision count), so that the readout's variance counts units, not decisions: the decisions
+    of one unit are alike, and counting them as independent makes chance differences look
+    significant. Days sort as strings (use ISO dates).
+
+        >>> [c.challenger.mean for c in day_comparisons(
+        ...     ["d1"] * 4, ["production", "challenger", "challenger", "production"], [0, 1, 0, 1])]
+        [0.5]
+    """
+    day, arm = np.asarray(day, dtype=str), np.asarray(arm, dtype=str)
+    value = np.asarray(value, dtype=float)
+    if not len(day) == len(arm) == len(value) or (unit is not None and len(unit) != len(day)):
+        raise ValueError("day, arm, value (and unit) must have the same length")
+    if np.isnan(value).any():
+        raise ValueError("value contains NaN: rows without an outcome must be left out or filled")
+    unknown = {str(a) for a in np.unique(arm)} - set(ARMS)
+    if unknown:
+        raise ValueError(f"arm must be production or challenger, got {sorted(unknown)}")
+    if unit is None:
+        unit = np.arange(len(day)).astype(str)  # every decision its own unit
+        per_decision = True
+    else:
+        unit = np.asarray([str(u) for u in unit])
+        per_decision = False
+    keys = [f"{d}\x1f{a}\x1f{u}" for d, a, u in zip(day, arm, unit, strict=True)]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    y = np.bincount(inverse, weights=value)
+    d = np.bincount(inverse).astype(float)
+    unit_day, unit_arm = day[first], arm[first]
+    comparisons = []
+    for today in np.unique(day):
+        moments = {}
+        for name in ARMS:
+            rows = (unit_day == today) & (unit_arm == name)
+            yy, dd = y[rows], d[rows]
+            if per_decision:
+                moments[name] = Moments(len(yy), float(yy.sum()), float((yy**2).sum()))
+            else:
+                moments[name] = Moments(
+                    len(yy),
+                    float(yy.sum()),
+                    float((yy**2).sum()),
+                    float(dd.sum()),
+                    float((dd**2).sum()),
+                    float((yy * dd).sum()),
+                )
+        comparisons.append(DayComparison(str(today), moments[PRODUCTION], moments[CHALLENGER]))
+    return comparisons
+
+
 @dataclass(frozen=True)
 class SequentialResult:
     """The mixture SPRT after each look: always-valid p-values and confidence sequence.

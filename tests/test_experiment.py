@@ -20,6 +20,7 @@ from loopline.experiment import (
     DayComparison,
     Moments,
     assign_arm,
+    day_comparisons,
     mixture_sprt,
     readout,
     srm_check,
@@ -294,3 +295,66 @@ def test_readout_is_json_ready():
 def test_a_guardrail_the_rollout_does_not_declare_is_refused():
     with pytest.raises(ValueError, match="not in the rollout's guardrails"):
         readout([], ROLLOUT, guardrails={"dwell_mean": []})
+
+
+# -- units that decide many times a day ----------------------------------------------------------
+
+
+def test_day_comparisons_make_one_row_per_unit_day_when_units_are_given():
+    day = ["2026-12-02", "2026-12-01", "2026-12-01", "2026-12-01", "2026-12-01", "2026-12-01"]
+    arm = [PRODUCTION, PRODUCTION, PRODUCTION, CHALLENGER, CHALLENGER, PRODUCTION]
+    value = [1, 1, 0, 1, 1, 0]
+    unit = ["a", "a", "a", "b", "b", "c"]
+    first, second = day_comparisons(day, arm, value, unit)
+    assert first.day == "2026-12-01" and second.day == "2026-12-02"
+    # on the 1st, production has units a (1 click in 2 decisions) and c (0 in 1)
+    assert first.production == Moments(2, 1.0, 1.0, 3.0, 5.0, 2.0)
+    assert first.challenger == Moments(1, 2.0, 4.0, 2.0, 4.0, 4.0)
+    assert second.challenger == Moments(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    assert first.production.mean == pytest.approx(1 / 3)  # the rate per decision
+
+
+def test_day_comparisons_without_units_count_every_decision_as_a_row():
+    (only,) = day_comparisons(["d1"] * 3, [PRODUCTION] * 3, [1.0, 0.0, 2.0])
+    assert only.production == Moments.of([1.0, 0.0, 2.0])
+
+
+def test_day_comparisons_refuse_an_unknown_arm():
+    with pytest.raises(ValueError, match="production or challenger"):
+        day_comparisons(["d1"], ["canary"], [1.0])
+
+
+def test_clustered_a_a_stays_valid_with_unit_day_rows_and_not_with_decision_rows():
+    # 400 users a day, each with their own click rate (Beta(2, 8)) and 1 + Poisson(9) decisions
+    rng = np.random.default_rng(11)
+    seeds, users = 200, 400
+    challenger = rng.random((seeds, DAYS, users)) < SHARE
+    decisions = 1 + rng.poisson(9, size=(seeds, DAYS, users))
+    clicks = rng.binomial(decisions, rng.beta(2, 8, size=(seeds, DAYS, users))).astype(float)
+
+    def moments(mask, s, i, by_unit):
+        y, d = clicks[s, i][mask[s, i]], decisions[s, i][mask[s, i]]
+        if by_unit:
+            sums = (y.sum(), (y**2).sum(), d.sum(), (d**2).sum(), (y * d).sum())
+            return Moments(len(y), *(float(x) for x in sums))
+        return Moments(int(d.sum()), float(y.sum()), float(y.sum()))  # one 0/1 row per decision
+
+    def false_verdicts(by_unit):
+        verdicts = [
+            readout(
+                [
+                    DayComparison(
+                        f"d{i:02d}",
+                        moments(~challenger, s, i, by_unit),
+                        moments(challenger, s, i, by_unit),
+                    )
+                    for i in range(DAYS)
+                ],
+                ROLLOUT,
+            ).verdict
+            for s in range(seeds)
+        ]
+        return np.mean([v != INCONCLUSIVE for v in verdicts])
+
+    assert false_verdicts(by_unit=True) <= 0.05
+    assert false_verdicts(by_unit=False) > 0.15  # decisions of one user are not independent
