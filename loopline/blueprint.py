@@ -23,6 +23,8 @@ import yaml
 FEATURE_TYPES = ("int", "float", "string", "int_list", "float_list", "string_list")
 AGGREGATIONS = ("sum", "max", "min", "mean", "count", "earliest", "latest")
 LABEL_TYPES = ("int", "float")
+METRIC_KINDS = ("rate", "mean")
+DIRECTIONS = ("increase", "decrease")
 DEFAULT_PII_KEY_ENV = "LOOPLINE_PII_KEY"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -131,6 +133,42 @@ class Privacy:
 
 
 @dataclass(frozen=True)
+class Guardrail:
+    """A metric the challenger must not make worse: an observation key aggregated per decision
+    (with the label's window), and the direction that is good for it."""
+
+    name: str
+    observation: str
+    aggregation: str
+    direction: str  # "increase" (higher is better) or "decrease" (lower is better)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a challenger model earns traffic (the blueprint's ``rollout`` section).
+
+    Units (values of the feature ``unit``) are assigned to the challenger with probability
+    ``challenger_share`` by a salted hash (``loopline.experiment.assign_arm``), so a unit keeps
+    its arm across days and processes whatever the model scores. The primary metric is the
+    blueprint's label, read as a ``rate`` or a ``mean``; guardrails are other observation keys.
+    ``alpha`` is the significance level of the sequential test, ``min_exposure`` the rows each
+    arm needs before any verdict, ``max_days`` how long an inconclusive split may last, and
+    ``srm_alpha`` the level of the sample-ratio-mismatch check.
+    """
+
+    unit: str
+    challenger_share: float
+    salt: str
+    metric: str = "rate"
+    direction: str = "increase"
+    guardrails: tuple[Guardrail, ...] = ()
+    alpha: float = 0.05
+    min_exposure: int = 1000
+    max_days: int = 14
+    srm_alpha: float = 0.001
+
+
+@dataclass(frozen=True)
 class Blueprint:
     """A parsed, validated blueprint. ``content_hash`` identifies this exact version."""
 
@@ -143,6 +181,7 @@ class Blueprint:
     policy: dict = field(default_factory=dict)
     monitor: dict = field(default_factory=dict)
     privacy: Privacy = Privacy()
+    rollout: Rollout | None = None
     content_hash: str = ""
     source: str = "<blueprint>"
 
@@ -209,6 +248,7 @@ def blueprint_from_dict(data: Any, source: str = "<blueprint>") -> Blueprint:
         "policy",
         "monitor",
         "privacy",
+        "rollout",
         "description",
     }
     for key in data:
@@ -245,6 +285,7 @@ def blueprint_from_dict(data: Any, source: str = "<blueprint>") -> Blueprint:
             raise BlueprintError(source, key, "must be a mapping")
         sections[key] = value
     privacy = check.privacy(data.get("privacy"), features)
+    rollout = check.rollout(data.get("rollout"), features, label)
     return Blueprint(
         name=name,
         version=str(version),
@@ -252,6 +293,7 @@ def blueprint_from_dict(data: Any, source: str = "<blueprint>") -> Blueprint:
         label=label,
         eval_fraction=float(eval_fraction),
         privacy=privacy,
+        rollout=rollout,
         content_hash=content_hash(data),
         source=source,
         **sections,
@@ -400,3 +442,146 @@ class _Checker:
         if extra:
             raise self.fail("privacy", f"unknown keys {sorted(extra)}")
         return Privacy(lists["pseudonymise"], lists["drop"], key_env)
+
+    def rollout(self, value: Any, features: tuple[Feature, ...], label: Label) -> Rollout | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(
+                "rollout",
+                "must be a mapping with unit, challenger_share, salt and the test settings",
+            )
+        extra = set(value) - {
+            "unit",
+            "challenger_share",
+            "salt",
+            "primary",
+            "guardrails",
+            "alpha",
+            "min_exposure",
+            "max_days",
+            "srm_alpha",
+            "description",
+        }
+        if extra:
+            raise self.fail("rollout", f"unknown keys {sorted(extra)}")
+        types = {f.name: f.type for f in features}
+        unit = value.get("unit")
+        if not isinstance(unit, str) or unit not in types:
+            raise self.fail(
+                "rollout.unit", f"must name a declared feature (such as user_id), got {unit!r}"
+            )
+        if types[unit] not in ("string", "int"):
+            raise self.fail(
+                "rollout.unit", f"{unit!r} is a {types[unit]}; the unit must be a string or an int"
+            )
+        share = self.fraction(value, "challenger_share", None, "rollout.challenger_share")
+        salt = value.get("salt")
+        if not isinstance(salt, str) or not salt.strip():
+            raise self.fail(
+                "rollout.salt", "is required: a string that makes this rollout's assignment its own"
+            )
+        metric, direction = self.primary(value.get("primary"), label)
+        guardrails = self.guardrails(value.get("guardrails"), label)
+        alpha = self.fraction(value, "alpha", 0.05, "rollout.alpha", upper=0.5)
+        srm_alpha = self.fraction(value, "srm_alpha", 0.001, "rollout.srm_alpha", upper=0.5)
+        min_exposure = self.count(value, "min_exposure", 1000)
+        max_days = self.count(value, "max_days", 14)
+        return Rollout(
+            unit=unit,
+            challenger_share=share,
+            salt=salt,
+            metric=metric,
+            direction=direction,
+            guardrails=guardrails,
+            alpha=alpha,
+            min_exposure=min_exposure,
+            max_days=max_days,
+            srm_alpha=srm_alpha,
+        )
+
+    def fraction(
+        self, data: dict, key: str, default: float | None, path: str, upper: float = 1.0
+    ) -> float:
+        value = data.get(key, default)
+        if value is None:
+            raise self.fail(path, f"is required: a number between 0 and {upper:g}, exclusive")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < upper:
+            raise self.fail(
+                path, f"must be a number between 0 and {upper:g}, exclusive, got {value!r}"
+            )
+        return float(value)
+
+    def count(self, data: dict, key: str, default: int) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(f"rollout.{key}", f"must be a positive integer, got {value!r}")
+        return value
+
+    def direction(self, value: Any, path: str) -> str:
+        if value not in DIRECTIONS:
+            raise self.fail(
+                path, f"must be increase or decrease (the way that is better), got {value!r}"
+            )
+        return value
+
+    def primary(self, value: Any, label: Label) -> tuple[str, str]:
+        """The primary metric is the label; this reads how (``rate`` or ``mean``) and which way."""
+        default_metric = "rate" if label.type == "int" else "mean"
+        if value is None:
+            return default_metric, "increase"
+        if not isinstance(value, dict):
+            raise self.fail("rollout.primary", "must be a mapping with metric and direction")
+        extra = set(value) - {"metric", "direction"}
+        if extra:
+            raise self.fail(
+                "rollout.primary",
+                f"unknown keys {sorted(extra)} (the primary metric is always the label)",
+            )
+        metric = value.get("metric", default_metric)
+        if metric not in METRIC_KINDS:
+            raise self.fail("rollout.primary.metric", f"must be rate or mean, got {metric!r}")
+        if metric == "rate" and label.type != "int":
+            raise self.fail(
+                "rollout.primary.metric",
+                f"a rate needs an int (0/1) label; {label.name!r} is a float",
+            )
+        direction = self.direction(value.get("direction", "increase"), "rollout.primary.direction")
+        return metric, direction
+
+    def guardrails(self, value: Any, label: Label) -> tuple[Guardrail, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(
+                "rollout.guardrails", "must be a list of {observation, direction, aggregation}"
+            )
+        guardrails, seen = [], {label.name}
+        for i, item in enumerate(value):
+            path = f"rollout.guardrails[{i}]"
+            if not isinstance(item, dict):
+                raise self.fail(path, "must be a mapping with observation, direction, aggregation")
+            extra = set(item) - {"name", "observation", "direction", "aggregation", "description"}
+            if extra:
+                raise self.fail(path, f"unknown keys {sorted(extra)}")
+            observation = item.get("observation")
+            if not isinstance(observation, str) or not observation:
+                raise self.fail(f"{path}.observation", "is required: an observation key")
+            aggregation = item.get("aggregation", "max")
+            if aggregation not in AGGREGATIONS:
+                raise self.fail(
+                    f"{path}.aggregation",
+                    f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}",
+                )
+            direction = self.direction(item.get("direction"), f"{path}.direction")
+            if "name" in item:
+                name = self.identifier(item, "name", f"{path}.name")
+            else:
+                name = f"{observation}_{aggregation}"
+            if name in seen:
+                raise self.fail(
+                    f"{path}.name", f"{name!r} is already the label or another guardrail"
+                )
+            seen.add(name)
+            guardrails.append(Guardrail(name, observation, aggregation, direction))
+        return tuple(guardrails)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from loopline.blueprint import (
     BlueprintError,
+    Guardrail,
     format_duration,
     load_blueprint,
     parse_blueprint,
@@ -157,3 +158,129 @@ def test_mean_label_is_float_and_label_counts_window_bounds_inclusively():
     assert label.counts(td, td + label.window_ms)
     assert not label.counts(td, td - label.backward_slack_ms - 1)
     assert not label.counts(td, td + label.window_ms + 1)
+
+
+# -- rollout ----------------------------------------------------------------------------------
+
+ROLLOUT = {"unit": "country", "challenger_share": 0.2, "salt": "exp-1"}
+
+
+def _rollout(**changes) -> str:
+    data = yaml.safe_load(MINIMAL)
+    data["rollout"] = {**ROLLOUT, **changes}
+    for key, value in changes.items():
+        if value is _DELETE:
+            del data["rollout"][key]
+    return yaml.safe_dump(data)
+
+
+def test_example_blueprint_rolls_out_by_user(blueprint):
+    rollout = blueprint.rollout
+    assert rollout.unit == "user_id"
+    assert 0 < rollout.challenger_share < 1
+    assert (rollout.metric, rollout.direction) == ("rate", "increase")
+    assert rollout.alpha == 0.05
+
+
+def test_blueprint_without_rollout_has_none():
+    assert parse_blueprint(MINIMAL).rollout is None
+
+
+def test_rollout_defaults_to_the_label_as_a_rate_with_standard_test_settings():
+    rollout = parse_blueprint(_rollout()).rollout
+    assert (rollout.unit, rollout.challenger_share, rollout.salt) == ("country", 0.2, "exp-1")
+    assert (rollout.metric, rollout.direction) == ("rate", "increase")
+    assert (rollout.alpha, rollout.srm_alpha) == (0.05, 0.001)
+    assert (rollout.min_exposure, rollout.max_days) == (1000, 14)
+    assert rollout.guardrails == ()
+
+
+def test_rollout_of_a_float_label_defaults_to_a_mean():
+    data = yaml.safe_load(_rollout())
+    data["label"]["aggregation"] = "mean"
+    assert parse_blueprint(yaml.safe_dump(data)).rollout.metric == "mean"
+
+
+def test_guardrails_are_named_after_their_observation_unless_named():
+    rollout = parse_blueprint(
+        _rollout(
+            guardrails=[
+                {"observation": "unsubscribe", "direction": "decrease"},
+                {
+                    "observation": "dwell",
+                    "aggregation": "sum",
+                    "direction": "increase",
+                    "name": "dwell_time",
+                },
+            ]
+        )
+    ).rollout
+    assert rollout.guardrails == (
+        Guardrail("unsubscribe_max", "unsubscribe", "max", "decrease"),
+        Guardrail("dwell_time", "dwell", "sum", "increase"),
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, field, problem",
+    [
+        ({"unit": _DELETE}, "rollout.unit", "declared feature"),
+        ({"unit": "user_id"}, "rollout.unit", "declared feature"),
+        ({"unit": "recent_clicks"}, "rollout.unit", "string or an int"),
+        ({"challenger_share": _DELETE}, "rollout.challenger_share", "is required"),
+        ({"challenger_share": 1}, "rollout.challenger_share", "between 0 and 1"),
+        ({"challenger_share": 0}, "rollout.challenger_share", "between 0 and 1"),
+        ({"challenger_share": "half"}, "rollout.challenger_share", "between 0 and 1"),
+        ({"salt": _DELETE}, "rollout.salt", "is required"),
+        ({"salt": ""}, "rollout.salt", "is required"),
+        ({"primary": {"metric": "median"}}, "rollout.primary.metric", "rate or mean"),
+        ({"primary": {"direction": "up"}}, "rollout.primary.direction", "increase or decrease"),
+        ({"primary": {"observation": "open"}}, "rollout.primary", "always the label"),
+        ({"guardrails": {"observation": "x"}}, "rollout.guardrails", "must be a list"),
+        (
+            {"guardrails": [{"direction": "decrease"}]},
+            "rollout.guardrails[0].observation",
+            "required",
+        ),
+        ({"guardrails": [{"observation": "x"}]}, "rollout.guardrails[0].direction", "increase or"),
+        (
+            {"guardrails": [{"observation": "x", "direction": "decrease", "aggregation": "p99"}]},
+            "rollout.guardrails[0].aggregation",
+            "sum, max",
+        ),
+        (
+            {"guardrails": [{"observation": "x", "direction": "decrease", "name": "clicked"}]},
+            "rollout.guardrails[0].name",
+            "already the label",
+        ),
+        (
+            {"guardrails": [{"observation": "x", "direction": "decrease"}] * 2},
+            "rollout.guardrails[1].name",
+            "another guardrail",
+        ),
+        ({"alpha": 0.6}, "rollout.alpha", "between 0 and 0.5"),
+        ({"srm_alpha": 0}, "rollout.srm_alpha", "between 0 and 0.5"),
+        ({"min_exposure": 0}, "rollout.min_exposure", "positive integer"),
+        ({"max_days": 2.5}, "rollout.max_days", "positive integer"),
+        ({"traffic": 0.2}, "rollout", "unknown keys ['traffic']"),
+    ],
+)
+def test_rollout_errors_name_the_file_the_field_and_the_problem(changes, field, problem):
+    with pytest.raises(BlueprintError) as err:
+        parse_blueprint(_rollout(**changes), source="bp/notify.yaml")
+    assert err.value.field_path == field
+    assert problem in err.value.problem
+
+
+def test_a_rate_needs_an_int_label():
+    data = yaml.safe_load(_rollout(primary={"metric": "rate"}))
+    data["label"]["type"] = "float"
+    with pytest.raises(BlueprintError, match="rollout.primary.metric: a rate needs an int"):
+        parse_blueprint(yaml.safe_dump(data))
+
+
+def test_rollout_that_is_not_a_mapping_is_refused():
+    data = yaml.safe_load(MINIMAL)
+    data["rollout"] = ["user_id", 0.2]
+    with pytest.raises(BlueprintError, match="rollout: must be a mapping"):
+        parse_blueprint(yaml.safe_dump(data))

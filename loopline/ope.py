@@ -1,0 +1,184 @@
+"""Off-policy evaluation: what a policy *would* have earned, estimated from another policy's log.
+
+Every logged decision carries the propensity the logging policy gave the action it took. That
+is what makes these estimators possible: a row whose action the evaluated (target) policy would
+also take is re-weighted by ``w = target_pscore / pscore``, so that the weighted log looks as if
+the target policy had made the decisions.
+
+* ``ips`` (inverse propensity scoring): ``mean(w * reward)``. Unbiased when every action the
+  target policy takes had a non-zero logging propensity; its variance grows with the weights.
+* ``snips`` (self-normalised IPS): ``sum(w * reward) / sum(w)``. Slightly biased, usually far
+  less variable, and always within the range of the rewards.
+* ``dr`` (doubly robust): ``mean(q_target + w * (reward - q_logged))``. Starts from an outcome
+  model's estimate of the target policy's value and corrects it with the weighted residuals of
+  the logged rows; unbiased if either the propensities or the outcome model are right, and
+  usually the least variable of the three.
+
+Each returns an ``Estimate`` with ``.value``, a 95% confidence interval ``.ci = (low, high)``
+and the number of rows ``.n``. The intervals are normal approximations on the per-row terms
+(their influence functions): ``value ± 1.96 · sd(terms) / sqrt(n)``; for SNIPS the terms are
+the ratio estimator's linearisation ``w · (reward - value) / mean(w)`` (the delta method).
+
+    >>> ips([1, 0, 1], pscore=[0.5, 0.5, 0.25], target_pscore=[1, 0, 0.5]).value
+    1.3333333333333333
+    >>> snips([1, 0, 1], pscore=[0.5, 0.5, 0.25], target_pscore=[1, 0, 0.5]).value
+    1.0
+
+With a deterministic target policy, ``target_pscore`` is 1 where it would have taken the
+logged action and 0 elsewhere. See docs/ope.md for how to read the figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+_Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))  # 1.959963984540054
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A policy value estimated off-policy: the point estimate, its 95% interval and its size.
+
+    ``se`` is the standard error the interval was built from, ``estimator`` names the method
+    (``ips``, ``snips`` or ``dr``). With a single row the spread cannot be estimated, and the
+    interval is ``(-inf, inf)``.
+    """
+
+    value: float
+    ci: tuple[float, float]
+    n: int
+    se: float
+    estimator: str
+
+    def as_dict(self) -> dict:
+        """The figures for a JSON record (a model record, a monitor's metrics)."""
+        return {
+            "estimator": self.estimator,
+            "value": self.value,
+            "ci_low": self.ci[0],
+            "ci_high": self.ci[1],
+            "se": self.se,
+            "n": self.n,
+        }
+
+
+def ips(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Estimate:
+    """Inverse propensity scoring: ``mean(target_pscore / pscore * reward)``.
+
+    Args:
+      reward: the observed reward of each logged decision.
+      pscore: the logging policy's probability of the logged action, in (0, 1].
+      target_pscore: the evaluated policy's probability of that same action, in [0, 1].
+    """
+    reward, pscore, target_pscore = _checked(
+        reward=reward, pscore=pscore, target_pscore=target_pscore
+    )
+    terms = target_pscore / pscore * reward
+    return _mean_estimate(terms, "ips")
+
+
+def snips(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Estimate:
+    """Self-normalised IPS: ``sum(w * reward) / sum(w)`` with ``w = target_pscore / pscore``.
+
+    The interval uses the ratio estimator's variance (delta method): the standard deviation of
+    ``w * (reward - value) / mean(w)`` over ``sqrt(n)``. When no logged action is one the
+    target policy would take (all weights zero) there is no evidence at all, and a ValueError
+    says so.
+    """
+    reward, pscore, target_pscore = _checked(
+        reward=reward, pscore=pscore, target_pscore=target_pscore
+    )
+    weights = target_pscore / pscore
+    mean_weight = weights.mean()
+    if mean_weight == 0:
+        raise ValueError(
+            "snips: target_pscore is 0 on every logged row, so the log says nothing about the "
+            "evaluated policy"
+        )
+    value = float((weights * reward).sum() / weights.sum())
+    influence = weights * (reward - value) / mean_weight
+    return _estimate(value, influence, "snips")
+
+
+def dr(
+    reward: ArrayLike,
+    pscore: ArrayLike,
+    target_pscore: ArrayLike,
+    q_logged: ArrayLike,
+    q_target: ArrayLike,
+) -> Estimate:
+    """Doubly robust: ``mean(q_target + w * (reward - q_logged))``, ``w = target_pscore / pscore``.
+
+    Args:
+      reward, pscore, target_pscore: as for ``ips``.
+      q_logged: the outcome model's estimate of the reward of the logged action.
+      q_target: the outcome model's expected reward under the evaluated policy for that row's
+        context (``sum over actions of target probability * estimate``).
+    """
+    reward, pscore, target_pscore, q_logged, q_target = _checked(
+        reward=reward,
+        pscore=pscore,
+        target_pscore=target_pscore,
+        q_logged=q_logged,
+        q_target=q_target,
+    )
+    terms = q_target + target_pscore / pscore * (reward - q_logged)
+    return _mean_estimate(terms, "dr")
+
+
+def _mean_estimate(terms: np.ndarray, estimator: str) -> Estimate:
+    value = float(terms.mean())
+    return _estimate(value, terms - value, estimator)
+
+
+def _estimate(value: float, centred_terms: np.ndarray, estimator: str) -> Estimate:
+    n = len(centred_terms)
+    if n < 2:
+        return Estimate(value, (-math.inf, math.inf), n, math.inf, estimator)
+    se = float(math.sqrt((centred_terms**2).sum() / (n - 1) / n))
+    return Estimate(value, (value - _Z * se, value + _Z * se), n, se, estimator)
+
+
+def _checked(**columns: ArrayLike) -> list[np.ndarray]:
+    """The columns as float arrays, or a ValueError naming the column and what is wrong."""
+    arrays = {}
+    for name, column in columns.items():
+        try:
+            array = np.asarray(column, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an array of numbers") from None
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+        if np.isnan(array).any():
+            raise ValueError(
+                f"{name} contains NaN at row {int(np.flatnonzero(np.isnan(array))[0])}"
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contains an infinite value")
+        arrays[name] = array
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name}={n}" for name, n in lengths.items())
+        raise ValueError(f"all inputs must have the same length, got {described}")
+    if not next(iter(lengths.values())):
+        raise ValueError("no rows: an estimate needs at least one logged decision")
+    pscore = arrays["pscore"]
+    if ((pscore <= 0) | (pscore > 1)).any():
+        bad = int(np.flatnonzero((pscore <= 0) | (pscore > 1))[0])
+        raise ValueError(
+            f"pscore must be in (0, 1] (a logged action had a non-zero probability), "
+            f"got {pscore[bad]!r} at row {bad}"
+        )
+    target = arrays["target_pscore"]
+    if ((target < 0) | (target > 1)).any():
+        bad = int(np.flatnonzero((target < 0) | (target > 1))[0])
+        raise ValueError(f"target_pscore must be in [0, 1], got {target[bad]!r} at row {bad}")
+    return list(arrays.values())
