@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from loopline.blueprint import Blueprint, format_duration
 from loopline.errors import UsageError
+from loopline.experiment import ARMS, CHALLENGER, PRODUCTION, DayComparison, Moments, readout
 from loopline.metrics import two_proportion_test
 
 # Summary dimensions (``transforms.monitoring.summary_keys``) and the day of an all-days group.
@@ -252,3 +253,59 @@ class DelayBins:
     def edges(self) -> list[float]:
         width = (self.upper_ms - self.lower_ms) / self.bins
         return [self.lower_ms + i * width for i in range(self.bins + 1)]
+
+
+_NO_ROWS = Moments(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def experiment_section(blueprint: Blueprint, arm_rows: list[dict], unit_rows: list[dict]) -> dict:
+    """The rollout experiment's readout from ``SummariseArms`` and ``CountUnitsPerArm`` rows.
+
+    Arms are compared within each UTC day (``loopline.experiment.readout``); a model that served
+    an arm on any day is named under ``models``. Without rollout traffic in the input, or
+    without a ``rollout`` section in the blueprint, says so instead of a verdict.
+    """
+    if not arm_rows:
+        return {"skipped": "no scored decision carries an arm (no rollout in this input)"}
+    if blueprint.rollout is None:
+        return {"skipped": f"{blueprint.source} has no rollout section"}
+    models: dict[str, set] = {arm: set() for arm in ARMS}
+    days: dict[str, dict[str, Moments]] = {}
+    for row in arm_rows:
+        if row["arm"] not in ARMS:
+            continue
+        models[row["arm"]].add(row["model_id"])
+        fields = {
+            k: row[k] for k in ("n", "total", "total_sq", "decisions", "decisions_sq", "cross")
+        }
+        current = days.setdefault(row["day"], {}).get(row["arm"])
+        moments = Moments(**fields)
+        if current is not None:  # two models served one arm that day: their rows add up
+            moments = Moments(
+                *(a + b for a, b in zip(_fields(current), _fields(moments), strict=True))
+            )
+        days[row["day"]][row["arm"]] = moments
+    comparisons = [
+        DayComparison(day, arms.get(PRODUCTION, _NO_ROWS), arms.get(CHALLENGER, _NO_ROWS))
+        for day, arms in sorted(days.items())
+    ]
+    units = {row["arm"]: row["units"] for row in unit_rows}
+    result = readout(
+        comparisons,
+        blueprint.rollout,
+        assignment=(units.get(PRODUCTION, 0), units.get(CHALLENGER, 0)),
+        primary_name=blueprint.label.name,
+    )
+    return {
+        "verdict": result.verdict,
+        "sentence": result.sentence,
+        "production": sorted(models[PRODUCTION]),
+        "challenger": sorted(models[CHALLENGER]),
+        "units": units,
+        "days": [c.day for c in comparisons],
+        "figures": result.as_dict(),
+    }
+
+
+def _fields(m: Moments) -> tuple[float, ...]:
+    return (m.n, m.total, m.total_sq, m.decisions, m.decisions_sq, m.cross)

@@ -215,6 +215,7 @@ def render_html(metrics: dict, plots: dict[str, str]) -> str:
         "</p>",
         _summary_section(metrics, numeric),
         _flags_section(metrics),
+        _experiment_section(metrics),
         _ab_section(metrics),
         "<h2>Pictures</h2><div class='plots'>",
     ]
@@ -276,6 +277,37 @@ def _flags_section(metrics: dict) -> str:
     if not items:
         return "<h2>Flags</h2><p class='ok'>No model is past a blueprint threshold.</p>"
     return f"<h2>Flags</h2><ul>{''.join(items)}</ul>"
+
+
+def _experiment_section(metrics: dict) -> str:
+    """The rollout's verdict in words, then its figures (arms compared within days)."""
+    experiment = metrics.get("experiment") or {}
+    if "verdict" not in experiment:
+        return ""
+    verdict = experiment["verdict"]
+    css = "ok" if verdict == "challenger_better" else "flag" if verdict != "inconclusive" else ""
+    parts = [
+        "<h2>Rollout experiment (production vs challenger)</h2>",
+        f"<p class='{css}'>{_e(verdict)}</p><p>{_e(experiment['sentence'])}</p>",
+        "<table><tr><th class='l'>arm</th><th class='l'>models</th><th>units</th></tr>",
+    ]
+    for arm in ("production", "challenger"):
+        parts.append(
+            f"<tr><td class='l'>{arm}</td><td class='l'>{_e(', '.join(experiment[arm]))}</td>"
+            f"<td>{experiment['units'].get(arm, 0)}</td></tr>"
+        )
+    primary = (experiment.get("figures") or {}).get("primary")
+    parts.append("</table>")
+    if primary:
+        lo, hi = primary["ci"]
+        parts.append(
+            f"<p class='muted'>{_e(primary['name'])}: production {_fmt(primary['production_mean'])}, "
+            f"challenger {_fmt(primary['challenger_mean'])}, difference "
+            f"{_fmt(primary['difference'])} (always-valid {1 - primary['alpha']:.0%} interval "
+            f"[{_fmt(lo)}, {_fmt(hi)}], p = {_fmt(primary['p_value'])}) over "
+            f"{primary['days']} day(s), compared within each day.</p>"
+        )
+    return "".join(parts)
 
 
 def _ab_section(metrics: dict) -> str:

@@ -42,7 +42,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from loopline.blueprint import Blueprint, BlueprintError
-from loopline.readout import MonitorError, assemble_metrics, monitor_settings
+from loopline.readout import MonitorError, assemble_metrics, experiment_section, monitor_settings
 from loopline.report import write_report
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import FailedRun, counter_summary, parse_options
@@ -52,10 +52,12 @@ from transforms.events import ParseDecisions, ParseObservations
 from transforms.join import JoinDecisions
 from transforms.monitoring import (
     AttachScores,
+    CountUnitsPerArm,
     DelayBins,
     LabelDelayHistogram,
     ParseScores,
     ServingStatistics,
+    SummariseArms,
     SummariseOutcomes,
     decision_from_score,
     load_statistics,
@@ -64,6 +66,7 @@ from transforms.monitoring import (
 
 PROG = "monitor"
 METRICS_JSON = "metrics.json"
+VERDICT_JSON = "verdict.json"
 SERVING_STATS = "serving_stats.pb"
 _PARTS = "_parts"
 
@@ -244,13 +247,23 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
             )
         )
     join = (decisions, observations.events) | "JoinDecisions" >> JoinDecisions(blueprint)
-    monitored = (join.joined, scores) | "AttachScores" >> AttachScores(blueprint.version)
+    unit = blueprint.rollout.unit if blueprint.rollout else None
+    monitored = (join.joined, scores) | "AttachScores" >> AttachScores(blueprint.version, unit)
     (
         monitored.outcomes
         | "SummariseOutcomes" >> SummariseOutcomes(blueprint.label.type)
         | "SummariesToJson" >> beam.Map(json.dumps)
         | "WriteSummaries" >> beam.io.WriteToText(f"{parts}/summaries", ".jsonl")
     )
+    for name, rows in (
+        ("arms", monitored.outcomes | "SummariseArms" >> SummariseArms()),
+        ("units", monitored.outcomes | "CountUnitsPerArm" >> CountUnitsPerArm()),
+    ):
+        _ = (
+            rows
+            | f"{name.title()}ToJson" >> beam.Map(json.dumps)
+            | f"Write{name.title()}" >> beam.io.WriteToText(f"{parts}/{name}", ".jsonl")
+        )
     bins = DelayBins.for_window(blueprint.label.window_ms, blueprint.label.backward_slack_ms)
     (
         join.joined
@@ -311,6 +324,23 @@ def _write_outputs(metrics: dict, output: str) -> str:
     return FileSystems.join(output, "report.html")
 
 
+def _write_verdict(metrics: dict, output: str) -> None:
+    """``verdict.json``: what ``pipelines.promote`` acts on — the experiment's verdict, the
+    models in each arm, and the monitor's problems (fired flags fail a challenger too)."""
+    experiment = metrics["experiment"]
+    verdict = {
+        "verdict": experiment["verdict"],
+        "sentence": experiment["sentence"],
+        "production": experiment["production"],
+        "challenger": experiment["challenger"],
+        "days": experiment["days"],
+        "flags": metrics["problems"],
+        "generated_at": metrics["generated_at"],
+    }
+    with FileSystems.create(FileSystems.join(output, VERDICT_JSON)) as f:
+        f.write(json.dumps(verdict, indent=2, sort_keys=True).encode("utf-8"))
+
+
 def problems(metrics: dict) -> list[str]:
     """Why a finished run must not pass: no usable observations, or monitor flags that fired."""
     found = []
@@ -351,9 +381,16 @@ def run(argv: list[str] | None = None) -> dict:
         config.blueprint, summaries, delays, counter_summary(result), config.manifest
     )
     metrics["skew"] = _skew_section(config, settings)
+    metrics["experiment"] = experiment_section(
+        config.blueprint,
+        _read_json_lines(f"{config.parts}/arms*.jsonl"),
+        _read_json_lines(f"{config.parts}/units*.jsonl"),
+    )
     metrics["problems"] = problems(metrics)
     metrics["fail_on_flags"] = config.fail_on_flags
     metrics["report"] = _write_outputs(metrics, config.output)
+    if "verdict" in metrics["experiment"]:
+        _write_verdict(metrics, config.output)
     FileSystems.delete([config.parts])
     return metrics
 
@@ -376,6 +413,8 @@ def print_summary(metrics: dict) -> None:
         )
     for comparison in metrics["ab"].get("models", []):
         print(comparison["sentence"])
+    if "verdict" in metrics["experiment"]:
+        print(f"rollout: {metrics['experiment']['verdict']}: {metrics['experiment']['sentence']}")
     for name in (metrics.get("skew") or {}).get("skewed", []):
         print(f"skew: feature {name} is past its threshold")
     print(f"report: {metrics['report']}")

@@ -678,3 +678,106 @@ def test_arms_are_summarised_per_day_for_the_experiment(tmp_path):
 def test_a_score_row_with_an_empty_arm_is_refused():
     row = parse_score_row(json.dumps({"decision_id": "d", "score": 0.5, "arm": ""}))
     assert row.reason == "wrong_type" and "arm" in row.detail
+
+
+ROLLOUT_BLUEPRINT = """
+name: notify
+version: 3
+features:
+  - {name: user_id, type: string}
+  - {name: open_rate, type: float}
+label: {name: clicked, observation: click, aggregation: max, window: 1h,
+        backward_slack: 2m, default: 0}
+monitor: {min_count: 1}
+rollout: {unit: user_id, challenger_share: 0.5, salt: s1, min_exposure: 200, max_days: 14}
+"""
+
+
+def rollout_fixture(root, challenger_rate, production_rate=0.1, days=3, users=400, seed=5):
+    """Each user decides once a day in their hashed arm; clicks follow the arm's true rate."""
+    from loopline.blueprint import parse_blueprint
+    from loopline.experiment import assign_arm
+
+    (root / "notify.yaml").write_text(ROLLOUT_BLUEPRINT)
+    rollout = parse_blueprint(ROLLOUT_BLUEPRINT).rollout
+    rng = random.Random(seed)
+    decisions, scores, observations = [], [], []
+    for day in range(days):
+        for u in range(users):
+            user, i = f"u-{u}", f"d-{day}-{u}"
+            arm = assign_arm(user, rollout)
+            decided = START + timedelta(days=day, seconds=60 * u)
+            rate = challenger_rate if arm == "challenger" else production_rate
+            decisions.append(
+                {"decision_id": i, "decision_type": "notify", "event_time": _iso(decided),
+                 "features": {"user_id": user, "open_rate": rng.random()}}
+            )  # fmt: skip
+            scores.append(
+                {"decision_id": i, "score": rng.random(), "arm": arm,
+                 "model_id": "notify-new" if arm == "challenger" else "notify-old"}
+            )  # fmt: skip
+            if rng.random() < rate:
+                clicked = decided + timedelta(minutes=5)
+                observations.append(
+                    {"decision_id": i, "event_time": _iso(clicked), "observations": {"click": 1}}
+                )
+    for name, rows in (("decisions", decisions), ("scores", scores), ("obs", observations)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [
+        "--scores", str(root / "scores.jsonl"), "--decisions", str(root / "decisions.jsonl"),
+        "--observations", str(root / "obs.jsonl"), "--blueprint", str(root / "notify.yaml"),
+        "--output", str(root / "out"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def better_challenger(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout")
+    metrics = monitor.run(rollout_fixture(root, challenger_rate=0.3))
+    return metrics, root / "out"
+
+
+@pytest.mark.slow
+def test_a_truly_better_challenger_gets_the_verdict_challenger_better(better_challenger):
+    metrics, out = better_challenger
+    experiment = metrics["experiment"]
+    assert experiment["verdict"] == "challenger_better"
+    assert experiment["challenger"] == ["notify-new"] and experiment["production"] == ["notify-old"]
+    assert experiment["days"] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+
+@pytest.mark.slow
+def test_the_experiment_counts_units_not_decisions(better_challenger):
+    metrics, _ = better_challenger
+    units = metrics["experiment"]["units"]
+    assert units["production"] + units["challenger"] == 400  # users, though 1200 decisions
+
+
+@pytest.mark.slow
+def test_the_verdict_file_names_the_models_and_the_sentence(better_challenger):
+    _, out = better_challenger
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] == "challenger_better"
+    assert verdict["challenger"] == ["notify-new"] and verdict["flags"] == []
+    assert "clicked" in verdict["sentence"]
+
+
+def test_equal_arms_are_inconclusive(tmp_path):
+    metrics = monitor.run(rollout_fixture(tmp_path, challenger_rate=0.1, days=1))
+    assert metrics["experiment"]["verdict"] == "inconclusive"
+
+
+def test_without_arms_the_experiment_is_skipped(tmp_path):
+    metrics = monitor.run(_small_inputs(tmp_path, CLICKS))
+    assert metrics["experiment"] == {
+        "skipped": "no scored decision carries an arm (no rollout in this input)"
+    }
+    assert not (tmp_path / "out" / "verdict.json").exists()
+
+
+@pytest.mark.slow
+def test_the_report_states_the_rollout_verdict_in_words(better_challenger):
+    _, out = better_challenger
+    html = (out / "report.html").read_text()
+    assert "Rollout experiment (production vs challenger)" in html
+    assert "challenger_better" in html and "notify-new" in html

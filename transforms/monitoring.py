@@ -81,6 +81,7 @@ class MonitoredDecision:
     propensity: float | None = None
     explored: bool | None = None
     arm: str | None = None
+    unit: str | None = None  # the rollout unit's value (e.g. user_id): grouping only, never written
 
 
 class ScoreOutputs(NamedTuple):
@@ -230,8 +231,9 @@ class _AttachScoreDoFn(beam.DoFn):
     UNSCORED = "unscored"
     UNMATCHED = "unmatched_scores"
 
-    def __init__(self, default_version: str):
+    def __init__(self, default_version: str, unit_feature: str | None = None):
         self._default_version = default_version
+        self._unit_feature = unit_feature
         self._monitored = Metrics.counter("loopline.attach_scores", "decisions_monitored")
         self._unscored = Metrics.counter("loopline.attach_scores", "decisions_without_score")
         self._unmatched = Metrics.counter("loopline.attach_scores", "scores_without_decision")
@@ -271,7 +273,13 @@ class _AttachScoreDoFn(beam.DoFn):
             propensity=row.propensity if row.propensity is not None else decision.propensity,
             explored=row.explored,
             arm=row.arm,
+            unit=_unit(decision, self._unit_feature),
         )
+
+
+def _unit(decision: DecisionEvent, feature: str | None) -> str | None:
+    value = decision.features.get(feature) if feature else None
+    return None if value is None else str(value)
 
 
 class AttachScores(beam.PTransform):
@@ -282,12 +290,18 @@ class AttachScores(beam.PTransform):
     the model actually said); a decision with no score and a score with no decision are kept
     apart on ``unscored`` and ``unmatched_scores``.
 
+    With ``unit_feature`` (the blueprint's ``rollout.unit``) each row also carries its unit's
+    value, so the experiment can count units rather than decisions.
+
     >>> monitored = (join.joined, scores.scores) | AttachScores(blueprint.version)
     """
 
-    def __init__(self, default_version: str = "", label: str | None = None):
+    def __init__(
+        self, default_version: str = "", unit_feature: str | None = None, label: str | None = None
+    ):
         super().__init__(label)
         self._default_version = default_version
+        self._unit_feature = unit_feature
 
     def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> MonitorOutputs:
         joined, scores = inputs
@@ -297,7 +311,7 @@ class AttachScores(beam.PTransform):
             {"joined": keyed_joined, "scores": keyed_scores}
             | "GroupByDecisionId" >> beam.CoGroupByKey()
             | "Attach"
-            >> beam.ParDo(_AttachScoreDoFn(self._default_version)).with_outputs(
+            >> beam.ParDo(_AttachScoreDoFn(self._default_version, self._unit_feature)).with_outputs(
                 _AttachScoreDoFn.UNSCORED, _AttachScoreDoFn.UNMATCHED, main="outcomes"
             )
         )
@@ -374,6 +388,78 @@ class SummariseOutcomes(beam.PTransform):
                     **metrics,
                 }
             )
+        )
+
+
+def _unit_day_key(row: MonitoredDecision) -> tuple[tuple[str, str, str, str], tuple[float, int]]:
+    # A row without a unit (no rollout unit in its features) is its own unit.
+    unit = row.unit if row.unit is not None else f"decision:{row.decision_id}"
+    return (row.arm, row.model_id, row.day, unit), (row.label, 1)
+
+
+def _sum_value_and_count(pairs: Iterable[tuple[float, int]]) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for value, n in pairs:
+        total += value
+        count += n
+    return total, count
+
+
+def _moments(rows: Iterable[tuple[float, int]]) -> dict:
+    """Moments of unit-day rows (y = summed label, d = decisions), the fields of
+    ``loopline.experiment.Moments``."""
+    out = dict.fromkeys(("n", "total", "total_sq", "decisions", "decisions_sq", "cross"), 0.0)
+    for y, d in rows:
+        out["n"] += 1
+        out["total"] += y
+        out["total_sq"] += y * y
+        out["decisions"] += d
+        out["decisions_sq"] += d * d
+        out["cross"] += y * d
+    out["n"] = int(out["n"])
+    return out
+
+
+class SummariseArms(beam.PTransform):
+    """Per arm, model and UTC day: the moments of unit-day rows of the label, for the rollout
+    experiment (``loopline.experiment.readout``). A unit's decisions on one day are one row (its
+    summed label and decision count), so the experiment's variance counts units, not decisions.
+    Rows without an arm (no rollout) are left out.
+
+    >>> moments = monitored.outcomes | SummariseArms()
+    """
+
+    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+        return (
+            outcomes
+            | "WithArm" >> beam.Filter(lambda r: r.arm is not None)
+            | "KeyByUnitDay" >> beam.Map(_unit_day_key)
+            | "SumPerUnitDay" >> beam.CombinePerKey(_sum_value_and_count)
+            | "KeyByArmDay" >> beam.MapTuple(lambda k, yd: ((k[0], k[1], k[2]), yd))
+            | "GroupPerArmDay" >> beam.GroupByKey()
+            | "ToMoments"
+            >> beam.MapTuple(
+                lambda k, rows: {"arm": k[0], "model_id": k[1], "day": k[2], **_moments(rows)}
+            )
+        )
+
+
+class CountUnitsPerArm(beam.PTransform):
+    """Distinct units per arm over the whole input: ``{"arm": ..., "units": n}`` rows, the
+    counts the sample-ratio check compares with the configured share (a unit seen on several
+    days counts once). Rows without an arm are left out.
+
+    >>> units = monitored.outcomes | CountUnitsPerArm()
+    """
+
+    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+        return (
+            outcomes
+            | "WithArm" >> beam.Filter(lambda r: r.arm is not None)
+            | "ArmAndUnit" >> beam.Map(lambda r: (r.arm, _unit_day_key(r)[0][3]))
+            | "Distinct" >> beam.Distinct()
+            | "CountPerArm" >> beam.combiners.Count.PerKey()
+            | "ToRows" >> beam.MapTuple(lambda arm, n: {"arm": arm, "units": n})
         )
 
 
