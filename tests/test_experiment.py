@@ -263,6 +263,7 @@ def test_an_inconclusive_experiment_at_its_maximum_duration_says_to_end_the_spli
     days = [DayComparison(f"2026-12-0{i}", _rate(3_200, 0.10), _rate(800, 0.10)) for i in (1, 2, 3)]
     result = readout(days, short)
     assert result.verdict == INCONCLUSIVE and result.max_days_reached
+    assert "No difference found in 3 days (the maximum is 3)" in result.sentence
     assert "end the split" in result.sentence
 
 
@@ -358,3 +359,9 @@ def test_clustered_a_a_stays_valid_with_unit_day_rows_and_not_with_decision_rows
 
     assert false_verdicts(by_unit=True) <= 0.05
     assert false_verdicts(by_unit=False) > 0.15  # decisions of one user are not independent
+
+
+def test_a_day_given_twice_is_refused():
+    day = DayComparison("2026-12-01", _rate(3_200, 0.10), _rate(800, 0.10))
+    with pytest.raises(ValueError, match="each day must come once"):
+        readout([day, day], ROLLOUT)
