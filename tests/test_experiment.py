@@ -178,6 +178,34 @@ def test_a_lift_from_10_to_13_percent_is_detected_in_80_percent_within_14_days(
     assert np.mean([v == BETTER for v in _verdicts(days)]) >= 0.80
 
 
+def test_an_a_a_experiment_with_two_guardrails_rolls_back_in_at_most_5_percent():
+    guarded = Rollout(
+        unit="user_id",
+        challenger_share=SHARE,
+        salt="s",
+        guardrails=(
+            Guardrail("unsubscribe_max", "unsubscribe", "max", "decrease"),
+            Guardrail("dwell_seconds_sum", "dwell_seconds", "sum", "increase"),
+        ),
+    )
+    rng = np.random.default_rng(12)
+    clicks = _binary_days(rng, SEEDS, SHARE, BASE_RATE, BASE_RATE)
+    unsubscribes = _binary_days(rng, SEEDS, SHARE, 0.02, 0.02)
+    dwell = _binary_days(rng, SEEDS, SHARE, 0.3, 0.3)
+    verdicts = [
+        readout(
+            _comparisons(*(a[s] for a in clicks)),
+            guarded,
+            guardrails={
+                "unsubscribe_max": _comparisons(*(a[s] for a in unsubscribes)),
+                "dwell_seconds_sum": _comparisons(*(a[s] for a in dwell)),
+            },
+        ).verdict
+        for s in range(SEEDS)
+    ]
+    assert np.mean([v == WORSE for v in verdicts]) <= 0.05
+
+
 def test_a_drop_is_called_worse():
     rng = np.random.default_rng(8)
     arrays = _binary_days(rng, 1, SHARE, BASE_RATE, 0.07)
