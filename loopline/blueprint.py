@@ -1,8 +1,9 @@
 """Blueprints: the versioned description of one decision type (DESIGN.md, "Blueprint").
 
 A blueprint names the features a decision is made from (with their types), how the label is
-computed from delayed observations, how examples are split, and the sections owned by later
-stages (``model``, ``policy``, ``monitor``), which are kept as plain mappings here.
+computed from delayed observations, how examples are split, the sections owned by later
+stages (``model``, ``policy``, ``monitor``), which are kept as plain mappings here, and the
+``rollout`` section (how a challenger model earns traffic), which is validated here.
 
     >>> bp = load_blueprint("examples/notify.yaml")
     >>> bp.label.window_ms
@@ -151,9 +152,9 @@ class Rollout:
     ``challenger_share`` by a salted hash (``loopline.experiment.assign_arm``), so a unit keeps
     its arm across days and processes whatever the model scores. The primary metric is the
     blueprint's label, read as a ``rate`` or a ``mean``; guardrails are other observation keys.
-    ``alpha`` is the significance level of the sequential test, ``min_exposure`` the rows each
-    arm needs before any verdict, ``max_days`` how long an inconclusive split may last, and
-    ``srm_alpha`` the level of the sample-ratio-mismatch check.
+    ``alpha`` is the significance level of the sequential test, ``min_exposure`` the decisions
+    each arm needs before any verdict, ``max_days`` how long an inconclusive split may last,
+    and ``srm_alpha`` the level of the sample-ratio-mismatch check.
     """
 
     unit: str

@@ -350,6 +350,10 @@ def readout(
             f"guardrails {sorted(unknown)} are not in the rollout's guardrails {sorted(known)}"
         )
     primary = sorted(primary, key=lambda c: c.day)
+    for name, comparisons in [(primary_name, primary), *guardrails.items()]:
+        seen = [c.day for c in comparisons]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"{name}: each day must come once, got {sorted(seen)}")
     if assignment is None:
         assignment = (
             sum(c.production.n for c in primary),
@@ -411,7 +415,8 @@ def readout(
     if max_days_reached:
         return result(
             INCONCLUSIVE,
-            f"No difference found in {rollout.max_days} days, the maximum: {_describe(main)}. "
+            f"No difference found in {days} days (the maximum is {rollout.max_days}): "
+            f"{_describe(main)}. "
             "The challenger has not shown it is better; end the split.",
         )
     return result(

@@ -48,8 +48,10 @@ class Estimate:
     """A policy value estimated off-policy: the point estimate, its 95% interval and its size.
 
     ``se`` is the standard error the interval was built from, ``estimator`` names the method
-    (``ips``, ``snips`` or ``dr``). With a single row the spread cannot be estimated, and the
-    interval is ``(-inf, inf)``.
+    (``ips``, ``snips`` or ``dr``), and ``mean_weight`` is the mean of ``target_pscore /
+    pscore``: close to 1 when the propensities are right and the sample covers the target
+    policy; far from 1, the estimate rests on few rows. With a single row the spread cannot be
+    estimated, and the interval is ``(-inf, inf)``.
     """
 
     value: float
@@ -57,6 +59,7 @@ class Estimate:
     n: int
     se: float
     estimator: str
+    mean_weight: float
 
     def as_dict(self) -> dict:
         """The figures for a JSON record (a model record, a monitor's metrics)."""
@@ -67,6 +70,7 @@ class Estimate:
             "ci_high": self.ci[1],
             "se": self.se,
             "n": self.n,
+            "mean_weight": self.mean_weight,
         }
 
 
@@ -81,8 +85,8 @@ def ips(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Estim
     reward, pscore, target_pscore = _checked(
         reward=reward, pscore=pscore, target_pscore=target_pscore
     )
-    terms = target_pscore / pscore * reward
-    return _mean_estimate(terms, "ips")
+    weights = target_pscore / pscore
+    return _mean_estimate(weights * reward, weights, "ips")
 
 
 def snips(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Estimate:
@@ -105,7 +109,7 @@ def snips(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Est
         )
     value = float((weights * reward).sum() / weights.sum())
     influence = weights * (reward - value) / mean_weight
-    return _estimate(value, influence, "snips")
+    return _estimate(value, influence, weights, "snips")
 
 
 def dr(
@@ -130,21 +134,24 @@ def dr(
         q_logged=q_logged,
         q_target=q_target,
     )
-    terms = q_target + target_pscore / pscore * (reward - q_logged)
-    return _mean_estimate(terms, "dr")
+    weights = target_pscore / pscore
+    return _mean_estimate(q_target + weights * (reward - q_logged), weights, "dr")
 
 
-def _mean_estimate(terms: np.ndarray, estimator: str) -> Estimate:
+def _mean_estimate(terms: np.ndarray, weights: np.ndarray, estimator: str) -> Estimate:
     value = float(terms.mean())
-    return _estimate(value, terms - value, estimator)
+    return _estimate(value, terms - value, weights, estimator)
 
 
-def _estimate(value: float, centred_terms: np.ndarray, estimator: str) -> Estimate:
+def _estimate(
+    value: float, centred_terms: np.ndarray, weights: np.ndarray, estimator: str
+) -> Estimate:
     n = len(centred_terms)
+    mean_weight = float(weights.mean())
     if n < 2:
-        return Estimate(value, (-math.inf, math.inf), n, math.inf, estimator)
+        return Estimate(value, (-math.inf, math.inf), n, math.inf, estimator, mean_weight)
     se = float(math.sqrt((centred_terms**2).sum() / (n - 1) / n))
-    return Estimate(value, (value - _Z * se, value + _Z * se), n, se, estimator)
+    return Estimate(value, (value - _Z * se, value + _Z * se), n, se, estimator, mean_weight)
 
 
 def _checked(**columns: ArrayLike) -> list[np.ndarray]:

@@ -178,6 +178,34 @@ def test_a_lift_from_10_to_13_percent_is_detected_in_80_percent_within_14_days(
     assert np.mean([v == BETTER for v in _verdicts(days)]) >= 0.80
 
 
+def test_an_a_a_experiment_with_two_guardrails_rolls_back_in_at_most_5_percent():
+    guarded = Rollout(
+        unit="user_id",
+        challenger_share=SHARE,
+        salt="s",
+        guardrails=(
+            Guardrail("unsubscribe_max", "unsubscribe", "max", "decrease"),
+            Guardrail("dwell_seconds_sum", "dwell_seconds", "sum", "increase"),
+        ),
+    )
+    rng = np.random.default_rng(12)
+    clicks = _binary_days(rng, SEEDS, SHARE, BASE_RATE, BASE_RATE)
+    unsubscribes = _binary_days(rng, SEEDS, SHARE, 0.02, 0.02)
+    dwell = _binary_days(rng, SEEDS, SHARE, 0.3, 0.3)
+    verdicts = [
+        readout(
+            _comparisons(*(a[s] for a in clicks)),
+            guarded,
+            guardrails={
+                "unsubscribe_max": _comparisons(*(a[s] for a in unsubscribes)),
+                "dwell_seconds_sum": _comparisons(*(a[s] for a in dwell)),
+            },
+        ).verdict
+        for s in range(SEEDS)
+    ]
+    assert np.mean([v == WORSE for v in verdicts]) <= 0.05
+
+
 def test_a_drop_is_called_worse():
     rng = np.random.default_rng(8)
     arrays = _binary_days(rng, 1, SHARE, BASE_RATE, 0.07)
@@ -263,6 +291,7 @@ def test_an_inconclusive_experiment_at_its_maximum_duration_says_to_end_the_spli
     days = [DayComparison(f"2026-12-0{i}", _rate(3_200, 0.10), _rate(800, 0.10)) for i in (1, 2, 3)]
     result = readout(days, short)
     assert result.verdict == INCONCLUSIVE and result.max_days_reached
+    assert "No difference found in 3 days (the maximum is 3)" in result.sentence
     assert "end the split" in result.sentence
 
 
@@ -358,3 +387,9 @@ def test_clustered_a_a_stays_valid_with_unit_day_rows_and_not_with_decision_rows
 
     assert false_verdicts(by_unit=True) <= 0.05
     assert false_verdicts(by_unit=False) > 0.15  # decisions of one user are not independent
+
+
+def test_a_day_given_twice_is_refused():
+    day = DayComparison("2026-12-01", _rate(3_200, 0.10), _rate(800, 0.10))
+    with pytest.raises(ValueError, match="each day must come once"):
+        readout([day, day], ROLLOUT)

@@ -66,6 +66,11 @@ def test_target_equal_to_logging_policy_gives_the_observed_mean():
         assert estimate.value == pytest.approx(0.6)
 
 
+def test_mean_weight_shows_how_much_of_the_log_speaks_for_the_target_policy():
+    assert ips(REWARD, PSCORE, TARGET).mean_weight == pytest.approx(5.5 / 4)
+    assert snips(REWARD, PSCORE, PSCORE).mean_weight == pytest.approx(1.0)
+
+
 def test_a_single_row_has_an_unbounded_interval():
     est = ips([1.0], [0.5], [1.0])
     assert est.value == 2.0 and est.n == 1
@@ -74,7 +79,7 @@ def test_a_single_row_has_an_unbounded_interval():
 
 def test_estimate_as_dict_holds_every_figure():
     record = snips(REWARD, PSCORE, TARGET).as_dict()
-    assert set(record) == {"estimator", "value", "ci_low", "ci_high", "se", "n"}
+    assert set(record) == {"estimator", "value", "ci_low", "ci_high", "se", "n", "mean_weight"}
     assert record["estimator"] == "snips" and record["n"] == 4
 
 
