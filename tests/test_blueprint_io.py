@@ -92,4 +92,4 @@ def test_each_pipeline_reads_its_blueprint_through_it(remote, tmp_path):
             str(tmp_path / "out"),
         ]
     )
-    assert monitor.validate(opts).content_hash == expected
+    assert monitor.resolve(opts).blueprint.content_hash == expected
