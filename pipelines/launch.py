@@ -33,7 +33,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.errors import UsageError
 
-__all__ = ["FailedRun", "UsageError", "counter_summary", "help_text", "main", "parse_options"]
+__all__ = [
+    "FailedRun",
+    "UsageError",
+    "boolean_flag",
+    "counter_summary",
+    "help_text",
+    "main",
+    "parse_options",
+]
 
 COUNTER_PREFIX = "loopline."
 OptionsT = TypeVar("OptionsT", bound=PipelineOptions)
@@ -41,6 +49,18 @@ OptionsT = TypeVar("OptionsT", bound=PipelineOptions)
 
 class FailedRun(RuntimeError):
     """A run that finished but must not count as a success (every row failed, a flag fired)."""
+
+
+def boolean_flag(value: str | bool) -> bool:
+    """An argparse ``type`` for flags given as ``true``/``false`` (how Flex Template parameters
+    and Airflow pass booleans), also ``1``/``0`` and ``yes``/``no``."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _all_options_parser() -> argparse.ArgumentParser:

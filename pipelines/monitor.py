@@ -45,7 +45,7 @@ from loopline.blueprint import Blueprint, BlueprintError
 from loopline.readout import MonitorError, assemble_metrics, experiment_section, monitor_settings
 from loopline.report import write_report
 from pipelines.blueprint_io import read_blueprint
-from pipelines.launch import FailedRun, counter_summary, parse_options
+from pipelines.launch import FailedRun, boolean_flag, counter_summary, parse_options
 from pipelines.launch import main as launch_main
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
@@ -71,16 +71,6 @@ SERVING_STATS = "serving_stats.pb"
 _PARTS = "_parts"
 
 __all__ = ["MonitorError", "MonitorOptions", "MonitorConfig", "resolve", "build", "run", "main"]
-
-
-def _flag(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
 
 
 class MonitorOptions(PipelineOptions):
@@ -113,7 +103,7 @@ class MonitorOptions(PipelineOptions):
         parser.add_argument("--manifest", help="manifest.json of the join span, for its delays.")
         parser.add_argument(
             "--fail_on_flags",
-            type=_flag,
+            type=boolean_flag,
             default=True,
             help="Exit 1 (after writing every output) when a monitor flag fires or no "
             "observation is usable (default true; the daily DAG's task then fails).",
