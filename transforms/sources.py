@@ -8,7 +8,10 @@ pipeline reads and parses the same way whatever the source:
     >>> parsed = raw | "ParseDecisions" >> ParseDecisions(blueprint, format=source.parse_format)
 
 * files: JSON lines through ``ReadFromText`` or Avro through ``ReadFromAvro`` (``format``
-  ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise);
+  ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise). Lines are read
+  as ``bytes``: a line that is not UTF-8 reaches the parser, which refuses it as ``bad_json``,
+  instead of failing the whole read in ``ReadFromText``'s decoder. A pattern that matches no
+  file fails when the transform is made, with ``NoFilesMatched``;
 * BigQuery: ``ReadFromBigQuery`` rows, with ``TIMESTAMP`` columns as epoch milliseconds and
   JSON-string ``features`` / ``observations`` columns decoded (``format="record"``);
 * Pub/Sub: ``ReadFromPubSub`` messages with attributes, element timestamps taken from the
@@ -23,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.coders import coders
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -83,6 +87,9 @@ class ReadEvents(beam.PTransform):
         format: for files, ``auto`` (by extension), ``json`` or ``avro``.
         bigquery_options: extra keyword arguments for ``ReadFromBigQuery`` (e.g. ``method``,
             ``gcs_location``).
+        validate: match a file pattern now (as ``ReadFromText`` does) and raise
+            ``NoFilesMatched`` (a ValueError), naming the join's flag (``--decisions`` or
+            ``--observations``) and the pattern, when it matches no file.
 
     >>> raw = p | ReadEvents("observation", subscription="projects/p/subscriptions/obs")
     """
@@ -95,6 +102,7 @@ class ReadEvents(beam.PTransform):
         subscription: str | None = None,
         format: str = "auto",
         bigquery_options: dict | None = None,
+        validate: bool = True,
     ):
         super().__init__()
         if kind not in (DECISION, OBSERVATION):
@@ -120,6 +128,8 @@ class ReadEvents(beam.PTransform):
         self.bigquery_options = dict(bigquery_options or {})
         if pattern:
             self.parse_format = detect_format(pattern, format)
+            if validate:
+                _require_files(pattern, f"--{kind}s")
         elif table:
             self.parse_format = "record"
         else:
@@ -133,7 +143,9 @@ class ReadEvents(beam.PTransform):
         if self.pattern and self.parse_format == "avro":
             return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern)
         if self.pattern:
-            return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(self.pattern)
+            return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(
+                self.pattern, coder=coders.BytesCoder()
+            )
         if self.table:
             return (
                 pbegin
@@ -146,6 +158,21 @@ class ReadEvents(beam.PTransform):
             with_attributes=True,
             timestamp_attribute=EVENT_TIME_ATTRIBUTE,
         )
+
+
+def _require_files(pattern: str, flag: str) -> None:
+    """Raises ``NoFilesMatched`` with one sentence when ``pattern`` matches no file."""
+    try:
+        files = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # noqa: BLE001 - Beam's BeamIOError carries a per-pattern dict
+        raise NoFilesMatched(f"{flag} {pattern!r} cannot be listed ({_first_line(e)})") from None
+    if not files:
+        raise NoFilesMatched(f"{flag} {pattern!r} matches no files")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class LineRange(NamedTuple):
