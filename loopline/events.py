@@ -124,11 +124,13 @@ class ObservationEvent:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an input could not become an event; goes to ``rejected/`` with the raw payload."""
+    """Why an input could not become an event; goes to ``rejected/`` with the payload: the raw
+    text as parsed, or (once a parse step has applied the blueprint's privacy, see
+    ``loopline.privacy.redact_payload``) its redacted form, a mapping."""
 
     reason: str
     source: str  # DECISION or OBSERVATION
-    payload: str
+    payload: str | dict
     detail: str = ""
 
     def to_dict(self) -> dict:
