@@ -109,18 +109,20 @@ def test_a_pattern_that_matches_nothing_fails_when_the_pipeline_is_built(tmp_pat
 @pytest.mark.parametrize(
     "kind, flag", [("decision", "--decisions"), ("observation", "--observations")]
 )
-def test_read_events_with_a_pattern_that_matches_nothing_names_the_flag_and_pattern(
+def test_read_events_with_a_pattern_that_matches_nothing_fails_when_the_pipeline_is_built(
     tmp_path: Path, kind, flag
 ):
     pattern = str(tmp_path / "missing-*.jsonl")
+    source = ReadEvents(kind, pattern=pattern)
     with pytest.raises(NoFilesMatched) as raised:
-        ReadEvents(kind, pattern=pattern)
+        _ = beam.Pipeline() | source
     message = str(raised.value)
     assert message == f"{flag} {pattern!r} matches no files" and "\n" not in message
 
 
 def test_read_events_validate_false_matches_nothing_until_run(tmp_path: Path):
     source = ReadEvents("decision", pattern=str(tmp_path / "later-*.avro"), validate=False)
+    _ = beam.Pipeline() | source
     assert source.parse_format == "avro"
 
 

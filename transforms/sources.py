@@ -11,7 +11,7 @@ pipeline reads and parses the same way whatever the source:
   ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise). Lines are read
   as ``bytes``: a line that is not UTF-8 reaches the parser, which refuses it as ``bad_json``,
   instead of failing the whole read in ``ReadFromText``'s decoder. A pattern that matches no
-  file fails when the transform is made, with ``NoFilesMatched``;
+  file fails when the pipeline is built, with ``NoFilesMatched``;
 * BigQuery: ``ReadFromBigQuery`` rows, with ``TIMESTAMP`` columns as epoch milliseconds and
   JSON-string ``features`` / ``observations`` columns decoded (``format="record"``);
 * Pub/Sub: ``ReadFromPubSub`` messages with attributes, element timestamps taken from the
@@ -87,9 +87,10 @@ class ReadEvents(beam.PTransform):
         format: for files, ``auto`` (by extension), ``json`` or ``avro``.
         bigquery_options: extra keyword arguments for ``ReadFromBigQuery`` (e.g. ``method``,
             ``gcs_location``).
-        validate: match a file pattern now (as ``ReadFromText`` does) and raise
+        validate: match a file pattern when the transform is applied, i.e. when the pipeline
+            is built and before anything runs (as ``ReadFromText`` does), and raise
             ``NoFilesMatched`` (a ValueError), naming the join's flag (``--decisions`` or
-            ``--observations``) and the pattern, when it matches no file.
+            ``--observations``) and the pattern, in one sentence when it matches no file.
 
     >>> raw = p | ReadEvents("observation", subscription="projects/p/subscriptions/obs")
     """
@@ -126,10 +127,9 @@ class ReadEvents(beam.PTransform):
         self.table = table
         self.subscription = subscription
         self.bigquery_options = dict(bigquery_options or {})
+        self.validate = validate
         if pattern:
             self.parse_format = detect_format(pattern, format)
-            if validate:
-                _require_files(pattern, f"--{kind}s")
         elif table:
             self.parse_format = "record"
         else:
@@ -140,11 +140,15 @@ class ReadEvents(beam.PTransform):
         return bool(self.subscription)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Any:
+        if self.pattern and self.validate:
+            # Here rather than in __init__: a launcher makes its sources while it checks its
+            # arguments, and a usage error found later must not be hidden behind this one.
+            _require_files(self.pattern, f"--{self.kind}s")
         if self.pattern and self.parse_format == "avro":
-            return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern)
+            return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern, validate=self.validate)
         if self.pattern:
             return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(
-                self.pattern, coder=coders.BytesCoder()
+                self.pattern, coder=coders.BytesCoder(), validate=self.validate
             )
         if self.table:
             return (
