@@ -338,7 +338,8 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
     if propensity is not None:
         if not _is_real(propensity) or not 0 <= propensity <= 1:
             raise _Refused(
-                WRONG_TYPE, f"field 'propensity' must be a number in [0, 1], got {propensity!r}"
+                WRONG_TYPE,
+                f"field 'propensity' must be a number in [0, 1], got {_describe(propensity)}",
             )
         propensity = float(propensity)
     if blueprint is not None:
