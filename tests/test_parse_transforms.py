@@ -283,3 +283,13 @@ def test_with_privacy_an_internal_error_keeps_only_the_exception_type(blueprint)
         PayloadPrivacy.from_blueprint(blueprint, KEY),
     )
     assert redacted.detail == "RuntimeError" and redacted.payload == {}
+
+
+def test_when_redaction_itself_fails_only_the_digest_is_kept(blueprint):
+    class BrokenPrivacy(PayloadPrivacy):
+        def redact(self, raw):
+            raise RuntimeError(f"cannot redact {raw!r}")
+
+    refusal = parse_one(BAD_FEATURE_LINE, DECISION, "json", blueprint)
+    redacted = redact(refusal, BAD_FEATURE_LINE, BrokenPrivacy())
+    assert redacted.payload == digest(BAD_FEATURE_LINE)

@@ -52,7 +52,7 @@ from loopline.events import (
     parse_decision_json,
     parse_observation_json,
 )
-from loopline.privacy import PayloadPrivacy, QuarantinedPayload
+from loopline.privacy import PayloadPrivacy, QuarantinedPayload, digest
 
 FORMATS = ("json", "avro", "record", "pubsub")
 INTERNAL_ERROR = "internal_error"
@@ -127,9 +127,12 @@ def redact(refusal: Refusal, raw: Any, privacy: PayloadPrivacy) -> Refusal:
     detail = refusal.detail
     if refusal.reason == INTERNAL_ERROR:
         detail = detail.partition(":")[0]  # an exception's message may quote a value
-    return dataclasses.replace(
-        refusal, payload=privacy.redact(_raw_bytes(raw, refusal)), detail=detail
-    )
+    data = _raw_bytes(raw, refusal)
+    try:
+        payload = privacy.redact(data)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the raw payload must not leave
+        payload = digest(data)
+    return dataclasses.replace(refusal, payload=payload, detail=detail)
 
 
 def quarantined(refusal: Refusal, raw: Any) -> QuarantinedPayload:
