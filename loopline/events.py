@@ -17,6 +17,7 @@ What is accepted is what every later step can write without failing or losing pr
   a tf.Example's float_list holds); the label's observation value fits the label's column
   (int64 for an ``int`` label, float32 for a ``float`` one); a propensity is in [0, 1]. Python's
   JSON reader takes integers of any size and ``NaN`` / ``Infinity``: all of those are refused.
+* nesting: a line whose JSON nests deeper than ``MAX_JSON_DEPTH`` (32) is ``bad_json``.
 
     >>> parse_decision_json('{"decision_id": "d1", "decision_type": "notify", '
     ...                     '"event_time": "2026-11-01T12:00:00Z", "features": {}}')
@@ -70,6 +71,10 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 _BOM = "\ufeff"
+# Deeper JSON than this is refused: an event is a flat object of flat values, and a deeper one
+# could pass json.loads yet hit the recursion limit later, when a Beam coder pickles it or a
+# writer dumps it, and fail the job there.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -424,9 +429,25 @@ def _event_time(obj: dict) -> int:
 
 def _load_json(raw: str) -> Any:
     try:
-        return json.loads(raw)
+        obj = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise _Refused(BAD_JSON, f"not valid JSON ({e})") from None
+    # Cheap test first: only a line with many brackets can nest deeply.
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        raise _Refused(BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    """How deeply lists and objects nest in ``obj`` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _decode(payload: str | bytes) -> tuple[str, str | None]:

@@ -444,3 +444,17 @@ def test_a_refusal_detail_describes_containers_by_type_and_size_only(blueprint):
     result = parse_decision_json(json.dumps([{"email": "a@example.com"}]), blueprint)
     assert isinstance(result, Refusal) and result.reason == events.NOT_AN_OBJECT
     assert "list of 1 item" in result.detail and "example.com" not in result.detail
+
+
+def test_json_nested_deeper_than_the_limit_is_bad_json(blueprint):
+    deep = "[" * 500 + "]" * 500
+    line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + deep + ", ")
+    result = parse_observation_json(line, blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert "nested deeper than 32" in result.detail
+
+
+def test_json_with_many_brackets_but_shallow_nesting_is_accepted(blueprint):
+    wide = json.dumps([{"a": [1]} for _ in range(100)])
+    line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + wide + ", ")
+    assert isinstance(parse_observation_json(line, blueprint), ObservationEvent)

@@ -74,6 +74,12 @@ BAD_OBSERVATIONS = [
     (observation_line("d-good-1", observations={"click": 2**70}), LABEL_TYPE),
     (observation_line("d-good-1", observations={"click": 1e23}), LABEL_TYPE),
     (observation_line("d-good-2", event_time=(T0 + MINUTE) // 1000), BAD_TIME),
+    (
+        observation_line("d-good-2").replace(
+            b'{"click"', b'{"x": ' + b"[" * 600 + b"]" * 600 + b', "click"'
+        ),
+        BAD_JSON,
+    ),
 ]
 GOOD_DECISIONS = ["d-good-1", "d-good-2", "d-bom"]
 
