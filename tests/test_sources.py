@@ -16,6 +16,7 @@ from transforms.sources import (
     NoFilesMatched,
     ReadEvents,
     ReadLineBatches,
+    bigquery_row_to_record,
     read_line_range,
     split_file,
 )
@@ -136,3 +137,9 @@ def test_read_events_gives_lines_as_bytes_so_bad_utf8_reaches_the_parser(tmp_pat
             lines,
             equal_to([good, b"\xff\xfe{bad}", b"\xef\xbb\xbf{}", "café".encode(), b"\x80"]),
         )
+
+
+def test_a_bigquery_json_column_too_deep_to_read_is_left_for_the_parser_to_refuse():
+    deep = "[" * 100_000 + "]" * 100_000
+    record = bigquery_row_to_record({"decision_id": "d1", "features": deep, "observations": "{}"})
+    assert record == {"decision_id": "d1", "features": deep, "observations": {}}

@@ -60,7 +60,7 @@ def bigquery_row_to_record(row: dict) -> dict:
 
     BigQuery hands ``TIMESTAMP`` columns back as datetimes (Avro export) and ``JSON`` columns as
     strings; the event parsers want epoch milliseconds and mappings. A string that is not JSON
-    is left alone, so the parser refuses it with the usual reason.
+    (or nests too deeply to read) is left alone, so the parser refuses it with the usual reason.
     """
     record = dict(row)
     moment = record.get("event_time")
@@ -71,7 +71,7 @@ def bigquery_row_to_record(row: dict) -> dict:
     for column in _JSON_COLUMNS:
         value = record.get(column)
         if isinstance(value, str):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 record[column] = json.loads(value)
     return record
 
