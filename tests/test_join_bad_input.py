@@ -27,7 +27,7 @@ from loopline.events import (
 from loopline.privacy import PayloadPrivacy
 from pipelines import join_decisions
 from tests.test_join import FEATURES, MINUTE, T0, decision, observation
-from transforms.events import ParseDecisions, ParseObservations
+from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
 from transforms.join import JoinDecisions
 from transforms.span import MANIFEST, SpanInputs, WriteSpan
 
@@ -188,11 +188,8 @@ def build_private_join(pipeline, config, quarantine_dir: Path):
     observations = raw_observations | "ParseObservations" >> ParseObservations(
         bp, format=config.observations.parse_format, privacy=privacy
     )
-    _ = (
-        (decisions.quarantined, observations.quarantined)
-        | "Quarantined" >> beam.Flatten()
-        | "QuarantineJson" >> beam.Map(lambda q: q.to_json())
-        | "WriteQuarantine" >> beam.io.WriteToText(str(quarantine_dir / "part"), ".jsonl")
+    _ = (decisions.quarantined, observations.quarantined) | "WriteQuarantine" >> WriteQuarantine(
+        str(quarantine_dir)
     )
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(bp)
     inputs = SpanInputs.from_join(

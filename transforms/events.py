@@ -20,7 +20,8 @@ blueprint's dropped fields removed and pseudonymised ones hashed, anything else 
 ``{"sha256", "length"}`` (``loopline.privacy.redact_payload``); an ``internal_error``'s detail
 keeps only the exception's type. With ``privacy.quarantine`` set, the raw payload of each
 refusal also leaves on ``quarantined`` as a ``loopline.privacy.QuarantinedPayload``, for the
-caller to write to its quarantine location (and nowhere else); otherwise that output is empty.
+caller to write to its quarantine location (and nowhere else; ``WriteQuarantine`` in a batch
+job); otherwise that output is empty.
 
     >>> parsed = lines | "ParseDecisions" >> ParseDecisions(blueprint, privacy=privacy)
     >>> parsed.events       # DecisionEvent, timestamped by event_time
@@ -36,6 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
@@ -279,12 +281,36 @@ class ParseObservations(_Parse):
         super().__init__(OBSERVATION, blueprint, format, privacy)
 
 
+class WriteQuarantine(beam.PTransform):
+    """Writes quarantined raw payloads (one PCollection, or several as a tuple) as JSON lines
+    ``LOCATION/part-*.jsonl`` (``QuarantinedPayload.to_json``): batch jobs only.
+
+    The location is the only place raw refused payloads go; give it its own access control.
+
+        >>> _ = (decisions.quarantined, observations.quarantined) | WriteQuarantine(location)
+    """
+
+    def __init__(self, location: str):
+        super().__init__()
+        self._location = location
+
+    def expand(self, quarantined):
+        if isinstance(quarantined, tuple | list):
+            quarantined = quarantined | "Flatten" >> beam.Flatten()
+        return (
+            quarantined
+            | "ToJson" >> beam.Map(QuarantinedPayload.to_json)
+            | "Write" >> beam.io.WriteToText(FileSystems.join(self._location, "part"), ".jsonl")
+        )
+
+
 __all__ = [
     "FORMATS",
     "INTERNAL_ERROR",
     "ParseDecisions",
     "ParseObservations",
     "ParsedEvents",
+    "WriteQuarantine",
     "parse_one",
     "quarantined",
     "redact",
