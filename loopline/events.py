@@ -4,6 +4,21 @@ Parsing never raises on bad input: every parser returns either an event or a ``R
 carries a reason code, a sentence saying what is wrong, and the raw payload, so a Beam DoFn can
 route it to a dead-letter output.
 
+What is accepted is what every later step can write without failing or losing precision:
+
+* text: UTF-8 only (bytes that are not are refused, never parsed with replacement characters);
+  one UTF-8 byte-order mark at the start of a line is skipped, since Windows tools write one at
+  the start of a file and the event after it is fine. Strings holding a lone surrogate (a JSON
+  ``"\\udcff"`` escape) cannot be written as UTF-8 and are refused like a wrong type.
+* event time: ``2000-01-01T00:00:00Z`` <= t < ``2100-01-01T00:00:00Z`` (``MIN_EVENT_TIME_MS``,
+  ``MAX_EVENT_TIME_MS``). Outside that range is almost always a unit mistake: epoch seconds
+  (2026 in seconds is January 1970 in milliseconds) or microseconds; ``bad_time`` says which.
+* numbers: an ``int`` feature fits int64; a ``float`` feature is finite and fits float32 (what
+  a tf.Example's float_list holds); the label's observation value fits the label's column
+  (int64 for an ``int`` label, float32 for a ``float`` one); a propensity is in [0, 1]. Python's
+  JSON reader takes integers of any size and ``NaN`` / ``Infinity``: all of those are refused.
+* nesting: a line whose JSON nests deeper than ``MAX_JSON_DEPTH`` (32) is ``bad_json``.
+
     >>> parse_decision_json('{"decision_id": "d1", "decision_type": "notify", '
     ...                     '"event_time": "2026-11-01T12:00:00Z", "features": {}}')
     DecisionEvent(decision_id='d1', ...)
@@ -12,7 +27,6 @@ route it to a dead-letter output.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -48,9 +62,19 @@ REASONS = (
     BAD_AVRO,
 )
 
-# Epoch milliseconds outside [1970, 9999] are almost always a unit mistake (seconds, micros).
-_MIN_TIME_MS = 0
-_MAX_TIME_MS = 253402300799999
+# The accepted event-time range (see the module docstring): [2000-01-01, 2100-01-01) UTC, in
+# epoch milliseconds. Fixed rather than relative to now, so a rerun of old logs refuses exactly
+# what the first run refused.
+MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z, excluded
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+_BOM = "\ufeff"
+# Deeper JSON than this is refused: an event is a flat object of flat values, and a deeper one
+# could pass json.loads yet hit the recursion limit later, when a Beam coder pickles it or a
+# writer dumps it, and fail the job there.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -105,11 +129,13 @@ class ObservationEvent:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an input could not become an event; goes to ``rejected/`` with the raw payload."""
+    """Why an input could not become an event; goes to ``rejected/`` with the payload: the raw
+    text as parsed, or (once a parse step has applied the blueprint's privacy, see
+    ``loopline.privacy.redact_payload``) its redacted form, a mapping."""
 
     reason: str
     source: str  # DECISION or OBSERVATION
-    payload: str
+    payload: str | dict
     detail: str = ""
 
     def to_dict(self) -> dict:
@@ -134,7 +160,9 @@ class _Refused(Exception):
 def parse_event_time(value: Any) -> int:
     """RFC 3339 with a zone, or integer epoch milliseconds, to epoch milliseconds.
 
-    Raises ValueError with a sentence on anything else (no zone, a float, a bool, out of range).
+    Raises ValueError with a sentence on anything else (no zone, a float, a bool, a time outside
+    ``MIN_EVENT_TIME_MS`` .. ``MAX_EVENT_TIME_MS``; the sentence says when a number looks like
+    epoch seconds or microseconds).
     """
     if isinstance(value, bool):
         raise ValueError(
@@ -148,9 +176,17 @@ def parse_event_time(value: Any) -> int:
         raise ValueError(
             f"event_time must be RFC 3339 with a zone or epoch milliseconds, got {value!r}"
         )
-    if not _MIN_TIME_MS <= ms <= _MAX_TIME_MS:
-        raise ValueError(f"event_time {value!r} is outside 1970..9999")
+    if not MIN_EVENT_TIME_MS <= ms < MAX_EVENT_TIME_MS:
+        raise ValueError(f"event_time {value!r} is outside 2000-01-01..2100-01-01{_unit_hint(ms)}")
     return ms
+
+
+def _unit_hint(ms: int) -> str:
+    if MIN_EVENT_TIME_MS <= ms * 1000 < MAX_EVENT_TIME_MS:
+        return "; it looks like epoch seconds, and event_time takes milliseconds"
+    if MIN_EVENT_TIME_MS <= ms // 1000 < MAX_EVENT_TIME_MS:
+        return "; it looks like epoch microseconds, and event_time takes milliseconds"
+    return ""
 
 
 def _parse_rfc3339(text: str) -> int:
@@ -240,7 +276,10 @@ def observation_from_record(
 
 
 def validate_features(features: dict[str, Any], blueprint: Blueprint) -> tuple[str, str] | None:
-    """(reason, detail) if ``features`` do not match the blueprint exactly, else None."""
+    """(reason, detail) if ``features`` do not match the blueprint exactly, else None.
+
+    The detail never shows the value of a feature the blueprint pseudonymises or drops.
+    """
     declared = blueprint.feature_types
     for name in features:
         if name not in declared:
@@ -248,15 +287,31 @@ def validate_features(features: dict[str, Any], blueprint: Blueprint) -> tuple[s
                 UNKNOWN_FEATURE,
                 f"feature {name!r} is not in blueprint {blueprint.name} v{blueprint.version}",
             )
+    private = blueprint.privacy.pseudonymise + blueprint.privacy.drop
     for name, ftype in declared.items():
         if name not in features or features[name] is None:
             return MISSING_FEATURE, f"feature {name!r} ({ftype}) is missing"
-        if not _has_type(features[name], ftype):
+        value = features[name]
+        if not _has_type(value, ftype):
+            shown = type(value).__name__ if name in private else _describe(value)
             return (
                 FEATURE_TYPE,
-                f"feature {name!r} must be {ftype}, got {_describe(features[name])}",
+                f"feature {name!r} must be {ftype}, got {shown}{_why(value, ftype)}",
             )
     return None
+
+
+def _why(value: Any, ftype: str) -> str:
+    """Why a value of about the right type still does not fit ``ftype``: '' when it is not that."""
+    base = ftype.removesuffix("_list")
+    for v in value if isinstance(value, list) else (value,):
+        if base == "int" and _is_real(v) and isinstance(v, int) and not _is_int(v):
+            return " (beyond the int64 range)"
+        if base == "float" and _is_real(v) and not _is_number(v):
+            return " (not finite or beyond the float32 range)"
+        if base == "string" and isinstance(v, str) and not _is_string(v):
+            return " (holds a lone surrogate, not valid Unicode)"
+    return ""
 
 
 def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
@@ -279,14 +334,17 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
                 WRONG_TYPE, f"field 'blueprint_version' must be a string, got {_describe(version)}"
             )
         version = str(version)
+        if not _is_string(version):
+            raise _Refused(WRONG_TYPE, "field 'blueprint_version' holds a lone surrogate")
     model_id = obj.get("model_id")
-    if model_id is not None and not isinstance(model_id, str):
+    if model_id is not None and not _is_string(model_id):
         raise _Refused(WRONG_TYPE, f"field 'model_id' must be a string, got {_describe(model_id)}")
     propensity = obj.get("propensity")
     if propensity is not None:
-        if not _is_number(propensity) or not 0 <= propensity <= 1:
+        if not _is_real(propensity) or not 0 <= propensity <= 1:
             raise _Refused(
-                WRONG_TYPE, f"field 'propensity' must be a number in [0, 1], got {propensity!r}"
+                WRONG_TYPE,
+                f"field 'propensity' must be a number in [0, 1], got {_describe(propensity)}",
             )
         propensity = float(propensity)
     if blueprint is not None:
@@ -325,16 +383,26 @@ def _observation(obj: Any, blueprint: Blueprint | None) -> ObservationEvent:
         )
     if blueprint is not None:
         key = blueprint.label.observation
-        if (
-            key in observations
-            and not _is_number(observations[key])
-            and not isinstance(observations[key], bool)
-        ):
-            raise _Refused(
-                LABEL_TYPE,
-                f"observation {key!r} (the label's source) must be a number, got {_describe(observations[key])}",
-            )
+        if key in observations:
+            problem = _label_problem(observations[key], blueprint.label.type)
+            if problem:
+                raise _Refused(
+                    LABEL_TYPE, f"observation {key!r} (the label's source) must be {problem}"
+                )
     return ObservationEvent(decision_id, event_time_ms, observations)
+
+
+def _label_problem(value: Any, label_type: str) -> str | None:
+    """What the label's observation value must be, if ``value`` is not that; else None."""
+    if isinstance(value, bool):
+        return None
+    if not _is_real(value):
+        return f"a number, got {_describe(value)}"
+    if label_type == "int" and not INT64_MIN <= value < 2**63:
+        return f"a number within the int64 range (the label is int), got {_describe(value)}"
+    if not _is_number(value):
+        return f"a finite number within the float32 range, got {_describe(value)}"
+    return None
 
 
 def _required_str(obj: dict, key: str) -> str:
@@ -345,6 +413,8 @@ def _required_str(obj: dict, key: str) -> str:
         raise _Refused(WRONG_TYPE, f"field {key!r} must be a string, got {_describe(value)}")
     if not value:
         raise _Refused(WRONG_TYPE, f"field {key!r} is empty")
+    if not _is_string(value):
+        raise _Refused(WRONG_TYPE, f"field {key!r} holds a lone surrogate, not valid Unicode")
     return value
 
 
@@ -359,21 +429,37 @@ def _event_time(obj: dict) -> int:
 
 def _load_json(raw: str) -> Any:
     try:
-        return json.loads(raw)
+        obj = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise _Refused(BAD_JSON, f"not valid JSON ({e})") from None
+    # Cheap test first: only a line with many brackets can nest deeply.
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        raise _Refused(BAD_JSON, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    """How deeply lists and objects nest in ``obj`` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _decode(payload: str | bytes) -> tuple[str, str | None]:
-    """The payload as text, and why it is refused if it is bytes that are not UTF-8: those are
-    not parsed with replacement characters (which would score or join a mangled id), but the
-    refusal's payload keeps them replaced."""
+    """The payload as text without a leading byte-order mark, and why it is refused if it is
+    bytes that are not UTF-8: those are not parsed with replacement characters (which would
+    score or join a mangled id), but the refusal's payload keeps them replaced."""
     if isinstance(payload, bytes | bytearray):
         try:
-            return payload.decode("utf-8"), None
+            payload = payload.decode("utf-8")
         except UnicodeDecodeError as e:
             return payload.decode("utf-8", errors="replace"), f"not valid UTF-8 ({e})"
-    return payload, None
+    return payload.removeprefix(_BOM), None
 
 
 def _dump(record: Any) -> str:
@@ -383,16 +469,35 @@ def _dump(record: Any) -> str:
         return repr(record)
 
 
+def _is_real(value: Any) -> bool:
+    """An int or a float that is not a bool (of any size, possibly not finite)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number a float32 holds: finite and at most FLOAT32_MAX in magnitude."""
+    # Compares exactly, also for an int too large for a float (where math.isfinite raises);
+    # NaN compares false.
+    return _is_real(value) and abs(value) <= FLOAT32_MAX
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+    )
 
 
 def _is_string(value: Any) -> bool:
-    return isinstance(value, str)
+    """A str that can be written as UTF-8 (no lone surrogate from a JSON escape)."""
+    if not isinstance(value, str):
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # Feature type -> (check of one value, is a list); built once, used for every feature of every row.
@@ -410,6 +515,13 @@ def _has_type(value: Any, ftype: str) -> bool:
 
 
 def _describe(value: Any) -> str:
+    """A short description for a refusal's detail; a container only by its type and size, so
+    a detail never copies what a payload holds (perhaps personal data) from deep inside it."""
+    if isinstance(value, dict | list):
+        n = len(value)
+        return f"{type(value).__name__} of {n} {'item' if n == 1 else 'items'}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"int of {value.bit_length()} bits"
     text = repr(value)
     if len(text) > 40:
         text = text[:37] + "..."

@@ -267,6 +267,194 @@ def test_mutated_features_yield_event_or_feature_refusal(blueprint, name, value)
 
 
 @settings(max_examples=200)
-@given(st.integers(min_value=0, max_value=253402300799999))
+@given(st.integers(min_value=events.MIN_EVENT_TIME_MS, max_value=events.MAX_EVENT_TIME_MS - 1))
 def test_event_time_round_trips_through_rfc3339(ms):
     assert parse_event_time(format_event_time(ms)) == ms
+
+
+# --- Bad bytes and values: refused with a reason, never passed on to crash a later step ------
+
+T0_MS = 1_793_534_400_000  # 2026-11-01T12:00:00Z
+
+
+@pytest.mark.parametrize(
+    "value, hint",
+    [
+        (T0_MS // 1000, "epoch seconds"),
+        (T0_MS * 1000, "epoch microseconds"),
+        (events.MIN_EVENT_TIME_MS - 1, "2000-01-01..2100-01-01"),
+        (events.MAX_EVENT_TIME_MS, "2000-01-01..2100-01-01"),
+        ("1999-12-31T23:59:59.999Z", "2000-01-01..2100-01-01"),
+        ("2100-01-01T00:00:00Z", "2000-01-01..2100-01-01"),
+    ],
+)
+def test_event_time_outside_2000_to_2100_is_bad_time_with_a_unit_hint(blueprint, value, hint):
+    result = parse_decision_json(decision_line(event_time=value), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.BAD_TIME
+    assert hint in result.detail
+
+
+def test_event_time_range_bounds_are_accepted():
+    assert parse_event_time(events.MIN_EVENT_TIME_MS) == events.MIN_EVENT_TIME_MS
+    assert parse_event_time("2000-01-01T00:00:00Z") == events.MIN_EVENT_TIME_MS
+    assert parse_event_time(events.MAX_EVENT_TIME_MS - 1) == events.MAX_EVENT_TIME_MS - 1
+
+
+@pytest.mark.parametrize(
+    "name, value, detail",
+    [
+        ("tenure_days", 2**63, "int64"),
+        ("tenure_days", -(2**63) - 1, "int64"),
+        ("tenure_days", 2**70, "int64"),
+        ("tenure_days", 10**400, "int64"),
+        ("open_rate_30d", 1e308, "float32"),
+        ("open_rate_30d", 10**39, "float32"),
+        ("open_rate_30d", 10**400, "float32"),
+        ("open_rate_30d", float("inf"), "float32"),
+        ("open_rate_30d", float("nan"), "float32"),
+        ("recent_clicks", [1.0, 1e39], "float32"),
+        ("country", "K\udcff", "lone surrogate"),
+        ("topics", ["ok", "\ud800"], "lone surrogate"),
+    ],
+)
+def test_feature_values_a_tf_example_cannot_hold_are_feature_type(blueprint, name, value, detail):
+    result = parse_decision_json(
+        decision_line(features={**good_features(), name: value}), blueprint
+    )
+    assert isinstance(result, Refusal) and result.reason == events.FEATURE_TYPE
+    assert name in result.detail and detail in result.detail
+
+
+def test_feature_values_at_the_int64_and_float32_bounds_are_accepted(blueprint):
+    for name, value in [
+        ("tenure_days", 2**63 - 1),
+        ("tenure_days", -(2**63)),
+        ("open_rate_30d", events.FLOAT32_MAX),
+        ("open_rate_30d", 2**100),
+    ]:
+        line = decision_line(features={**good_features(), name: value})
+        assert isinstance(parse_decision_json(line, blueprint), DecisionEvent), (name, value)
+
+
+@settings(max_examples=300)
+@given(st.integers() | st.floats())
+def test_an_int_feature_is_accepted_exactly_when_int64_holds_it(blueprint, value):
+    result = parse_decision_json(
+        decision_line(features={**good_features(), "tenure_days": value}), blueprint
+    )
+    fits = isinstance(value, int) and -(2**63) <= value < 2**63
+    assert isinstance(result, DecisionEvent) == fits
+    if not fits:
+        assert result.reason == events.FEATURE_TYPE
+
+
+@settings(max_examples=300)
+@given(st.integers() | st.floats())
+def test_a_float_feature_is_accepted_exactly_when_float32_holds_it(blueprint, value):
+    result = parse_decision_json(
+        decision_line(features={**good_features(), "open_rate_30d": value}), blueprint
+    )
+    fits = value == value and abs(value) <= 3.4028234663852886e38
+    assert isinstance(result, DecisionEvent) == fits
+    if not fits:
+        assert result.reason == events.FEATURE_TYPE
+
+
+@pytest.mark.parametrize("value", [10**400, 2**70, float("nan"), float("inf"), -0.5])
+def test_propensity_must_be_a_number_in_0_1(blueprint, value):
+    result = parse_decision_json(decision_line(propensity=value), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.WRONG_TYPE
+    assert "propensity" in result.detail
+
+
+def observation_line(click):
+    return json.dumps({"decision_id": "d-1", "event_time": T0_MS, "observations": {"click": click}})
+
+
+@pytest.mark.parametrize(
+    "click, detail",
+    [
+        (2**63, "int64"),
+        (2**70, "int64"),
+        (1e23, "int64"),
+        (float("nan"), "int64"),
+        (float("inf"), "int64"),
+        (10**400, "int64"),
+    ],
+)
+def test_label_values_beyond_the_int_label_column_are_label_type(blueprint, click, detail):
+    assert blueprint.label.type == "int"
+    result = parse_observation_json(observation_line(click), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.LABEL_TYPE
+    assert detail in result.detail
+
+
+def test_label_values_beyond_float32_are_label_type_for_a_float_label(blueprint):
+    import dataclasses
+
+    float_label = dataclasses.replace(
+        blueprint, label=dataclasses.replace(blueprint.label, type="float")
+    )
+    result = parse_observation_json(observation_line(1e308), float_label)
+    assert isinstance(result, Refusal) and "float32" in result.detail
+    assert isinstance(
+        parse_observation_json(observation_line(2**63), float_label), ObservationEvent
+    )
+
+
+def test_label_values_within_int64_and_bools_are_accepted(blueprint):
+    for click in (2**63 - 1, -(2**63), True, 0.5):
+        assert isinstance(
+            parse_observation_json(observation_line(click), blueprint), ObservationEvent
+        )
+
+
+def test_a_byte_order_mark_at_the_start_of_a_line_is_skipped(blueprint):
+    line = decision_line()
+    event = parse_decision_json(line, blueprint)
+    assert parse_decision_json(b"\xef\xbb\xbf" + line.encode(), blueprint) == event
+    assert parse_decision_json("\ufeff" + line, blueprint) == event
+    observation = observation_line(1)
+    assert isinstance(
+        parse_observation_json(b"\xef\xbb\xbf" + observation.encode()), ObservationEvent
+    )
+
+
+def test_a_byte_order_mark_elsewhere_is_bad_json(blueprint):
+    result = parse_decision_json(" \ufeff" + decision_line(), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+
+
+@pytest.mark.parametrize("field", ["decision_id", "decision_type", "model_id"])
+def test_an_id_with_a_lone_surrogate_is_wrong_type(blueprint, field):
+    result = parse_decision_json(decision_line(**{field: "d-\udcff"}), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.WRONG_TYPE
+
+
+@pytest.mark.parametrize("name, value", [("user_id", 4242424242), ("email", ["a@example.com"])])
+def test_a_refusal_detail_never_shows_a_private_feature_value(blueprint, name, value):
+    result = parse_decision_json(
+        decision_line(features={**good_features(), name: value}), blueprint
+    )
+    assert isinstance(result, Refusal) and result.reason == events.FEATURE_TYPE
+    assert str(value).strip("[]'") not in result.detail and name in result.detail
+
+
+def test_a_refusal_detail_describes_containers_by_type_and_size_only(blueprint):
+    result = parse_decision_json(json.dumps([{"email": "a@example.com"}]), blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.NOT_AN_OBJECT
+    assert "list of 1 item" in result.detail and "example.com" not in result.detail
+
+
+def test_json_nested_deeper_than_the_limit_is_bad_json(blueprint):
+    deep = "[" * 500 + "]" * 500
+    line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + deep + ", ")
+    result = parse_observation_json(line, blueprint)
+    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert "nested deeper than 32" in result.detail
+
+
+def test_json_with_many_brackets_but_shallow_nesting_is_accepted(blueprint):
+    wide = json.dumps([{"a": [1]} for _ in range(100)])
+    line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + wide + ", ")
+    assert isinstance(parse_observation_json(line, blueprint), ObservationEvent)

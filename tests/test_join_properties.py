@@ -4,13 +4,18 @@ DESIGN.md and every input event lands in exactly one output.
     decisions_in    = examples_written + duplicate_decisions
     observations_in = observations_used + out_of_window + orphan + duplicate_observations
 
-(the rejected counts belong to parsing, which these events never fail).
+(the rejected counts belong to parsing, which these events never fail), and, from files through
+parsing to the span's manifest, that bad bytes and values are counted rejections and never fail
+the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -20,13 +25,17 @@ from hypothesis import strategies as st
 
 from loopline.events import DecisionEvent, ObservationEvent
 from tests.test_join import FEATURES, MINUTE, T0, run_join
+from transforms.events import ParseDecisions, ParseObservations
 from transforms.join import (
     METRICS_NAMESPACE,
     OBSERVED,
     ORPHAN,
     OUT_OF_WINDOW,
+    JoinDecisions,
     classify_decision_group,
 )
+from transforms.sources import ReadEvents
+from transforms.span import MANIFEST, SpanInputs, WriteSpan
 
 IDS = ["a", "b", "c", "d"]
 
@@ -195,3 +204,86 @@ def test_pipeline_counters_reconcile_and_outputs_cover_every_event(blueprint, st
         )
     )
     assert c["observations_orphan"] + c["observations_out_of_window"] == len(expected_unmatched)
+
+
+# --- Bad bytes and values through the join, from files to manifest ---------------------------
+
+INT64 = 2**63
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def good_decision_line(decision_id: str, **changes) -> bytes:
+    obj = {**DecisionEvent(decision_id, "notify", T0, FEATURES).to_dict(), **changes}
+    return json.dumps(obj).encode()
+
+
+def not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+# (line maker taking a fresh decision id, whether the join must refuse it)
+corruptions = st.one_of(
+    st.just((lambda i: good_decision_line(i), False)),
+    st.just((lambda i: b"\xef\xbb\xbf" + good_decision_line(i), False)),
+    st.binary(min_size=1, max_size=30)
+    .filter(lambda b: b"\n" not in b and b"\r" not in b and not_utf8(b))
+    .map(lambda b: (lambda i: good_decision_line(i).replace(b"notify", b, 1), True)),
+    (st.integers(max_value=-INT64 - 1) | st.integers(min_value=INT64)).map(
+        lambda v: (lambda i: good_decision_line(i, features={**FEATURES, "tenure_days": v}), True)
+    ),
+    (
+        st.floats(min_value=FLOAT32_MAX, exclude_min=True)
+        | st.sampled_from([float("nan"), float("-inf"), -1e39])
+    ).map(
+        lambda v: (
+            lambda i: good_decision_line(i, features={**FEATURES, "open_rate_30d": v}),
+            True,
+        )
+    ),
+    (st.integers(max_value=946_684_799_999) | st.integers(min_value=4_102_444_800_000)).map(
+        lambda t: (lambda i: good_decision_line(i, event_time=t), True)
+    ),
+    st.integers(min_value=2**64).map(
+        lambda v: (lambda i: good_decision_line(i, propensity=v), True)
+    ),
+)
+
+
+@settings(
+    max_examples=5,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(corruptions, min_size=1, max_size=12))
+def test_bad_bytes_and_values_from_files_are_counted_rejections_and_the_span_reconciles(
+    blueprint, lines
+):
+    made = [(make(f"d{n}"), bad) for n, (make, bad) in enumerate(lines)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "decisions.jsonl").write_bytes(b"\n".join(line for line, _ in made) + b"\n")
+        (root / "observations.jsonl").write_bytes(b"")
+        output = root / "span"
+        with beam.Pipeline() as pipeline:
+            sources = [
+                ReadEvents(kind, pattern=str(root / f"{kind}s.jsonl"))
+                for kind in ("decision", "observation")
+            ]
+            raw = [pipeline | f"Read[{s.kind}]" >> s for s in sources]
+            parsed = [
+                raw[0] | "ParseDecisions" >> ParseDecisions(blueprint),
+                raw[1] | "ParseObservations" >> ParseObservations(blueprint),
+            ]
+            join = (parsed[0].events, parsed[1].events) | JoinDecisions(blueprint)
+            inputs = SpanInputs.from_join(join, parsed[0].rejected, parsed[1].rejected, *raw)
+            _ = inputs | WriteSpan(str(output), blueprint, b"test-key")
+        manifest = json.loads((output / MANIFEST).read_text())
+    bad = sum(is_bad for _, is_bad in made)
+    assert manifest["reconciles"] is True
+    assert manifest["decisions_in"] == len(made)
+    assert manifest["rejected_decisions"] == bad
+    assert manifest["examples_written"] == len(made) - bad

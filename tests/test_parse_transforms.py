@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 
@@ -23,8 +24,9 @@ from loopline.events import (
     OBSERVATION,
     Refusal,
 )
+from loopline.privacy import PayloadPrivacy, digest, pseudonymise
 from tests.test_join import FEATURES, MINUTE, T0, decision, observation
-from transforms.events import INTERNAL_ERROR, ParseDecisions, ParseObservations, parse_one
+from transforms.events import INTERNAL_ERROR, ParseDecisions, ParseObservations, parse_one, redact
 
 DECISION_LINE = json.dumps(decision("d1", at=T0, model_id="notify-1", propensity=0.8).to_dict())
 OBSERVATION_LINE = json.dumps(observation("d1", at=T0 + MINUTE, click=1).to_dict())
@@ -185,3 +187,109 @@ def test_json_format_refuses_a_non_text_input(blueprint):
 def test_unknown_format_fails_at_construction(blueprint):
     with pytest.raises(ValueError, match="format must be one of json, avro, record, pubsub"):
         ParseDecisions(blueprint, format="csv")
+
+
+# --- Privacy: refused payloads redacted where they are made; raw bytes only in quarantine ----
+
+KEY = b"test-key-not-a-secret"
+CUT_LINE = DECISION_LINE[: DECISION_LINE.index("a@example.com") + 14]  # not JSON, holds PII
+NOT_UTF8_LINE = DECISION_LINE.encode().replace(b'"d1"', b'"d1\xff"')
+PRIVACY_INPUTS = [DECISION_LINE, CUT_LINE, BAD_FEATURE_LINE, NOT_UTF8_LINE]
+
+
+def parse_privately(blueprint, raw, privacy, out_dir, fmt="json"):
+    """The refusals (as written: dicts) and quarantined payloads (as JSON lines, read back as
+    dicts) of parsing ``raw`` with ``privacy``."""
+    with test_pipeline.TestPipeline() as pipeline:
+        parsed = (
+            pipeline
+            | beam.Create(raw, reshuffle=False)
+            | ParseDecisions(blueprint, format=fmt, privacy=privacy)
+        )
+        _ = (
+            parsed.rejected
+            | "RejectedJson" >> beam.Map(lambda r: json.dumps(r.to_dict()))
+            | "WriteRejected" >> beam.io.WriteToText(str(out_dir / "rejected"))
+        )
+        _ = (
+            parsed.quarantined
+            | "QuarantinedJson" >> beam.Map(lambda q: q.to_json())
+            | "WriteQuarantined" >> beam.io.WriteToText(str(out_dir / "quarantined"))
+        )
+
+    def read(prefix):
+        return [json.loads(line) for f in out_dir.glob(f"{prefix}*") for line in f.open()]
+
+    return read("rejected"), read("quarantined")
+
+
+def test_with_privacy_a_refused_json_object_keeps_its_shape_redacted(blueprint, tmp_path):
+    refusals, quarantined = parse_privately(
+        blueprint,
+        [DECISION_LINE, BAD_FEATURE_LINE],
+        PayloadPrivacy.from_blueprint(blueprint, KEY),
+        tmp_path,
+    )
+    (refusal,) = refusals
+    expected = json.loads(BAD_FEATURE_LINE)
+    expected["features"]["user_id"] = pseudonymise("u-1", KEY)
+    del expected["features"]["email"]
+    assert (refusal["reason"], refusal["payload"]) == (FEATURE_TYPE, expected)
+    assert quarantined == []
+
+
+def test_with_privacy_a_payload_that_does_not_parse_is_only_its_digest(blueprint, tmp_path):
+    refusals, _ = parse_privately(
+        blueprint,
+        [CUT_LINE, NOT_UTF8_LINE],
+        PayloadPrivacy.from_blueprint(blueprint, KEY),
+        tmp_path,
+    )
+    assert sorted((r["reason"], json.dumps(r["payload"])) for r in refusals) == sorted(
+        (BAD_JSON, json.dumps(digest(raw))) for raw in (CUT_LINE, NOT_UTF8_LINE)
+    )
+
+
+def test_with_quarantine_the_raw_payloads_leave_on_their_own_output_only(blueprint, tmp_path):
+    privacy = PayloadPrivacy.from_blueprint(blueprint, KEY, quarantine=True)
+    refusals, quarantined = parse_privately(blueprint, PRIVACY_INPUTS, privacy, tmp_path)
+    raw_refused = [r if isinstance(r, bytes) else r.encode() for r in PRIVACY_INPUTS[1:]]
+    assert sorted(q["sha256"] for q in quarantined) == sorted(
+        hashlib.sha256(raw).hexdigest() for raw in raw_refused
+    )
+    assert {q["reason"] for q in quarantined} == {BAD_JSON, FEATURE_TYPE}
+    assert sum("a@example.com" in q.get("payload", "") for q in quarantined) == 2
+    assert not any("a@example.com" in json.dumps(r) for r in refusals)
+
+
+def test_with_privacy_record_and_pubsub_payloads_are_redacted_too(blueprint, tmp_path):
+    privacy = PayloadPrivacy.from_blueprint(blueprint, KEY)
+    (record_refusal,), _ = parse_privately(
+        blueprint, [json.loads(BAD_FEATURE_LINE)], privacy, tmp_path / "record", "record"
+    )
+    (message_refusal,), _ = parse_privately(
+        blueprint, [PubsubMessage(CUT_LINE.encode(), {})], privacy, tmp_path / "pubsub", "pubsub"
+    )
+    assert record_refusal["payload"]["features"]["user_id"] == pseudonymise("u-1", KEY)
+    assert "email" not in record_refusal["payload"]["features"]
+    assert message_refusal["payload"] == digest(CUT_LINE)
+
+
+def test_with_privacy_an_internal_error_keeps_only_the_exception_type(blueprint):
+    refusal = parse_one(ExplodingRecord(email="a@example.com"), DECISION, "record", blueprint)
+    redacted = redact(
+        refusal,
+        ExplodingRecord(email="a@example.com"),
+        PayloadPrivacy.from_blueprint(blueprint, KEY),
+    )
+    assert redacted.detail == "RuntimeError" and redacted.payload == {}
+
+
+def test_when_redaction_itself_fails_only_the_digest_is_kept(blueprint):
+    class BrokenPrivacy(PayloadPrivacy):
+        def redact(self, raw):
+            raise RuntimeError(f"cannot redact {raw!r}")
+
+    refusal = parse_one(BAD_FEATURE_LINE, DECISION, "json", blueprint)
+    redacted = redact(refusal, BAD_FEATURE_LINE, BrokenPrivacy())
+    assert redacted.payload == digest(BAD_FEATURE_LINE)

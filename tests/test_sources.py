@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from transforms.sources import (
     LineRange,
     NoFilesMatched,
+    ReadEvents,
     ReadLineBatches,
+    bigquery_row_to_record,
     read_line_range,
     split_file,
 )
@@ -100,3 +102,44 @@ def test_a_pattern_that_matches_nothing_fails_when_the_pipeline_is_built(tmp_pat
         ReadLineBatches(str(tmp_path / "missing-*.jsonl"), batch_lines=8)
     with pytest.raises(ValueError, match="batch_lines"):
         ReadLineBatches(str(tmp_path / "*"), batch_lines=0)
+
+
+# --- ReadEvents: files as bytes, and a pattern that matches nothing -------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, flag", [("decision", "--decisions"), ("observation", "--observations")]
+)
+def test_read_events_with_a_pattern_that_matches_nothing_fails_when_the_pipeline_is_built(
+    tmp_path: Path, kind, flag
+):
+    pattern = str(tmp_path / "missing-*.jsonl")
+    source = ReadEvents(kind, pattern=pattern)
+    with pytest.raises(NoFilesMatched) as raised:
+        _ = beam.Pipeline() | source
+    message = str(raised.value)
+    assert message == f"{flag} {pattern!r} matches no files" and "\n" not in message
+
+
+def test_read_events_validate_false_matches_nothing_until_run(tmp_path: Path):
+    source = ReadEvents("decision", pattern=str(tmp_path / "later-*.avro"), validate=False)
+    _ = beam.Pipeline() | source
+    assert source.parse_format == "avro"
+
+
+def test_read_events_gives_lines_as_bytes_so_bad_utf8_reaches_the_parser(tmp_path: Path):
+    good = b'{"a": 1}'
+    (tmp_path / "events-1.jsonl").write_bytes(good + b"\n\xff\xfe{bad}\r\n\xef\xbb\xbf{}\n")
+    (tmp_path / "events-2.jsonl").write_bytes(b"caf\xc3\xa9\n\x80")
+    with TestPipeline() as p:
+        lines = p | ReadEvents("decision", pattern=str(tmp_path / "events-*.jsonl"))
+        assert_that(
+            lines,
+            equal_to([good, b"\xff\xfe{bad}", b"\xef\xbb\xbf{}", "café".encode(), b"\x80"]),
+        )
+
+
+def test_a_bigquery_json_column_too_deep_to_read_is_left_for_the_parser_to_refuse():
+    deep = "[" * 100_000 + "]" * 100_000
+    record = bigquery_row_to_record({"decision_id": "d1", "features": deep, "observations": "{}"})
+    assert record == {"decision_id": "d1", "features": deep, "observations": {}}

@@ -14,18 +14,30 @@ its event time; every input that cannot become an event leaves on ``rejected`` a
 ``loopline.events.Refusal`` (reason, source, raw payload, detail). A DoFn here never raises
 on bad input: an unexpected exception becomes a refusal with reason ``internal_error``.
 
-    >>> parsed = lines | "ParseDecisions" >> ParseDecisions(blueprint)
-    >>> parsed.events    # DecisionEvent, timestamped by event_time
-    >>> parsed.rejected  # Refusal
+With ``privacy`` (a ``loopline.privacy.PayloadPrivacy``), a refusal's payload is redacted where
+it is made, so no writer downstream can leak it: a JSON object keeps its shape with the
+blueprint's dropped fields removed and pseudonymised ones hashed, anything else is reduced to
+``{"sha256", "length"}`` (``loopline.privacy.redact_payload``); an ``internal_error``'s detail
+keeps only the exception's type. With ``privacy.quarantine`` set, the raw payload of each
+refusal also leaves on ``quarantined`` as a ``loopline.privacy.QuarantinedPayload``, for the
+caller to write to its quarantine location (and nowhere else; ``WriteQuarantine`` in a batch
+job); otherwise that output is empty.
+
+    >>> parsed = lines | "ParseDecisions" >> ParseDecisions(blueprint, privacy=privacy)
+    >>> parsed.events       # DecisionEvent, timestamped by event_time
+    >>> parsed.rejected     # Refusal, payload redacted
+    >>> parsed.quarantined  # QuarantinedPayload, with privacy.quarantine only
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
@@ -42,6 +54,7 @@ from loopline.events import (
     parse_decision_json,
     parse_observation_json,
 )
+from loopline.privacy import PayloadPrivacy, QuarantinedPayload, digest
 
 FORMATS = ("json", "avro", "record", "pubsub")
 INTERNAL_ERROR = "internal_error"
@@ -50,13 +63,15 @@ METRICS_NAMESPACE = "loopline.parse"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EVENTS = "events"
 _REJECTED = "rejected"
+_QUARANTINED = "quarantined"
 
 
 class ParsedEvents(NamedTuple):
-    """The two outputs of a parse transform."""
+    """The outputs of a parse transform."""
 
     events: object  # PCollection[DecisionEvent | ObservationEvent], timestamped by event time
     rejected: object  # PCollection[loopline.events.Refusal]
+    quarantined: object = None  # PCollection[QuarantinedPayload]: empty unless quarantining
 
 
 def parse_one(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
@@ -105,6 +120,40 @@ def _as_dict(record: Any) -> Any:
     return record
 
 
+def redact(refusal: Refusal, raw: Any, privacy: PayloadPrivacy) -> Refusal:
+    """``refusal`` with its payload redacted by ``privacy`` from the ``raw`` input; never raises.
+
+    The raw bytes where there are any (a JSON line, a Pub/Sub message's data), else the
+    refusal's JSON form of the record (Avro, BigQuery).
+    """
+    detail = refusal.detail
+    if refusal.reason == INTERNAL_ERROR:
+        detail = detail.partition(":")[0]  # an exception's message may quote a value
+    data = _raw_bytes(raw, refusal)
+    try:
+        payload = privacy.redact(data)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the raw payload must not leave
+        payload = digest(data)
+    return dataclasses.replace(refusal, payload=payload, detail=detail)
+
+
+def quarantined(refusal: Refusal, raw: Any) -> QuarantinedPayload:
+    """The raw input of ``refusal``, for the quarantine location."""
+    data = _raw_bytes(raw, refusal)
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return QuarantinedPayload(refusal.source, refusal.reason, bytes(data))
+
+
+def _raw_bytes(raw: Any, refusal: Refusal) -> bytes | str:
+    if isinstance(raw, str | bytes | bytearray):
+        return raw
+    data = getattr(raw, "data", None)
+    if isinstance(data, bytes | bytearray):
+        return data
+    return refusal.payload
+
+
 def _payload_text(raw: Any) -> str:
     if isinstance(raw, str):
         return raw
@@ -122,10 +171,13 @@ def _payload_text(raw: Any) -> str:
 class _ParseDoFn(beam.DoFn):
     """Parses one input; events go out timestamped by event time, refusals on ``rejected``."""
 
-    def __init__(self, kind: str, fmt: str, blueprint: Blueprint | None):
+    def __init__(
+        self, kind: str, fmt: str, blueprint: Blueprint | None, privacy: PayloadPrivacy | None
+    ):
         self._kind = kind
         self._fmt = fmt
         self._blueprint = blueprint
+        self._privacy = privacy
 
     def setup(self) -> None:
         self._parsed_counter = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}s_parsed")
@@ -140,6 +192,10 @@ class _ParseDoFn(beam.DoFn):
         if isinstance(result, Refusal):
             self._rejected_total.inc()
             self._rejected_counter(result.reason).inc()
+            if self._privacy is not None:
+                if self._privacy.quarantine:
+                    yield beam.pvalue.TaggedOutput(_QUARANTINED, quarantined(result, raw))
+                result = redact(result, raw, self._privacy)
             yield beam.pvalue.TaggedOutput(_REJECTED, result)
             return
         self._parsed += 1
@@ -159,33 +215,50 @@ class _ParseDoFn(beam.DoFn):
 
 
 class _Parse(beam.PTransform):
-    def __init__(self, kind: str, blueprint: Blueprint | None, format: str):
+    def __init__(
+        self,
+        kind: str,
+        blueprint: Blueprint | None,
+        format: str,
+        privacy: PayloadPrivacy | None = None,
+    ):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         self._kind = kind
         self._blueprint = blueprint
         self._format = format
+        self._privacy = privacy
 
     def expand(self, raw) -> ParsedEvents:
         results = raw | f"Parse[{self._format}]" >> beam.ParDo(
-            _ParseDoFn(self._kind, self._format, self._blueprint)
-        ).with_outputs(_REJECTED, main=_EVENTS)
-        return ParsedEvents(events=results[_EVENTS], rejected=results[_REJECTED])
+            _ParseDoFn(self._kind, self._format, self._blueprint, self._privacy)
+        ).with_outputs(_REJECTED, _QUARANTINED, main=_EVENTS)
+        return ParsedEvents(
+            events=results[_EVENTS],
+            rejected=results[_REJECTED],
+            quarantined=results[_QUARANTINED],
+        )
 
 
 class ParseDecisions(_Parse):
     """Raw decision inputs to ``DecisionEvent`` (timestamped by event time) and refusals.
 
     Counters in namespace ``loopline.parse``: ``decisions_parsed``, ``decisions_rejected`` and
-    one ``decisions_rejected_<reason>`` per refusal reason.
+    one ``decisions_rejected_<reason>`` per refusal reason. ``privacy`` redacts refused
+    payloads (see the module docstring).
 
         >>> parsed = p | beam.io.ReadFromText("logs/decisions-*.jsonl") | ParseDecisions(blueprint)
         >>> parsed.events, parsed.rejected
     """
 
-    def __init__(self, blueprint: Blueprint | None, format: str = "json"):
-        super().__init__(DECISION, blueprint, format)
+    def __init__(
+        self,
+        blueprint: Blueprint | None,
+        format: str = "json",
+        privacy: PayloadPrivacy | None = None,
+    ):
+        super().__init__(DECISION, blueprint, format, privacy)
 
 
 class ParseObservations(_Parse):
@@ -193,13 +266,42 @@ class ParseObservations(_Parse):
 
     Counters in namespace ``loopline.parse``: ``observations_parsed``,
     ``observations_rejected`` and one ``observations_rejected_<reason>`` per refusal reason.
+    ``privacy`` redacts refused payloads (see the module docstring).
 
         >>> parsed = p | beam.io.ReadFromAvro("logs/observations-*.avro") | ParseObservations(
         ...     blueprint, format="avro")
     """
 
-    def __init__(self, blueprint: Blueprint | None, format: str = "json"):
-        super().__init__(OBSERVATION, blueprint, format)
+    def __init__(
+        self,
+        blueprint: Blueprint | None,
+        format: str = "json",
+        privacy: PayloadPrivacy | None = None,
+    ):
+        super().__init__(OBSERVATION, blueprint, format, privacy)
+
+
+class WriteQuarantine(beam.PTransform):
+    """Writes quarantined raw payloads (one PCollection, or several as a tuple) as JSON lines
+    ``LOCATION/part-*.jsonl`` (``QuarantinedPayload.to_json``): batch jobs only.
+
+    The location is the only place raw refused payloads go; give it its own access control.
+
+        >>> _ = (decisions.quarantined, observations.quarantined) | WriteQuarantine(location)
+    """
+
+    def __init__(self, location: str):
+        super().__init__()
+        self._location = location
+
+    def expand(self, quarantined):
+        if isinstance(quarantined, tuple | list):
+            quarantined = quarantined | "Flatten" >> beam.Flatten()
+        return (
+            quarantined
+            | "ToJson" >> beam.Map(QuarantinedPayload.to_json)
+            | "Write" >> beam.io.WriteToText(FileSystems.join(self._location, "part"), ".jsonl")
+        )
 
 
 __all__ = [
@@ -208,5 +310,8 @@ __all__ = [
     "ParseDecisions",
     "ParseObservations",
     "ParsedEvents",
+    "WriteQuarantine",
     "parse_one",
+    "quarantined",
+    "redact",
 ]

@@ -8,7 +8,10 @@ pipeline reads and parses the same way whatever the source:
     >>> parsed = raw | "ParseDecisions" >> ParseDecisions(blueprint, format=source.parse_format)
 
 * files: JSON lines through ``ReadFromText`` or Avro through ``ReadFromAvro`` (``format``
-  ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise);
+  ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise). Lines are read
+  as ``bytes``: a line that is not UTF-8 reaches the parser, which refuses it as ``bad_json``,
+  instead of failing the whole read in ``ReadFromText``'s decoder. A pattern that matches no
+  file fails when the pipeline is built, with ``NoFilesMatched``;
 * BigQuery: ``ReadFromBigQuery`` rows, with ``TIMESTAMP`` columns as epoch milliseconds and
   JSON-string ``features`` / ``observations`` columns decoded (``format="record"``);
 * Pub/Sub: ``ReadFromPubSub`` messages with attributes, element timestamps taken from the
@@ -23,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam.coders import coders
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -56,7 +60,7 @@ def bigquery_row_to_record(row: dict) -> dict:
 
     BigQuery hands ``TIMESTAMP`` columns back as datetimes (Avro export) and ``JSON`` columns as
     strings; the event parsers want epoch milliseconds and mappings. A string that is not JSON
-    is left alone, so the parser refuses it with the usual reason.
+    (or nests too deeply to read) is left alone, so the parser refuses it with the usual reason.
     """
     record = dict(row)
     moment = record.get("event_time")
@@ -67,7 +71,7 @@ def bigquery_row_to_record(row: dict) -> dict:
     for column in _JSON_COLUMNS:
         value = record.get(column)
         if isinstance(value, str):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 record[column] = json.loads(value)
     return record
 
@@ -83,6 +87,10 @@ class ReadEvents(beam.PTransform):
         format: for files, ``auto`` (by extension), ``json`` or ``avro``.
         bigquery_options: extra keyword arguments for ``ReadFromBigQuery`` (e.g. ``method``,
             ``gcs_location``).
+        validate: match a file pattern when the transform is applied, i.e. when the pipeline
+            is built and before anything runs (as ``ReadFromText`` does), and raise
+            ``NoFilesMatched`` (a ValueError), naming the join's flag (``--decisions`` or
+            ``--observations``) and the pattern, in one sentence when it matches no file.
 
     >>> raw = p | ReadEvents("observation", subscription="projects/p/subscriptions/obs")
     """
@@ -95,6 +103,7 @@ class ReadEvents(beam.PTransform):
         subscription: str | None = None,
         format: str = "auto",
         bigquery_options: dict | None = None,
+        validate: bool = True,
     ):
         super().__init__()
         if kind not in (DECISION, OBSERVATION):
@@ -118,6 +127,7 @@ class ReadEvents(beam.PTransform):
         self.table = table
         self.subscription = subscription
         self.bigquery_options = dict(bigquery_options or {})
+        self.validate = validate
         if pattern:
             self.parse_format = detect_format(pattern, format)
         elif table:
@@ -130,10 +140,16 @@ class ReadEvents(beam.PTransform):
         return bool(self.subscription)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Any:
+        if self.pattern and self.validate:
+            # Here rather than in __init__: a launcher makes its sources while it checks its
+            # arguments, and a usage error found later must not be hidden behind this one.
+            _require_files(self.pattern, f"--{self.kind}s")
         if self.pattern and self.parse_format == "avro":
-            return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern)
+            return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern, validate=self.validate)
         if self.pattern:
-            return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(self.pattern)
+            return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(
+                self.pattern, coder=coders.BytesCoder(), validate=self.validate
+            )
         if self.table:
             return (
                 pbegin
@@ -146,6 +162,21 @@ class ReadEvents(beam.PTransform):
             with_attributes=True,
             timestamp_attribute=EVENT_TIME_ATTRIBUTE,
         )
+
+
+def _require_files(pattern: str, flag: str) -> None:
+    """Raises ``NoFilesMatched`` with one sentence when ``pattern`` matches no file."""
+    try:
+        files = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:  # noqa: BLE001 - Beam's BeamIOError carries a per-pattern dict
+        raise NoFilesMatched(f"{flag} {pattern!r} cannot be listed ({_first_line(e)})") from None
+    if not files:
+        raise NoFilesMatched(f"{flag} {pattern!r} matches no files")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class LineRange(NamedTuple):
