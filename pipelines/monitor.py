@@ -5,7 +5,8 @@
         --output monitor/ [--training_stats PIPELINE_ROOT/StatisticsGen/...] [--schema schema.pbtxt] \\
         [--manifest span/manifest.json] [beam options]
 
-The Beam pipeline labels decisions with the same ``JoinDecisions`` transform and blueprint
+Decisions and observations are read like the join reads them (``transforms.sources.ReadEvents``:
+JSON lines as bytes, or Avro by extension). The Beam pipeline labels decisions with the same ``JoinDecisions`` transform and blueprint
 window as training, attaches each decision's score by ``decision_id``, and combines per model
 and UTC day (heavy work, on the runner). ``loopline.readout`` then assembles ``metrics.json``
 (flags against the blueprint's ``monitor:`` thresholds, A/B tests between versions), the skew
@@ -36,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from loopline.blueprint import Blueprint, BlueprintError
+from loopline.events import DECISION, OBSERVATION
 from loopline.readout import MonitorError, assemble_metrics, experiment_section, monitor_settings
 from loopline.report import write_report
 from pipelines.blueprint_io import read_blueprint
@@ -63,6 +66,7 @@ from transforms.monitoring import (
     load_statistics,
     skew_report,
 )
+from transforms.sources import ReadEvents
 
 PROG = "monitor"
 METRICS_JSON = "metrics.json"
@@ -211,22 +215,30 @@ def resolve(opts: MonitorOptions) -> MonitorConfig:
 def build(p: beam.Pipeline, config: MonitorConfig) -> None:
     """The Beam graph: parse, join with the blueprint window, attach scores, summarise."""
     blueprint, parts = config.blueprint, config.parts
+    observation_source = ReadEvents(OBSERVATION, pattern=config.observations)
     observations = (
         p
-        | "ReadObservations" >> beam.io.ReadFromText(config.observations)
-        | "ParseObservations" >> ParseObservations(blueprint)
+        | "ReadObservations" >> observation_source
+        | "ParseObservations"
+        >> ParseObservations(blueprint, format=observation_source.parse_format)
     )
     score_sets = []
     if config.scores:
         parsed = (
-            p | "ReadScores" >> beam.io.ReadFromText(config.scores) | "ParseScores" >> ParseScores()
+            p
+            | "ReadScores" >> beam.io.ReadFromText(config.scores, coder=coders.BytesCoder())
+            | "ParseScores" >> ParseScores()
         )
         score_sets.append(parsed.scores)
     if config.decisions:
-        decision_lines = p | "ReadDecisions" >> beam.io.ReadFromText(config.decisions)
-        decisions = (decision_lines | "ParseDecisions" >> ParseDecisions(blueprint)).events
+        decision_source = ReadEvents(DECISION, pattern=config.decisions)
+        raw_decisions = p | "ReadDecisions" >> decision_source
+        decisions = (
+            raw_decisions
+            | "ParseDecisions" >> ParseDecisions(blueprint, format=decision_source.parse_format)
+        ).events
         score_sets.append(
-            (decision_lines | "ParseDecisionScores" >> ParseScores(require_score=False)).scores
+            (raw_decisions | "ParseDecisionScores" >> ParseScores(require_score=False)).scores
         )
     scores = tuple(score_sets) | "FlattenScores" >> beam.Flatten()
     if not config.decisions:

@@ -781,3 +781,13 @@ def test_the_report_states_the_rollout_verdict_in_words(better_challenger):
     html = (out / "report.html").read_text()
     assert "Rollout experiment (production vs challenger)" in html
     assert "challenger_better" in html and "notify-new" in html
+
+
+def test_bad_bytes_in_any_input_do_not_stop_the_monitor(tmp_path):
+    args = _small_inputs(tmp_path, CLICKS)
+    for name in ("obs.jsonl", "scores.jsonl"):
+        with open(tmp_path / name, "ab") as f:
+            f.write(b'{"decision_id": "d-9", "caf\xe9": 1}\n\xef\xbb\xbf' + b"[" * 5000 + b"\n")
+    metrics = monitor.run(args)
+    assert metrics["models"]["notify-1"]["overall"]["count"] == 4
+    assert metrics["inputs"]["parse.observations_rejected"] == 2

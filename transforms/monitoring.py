@@ -100,22 +100,28 @@ def utc_day(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
-def parse_score_row(line: str | bytes, require_score: bool = True) -> ScoreRow | Refusal | None:
+def parse_score_row(
+    line: str | bytes | dict, require_score: bool = True
+) -> ScoreRow | Refusal | None:
     """A JSON line to a ScoreRow, or a Refusal saying why not.
 
     With ``require_score=False`` (decision logs that may carry a score) a line that is not a
     JSON object with a ``score`` gives None instead of a refusal.
     """
-    raw = line.decode("utf-8", errors="replace") if isinstance(line, bytes | bytearray) else line
+    raw = line
 
     def refuse(reason: str, detail: str) -> Refusal:
         return Refusal(reason, SCORE, raw, detail)
 
-    try:
-        obj = json.loads(raw)
-    except ValueError as e:
-        # A decision log's malformed lines are the decision parser's to reject, not ours.
-        return refuse(SCORE_BAD_JSON, f"not valid JSON ({e})") if require_score else None
+    if isinstance(line, dict):  # a decoded record (Avro, BigQuery) of a decision log
+        obj = line
+    else:
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes | bytearray) else line
+            obj = json.loads(text.removeprefix("\ufeff"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            # A decision log's malformed lines are the decision parser's to reject, not ours.
+            return refuse(SCORE_BAD_JSON, f"not valid JSON ({e})") if require_score else None
     if not isinstance(obj, dict) or ("score" not in obj and not require_score):
         return (
             None
