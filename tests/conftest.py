@@ -31,5 +31,5 @@ def pii_key(monkeypatch):
     return "test-key-not-a-secret"
 
 
-# The GCS emulator (tests/gcs_emulator.py): session-scoped, started by the first test that asks.
-from tests.gcs_emulator import gcs_emulator, gcs_path  # noqa: E402, F401
+# The GCS emulator (tests/gcs_emulator.py): one per session, started by the first test that asks.
+from tests.gcs_emulator import gcs_emulator, gcs_path, gcs_server  # noqa: E402, F401

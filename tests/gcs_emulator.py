@@ -1,6 +1,6 @@
 """A real GCS emulator under the tests: `gcp-storage-emulator` from PyPI, started per session.
 
-    def test_something(gcs_path):            # a fresh gs://loopline-test/<test>-<id>/ prefix
+    def test_something(gcs_path):            # a fresh gs://loopline-test/<test>-<id> prefix
         FileSystems.create(f"{gcs_path}/a.txt")
 
     def test_a_job(gcs_emulator):
@@ -11,14 +11,14 @@ How each client reaches it (measured on Beam 2.61, TensorFlow 2.16):
   option; without credentials it retries `google.auth.default` for 20-26 s, so every process
   started with `subprocess_env()` loads tests/gcs_site/sitecustomize.py, which returns anonymous
   credentials (the DirectRunner's worker processes inherit it); the pytest process gets the
-  same patch while the fixture lives.
+  same patch, and the variables below, for the test module that uses the fixture.
 - TensorFlow's built-in GCS filesystem ignores `STORAGE_EMULATOR_HOST` (its endpoints are
   hard-coded), so it goes through tests/gcs_server.py's TLS-terminating proxy: `HTTPS_PROXY`,
   a CA made here with openssl (`CURL_CA_BUNDLE`), a fixed token
-  (`GOOGLE_AUTH_TOKEN_FOR_TESTING`) and no metadata-server probe (`NO_GCE_CHECK`). TensorFlow
-  reads these when it first touches gs:// in a process, so a process must not touch gs:// before
-  the fixture has set them. `GCS_STAT_CACHE_MAX_AGE=0`, else `exists()` sees a deleted file for
-  5 s; `GCS_READ_CACHE_BLOCK_SIZE_MB=1` makes small reads 20 times faster.
+  (`GOOGLE_AUTH_TOKEN_FOR_TESTING`) and no metadata-server probe (`NO_GCE_CHECK`), read on
+  every request. `GCS_STAT_CACHE_MAX_AGE=0`, else `exists()` sees a deleted file for 5 s, and
+  `GCS_READ_CACHE_BLOCK_SIZE_MB=1`, which makes small reads 20 times faster, are read once per
+  process, when TensorFlow first touches gs://: a process must not touch gs:// before then.
 These variables exist only in the tests' environment: nothing in loopline/ reads them.
 """
 
@@ -141,19 +141,29 @@ def _site_customization():
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory):
-    """The session's emulator; while it lives, this process's environment points at it too."""
+def gcs_server(tmp_path_factory):
+    """The session's emulator and proxy processes; nothing in this process is changed."""
     emulator = start_emulator(tmp_path_factory.mktemp("gcs"))
+    yield emulator
+    stop_emulator(emulator)
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator(gcs_server):
+    """The emulator, with this process pointed at it for one test module.
+
+    Module scope, so a module's expensive pipeline fixture can use it, and the variables (among
+    them HTTPS_PROXY) leave this process again before other suites run.
+    """
     site = _site_customization()
     replaced = site.use_anonymous_credentials()
     try:
         with pytest.MonkeyPatch.context() as env:
-            for name, value in emulator.env.items():
+            for name, value in gcs_server.env.items():
                 env.setenv(name, value)
-            yield emulator
+            yield gcs_server
     finally:
         site.restore_credentials(replaced)
-        stop_emulator(emulator)
 
 
 @pytest.fixture
