@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import subprocess
 import sys
 import urllib.request
@@ -102,7 +103,8 @@ def start_emulator(directory: Path, bucket: str = BUCKET) -> GcsEmulator:
              "--cert", str(tls["cert"]), "--key", str(tls["key"])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
         )  # fmt: skip
-    ready = process.stdout.readline().decode().split()
+    started, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+    ready = process.stdout.readline().decode().split() if started else []
     if len(ready) != 3 or ready[0] != "ready":
         process.kill()
         raise RuntimeError(f"the GCS emulator did not start; see {directory / 'gcs_server.log'}")

@@ -133,3 +133,9 @@ def test_multi_processing_workers_run_in_other_processes(multi_process_run):
 def test_multi_processing_workers_see_anonymous_credentials(multi_process_run):
     _, lines = multi_process_run
     assert {line["credentials"] for line in lines} == {"AnonymousCredentials"}
+
+
+def test_filesystems_copy_leaves_both_objects(gcs_path):
+    _write(f"{gcs_path}/original.txt", b"twice")
+    FileSystems.copy([f"{gcs_path}/original.txt"], [f"{gcs_path}/copy.txt"])
+    assert _read(f"{gcs_path}/original.txt") == _read(f"{gcs_path}/copy.txt") == b"twice"

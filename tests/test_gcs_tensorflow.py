@@ -81,3 +81,23 @@ def test_saved_model_saved_to_gcs_loads_and_serves(gcs_path):
     assert tf.io.gfile.exists(f"{gcs_path}/model/1/saved_model.pb")
     loaded = tf.saved_model.load(f"{gcs_path}/model/1")
     assert loaded(tf.constant([1.0, 2.5])).numpy().tolist() == [2.0, 5.0]
+
+
+def test_gfile_rename_moves_the_object(gcs_path):
+    with tf.io.gfile.GFile(f"{gcs_path}/before.txt", "w") as f:
+        f.write("renamed")
+    tf.io.gfile.rename(f"{gcs_path}/before.txt", f"{gcs_path}/after.txt")
+    assert not tf.io.gfile.exists(f"{gcs_path}/before.txt")
+    assert tf.io.gfile.GFile(f"{gcs_path}/after.txt").read() == "renamed"
+
+
+def test_tfx_fileio_lists_and_reads_what_tensorflow_wrote(gcs_path):
+    """TFX's own file layer (ExampleGen, Pusher) goes through the same filesystem."""
+    from tfx.dsl.io import fileio
+
+    with tf.io.gfile.GFile(f"{gcs_path}/artifact/data.txt", "w") as f:
+        f.write("artifact")
+    assert fileio.exists(f"{gcs_path}/artifact/data.txt")
+    assert fileio.glob(f"{gcs_path}/artifact/*.txt") == [f"{gcs_path}/artifact/data.txt"]
+    with fileio.open(f"{gcs_path}/artifact/data.txt") as f:
+        assert f.read() == "artifact"
