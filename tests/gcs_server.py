@@ -102,6 +102,8 @@ def _read_request(stream) -> _Request | None:
 class _TunnelHandler(socketserver.StreamRequestHandler):
     """Serves one `CONNECT host:443` tunnel: TLS in, plain HTTP to the emulator out."""
 
+    rbufsize = 0  # read no further than the CONNECT request: the TLS handshake follows it
+
     def handle(self) -> None:
         self.request.settimeout(SOCKET_TIMEOUT_S)
         connect = _read_request(self.rfile)
