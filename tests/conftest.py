@@ -29,3 +29,7 @@ def pii_key(monkeypatch):
     """The example blueprint pseudonymises user_id; its key comes from the environment."""
     monkeypatch.setenv("LOOPLINE_PII_KEY", "test-key-not-a-secret")
     return "test-key-not-a-secret"
+
+
+# The GCS emulator (tests/gcs_emulator.py): one per session, started by the first test that asks.
+from tests.gcs_emulator import gcs_emulator, gcs_path, gcs_server  # noqa: E402, F401
