@@ -32,11 +32,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
-import struct  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -138,10 +136,10 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
     expected[blueprint.label.name] = _KIND[blueprint.label.type]
     for span in spans:
         for split in ("train", "eval"):
-            example = _first_example(span.split_files(split))
+            example = _first_example(span.example_files(split))
             if example is None:
                 continue
-            where = f"span {span.path} ({split})"
+            where = f"span {span.uri} ({split})"
             present = example.features.feature
             missing = sorted(set(expected) - set(present))
             if missing:
@@ -164,13 +162,14 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
                     )
 
 
-def _first_example(files: list[Path]) -> example_pb2.Example | None:
+def _first_example(files: list[str]) -> example_pb2.Example | None:
+    """The first example of the first non-empty file, read by TensorFlow (through tf.io.gfile,
+    so a local path or gs://), CRCs checked."""
+    import tensorflow as tf
+
     for path in files:
-        with gzip.open(path, "rb") as f:
-            header = f.read(12)  # uint64 length + uint32 crc, then the record
-            if len(header) == 12:
-                (length,) = struct.unpack("<Q", header[:8])
-                return example_pb2.Example.FromString(f.read(length))
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1):
+            return example_pb2.Example.FromString(record.numpy())
     return None
 
 
