@@ -560,6 +560,7 @@ def run(argv: list[str] | None = None) -> int:
 
     Returns 0 when the run finished, blessed or not ("not blessed: <why>" is a normal outcome),
     1 with a one-line reason when the run could not train (bad span, mismatch, anomalies)."""
+    from loopline import registry
     from pipelines import model_record
 
     args, beam_args = parse_args(argv)
@@ -620,9 +621,16 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     record = model_record.build(blueprint, spans, mlmd_path, started=started)
     model_record.write(record, pipeline_root, serving_dir)
+    if record["pushed"]:
+        # Every push is registered, as the challenger: no model reaches production untested.
+        registry.register(serving_dir, record)
     print(json.dumps(record, indent=2, sort_keys=True))
     if record["blessed"]:
-        print(f"blessed and pushed: {record['model_id']} -> {record['pushed_to']}")
+        print(
+            f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
+            f"{record['pushed_to']}; registered as the challenger in "
+            f"{registry.aliases_path(serving_dir)}"
+        )
     else:
         print(f"not blessed: {record['why']}")
     return 0
