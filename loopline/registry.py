@@ -210,11 +210,26 @@ def register(serving_dir: str, record: Mapping[str, Any], at: str | None = None)
     return _update(serving_dir, change)
 
 
-def promote(serving_dir: str, why: str, at: str | None = None) -> Aliases:
-    """The challenger becomes production; the old production (if any) becomes previous."""
+def _check_challenger(serving_dir: str, aliases: Aliases, expected: str | None) -> None:
+    """A move decided about one challenger must not land on another that replaced it."""
+    if expected is not None and aliases.challenger != expected:
+        raise storage.ConcurrentUpdate(
+            f"{aliases_path(serving_dir)}: the challenger is now {aliases.challenger}, not "
+            f"{expected}; nothing was moved"
+        )
+
+
+def promote(
+    serving_dir: str, why: str, at: str | None = None, challenger: str | None = None
+) -> Aliases:
+    """The challenger becomes production; the old production (if any) becomes previous.
+
+    With ``challenger``, only if that model is still the challenger (storage.ConcurrentUpdate
+    otherwise): a verdict about one model never promotes a newer push."""
     at = at or now()
 
     def change(aliases: Aliases) -> Aliases:
+        _check_challenger(serving_dir, aliases, challenger)
         if aliases.challenger is None:
             raise RegistryError(f"{aliases_path(serving_dir)} has no challenger to promote")
         winner = aliases.challenger
@@ -229,13 +244,19 @@ def promote(serving_dir: str, why: str, at: str | None = None) -> Aliases:
 
 
 def roll_back(
-    serving_dir: str, why: str, alias: str = CHALLENGER, at: str | None = None
+    serving_dir: str,
+    why: str,
+    alias: str = CHALLENGER,
+    at: str | None = None,
+    challenger: str | None = None,
 ) -> Aliases:
     """Takes a model out of traffic: ``alias="challenger"`` removes the challenger (production
-    keeps serving everything); ``alias="production"`` puts ``previous`` back in production."""
+    keeps serving everything); ``alias="production"`` puts ``previous`` back in production.
+    ``challenger``: as for ``promote``."""
     at = at or now()
 
     def change(aliases: Aliases) -> Aliases:
+        _check_challenger(serving_dir, aliases, challenger)
         if alias == CHALLENGER:
             if aliases.challenger is None:
                 raise RegistryError(f"{aliases_path(serving_dir)} has no challenger to roll back")

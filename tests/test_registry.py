@@ -236,3 +236,11 @@ def test_a_version_without_a_record_keeps_the_name_version_id(serving):
     (serving.local / "100" / "saved_model.pb").write_bytes(b"placeholder")
     model = registry.resolve_serving_model(serving.uri, "notify", "100")
     assert (model.model_id, model.record) == ("notify-100", {})
+
+
+def test_a_move_decided_about_one_challenger_does_not_land_on_its_replacement(serving):
+    first = registered(serving, "100")
+    second = registered(serving, "200")
+    with pytest.raises(storage.ConcurrentUpdate, match=f"challenger is now {second['model_id']}"):
+        registry.promote(serving.uri, "better", challenger=first["model_id"])
+    assert registry.read_aliases(serving.uri).challenger == second["model_id"]
