@@ -1,6 +1,7 @@
 """Moves the registry's aliases on the monitor's verdict: promote a challenger or roll it back.
 
     python -m pipelines.promote --serving_dir DIR --verdict FILE [--max_days 14]
+    python -m pipelines.promote --serving_dir DIR --roll_back challenger|production --why TEXT
 
 The last step of the loop (DESIGN.md, "The loop"), run by a DAG task after the monitor, or by
 hand. ``DIR`` is the serving dir the Pusher pushes to (``loopline.registry``); ``FILE`` is the
@@ -31,8 +32,11 @@ What it does, in this order:
    the history saying it stayed inconclusive;
 6. ``invalid: <reason>`` (a broken experiment, such as a sample-ratio mismatch): no alias moves
    and the exit status is 1, so the DAG task fails and a person looks; the challenger keeps its
-   share until then (rolling back is one command: ``python -m pipelines.promote`` with a
-   ``challenger_worse`` verdict, or ``loopline.registry.roll_back``).
+   share until then (rolling back is one command, below).
+
+By hand, ``--roll_back challenger`` takes the challenger out of traffic and ``--roll_back
+production`` puts the previous model back in production; ``--why`` is the reason the history
+keeps (``by hand: <why>``).
 
 Every move is appended to ``aliases.json``'s history with its reason. Prints one line:
 ``promote: promoted …``, ``promote: rolled back …`` or ``promote: no change …``.
@@ -119,8 +123,10 @@ class Config:
 
     serving_dir: str
     aliases: registry.Aliases
-    verdict: Verdict
+    verdict: Verdict | None
     max_days: float
+    roll_back: str | None = None  # by hand: the alias to roll back
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog=f"python -m pipelines.{PROG}", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("--serving_dir", required=True, help="the serving dir (local or gs://)")
-    parser.add_argument("--verdict", required=True, help="the monitor's verdict JSON file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--verdict", help="the monitor's verdict JSON file (local or gs://)")
+    what.add_argument(
+        "--roll_back",
+        choices=(registry.CHALLENGER, registry.PRODUCTION),
+        help="by hand: take the challenger out of traffic, or put the previous model back in "
+        "production",
+    )
+    parser.add_argument("--why", help="with --roll_back: the reason, kept in the history")
     parser.add_argument(
         "--max_days",
         type=float,
@@ -156,13 +170,25 @@ def resolve(args: argparse.Namespace) -> Config:
     """Reads and checks the inputs; PromoteError in one line when one is unusable."""
     if not args.max_days > 0:
         raise PromoteError(f"--max_days must be positive, got {args.max_days:g}")
+    if args.roll_back and not (args.why or "").strip():
+        raise PromoteError("--roll_back needs --why, the reason the history keeps")
+    if args.why and not args.roll_back:
+        raise PromoteError("--why goes with --roll_back (a verdict carries its own summary)")
     try:
         if not storage.is_dir(args.serving_dir):
             raise PromoteError(f"serving dir {args.serving_dir} does not exist")
         aliases = registry.read_aliases(args.serving_dir)
-        data = storage.read_json(args.verdict)
+        data = storage.read_json(args.verdict) if args.verdict else None
     except (storage.StorageError, registry.RegistryError) as e:
         raise PromoteError(str(e)) from None
+    if args.roll_back:
+        needed = aliases.challenger if args.roll_back == registry.CHALLENGER else aliases.previous
+        if needed is None:
+            missing = (
+                "no challenger" if args.roll_back == registry.CHALLENGER else "no previous model"
+            )
+            raise PromoteError(f"serving dir {args.serving_dir} has {missing} to roll back to")
+        return Config(args.serving_dir, aliases, None, args.max_days, args.roll_back, args.why)
     verdict = Verdict.from_dict(data, args.verdict)
     return Config(args.serving_dir, aliases, verdict, args.max_days)
 
@@ -216,6 +242,14 @@ def _parse_time(text, what: str) -> datetime:
 
 def apply(config: Config, decision: Decision) -> str:
     """Moves the aliases as decided; returns the line to print."""
+    if config.roll_back:
+        was = getattr(config.aliases, config.roll_back)
+        moved = registry.roll_back(config.serving_dir, decision.why, alias=config.roll_back)
+        now_serving = moved.production or "the fallback decision"
+        return (
+            f"{PROG}: rolled back {config.roll_back} {was} ({decision.why}); production is "
+            f"{now_serving}"
+        )
     challenger = config.verdict.challenger
     if decision.action == PROMOTE:
         registry.promote(config.serving_dir, decision.why, challenger=challenger)
@@ -233,7 +267,10 @@ def run(argv: list[str] | None = None) -> int:
     except PromoteError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    decision = decide(config.aliases, config.verdict, config.max_days)
+    if config.roll_back:
+        decision = Decision(ROLL_BACK, f"by hand: {config.why}")
+    else:
+        decision = decide(config.aliases, config.verdict, config.max_days)
     try:
         print(apply(config, decision))
     except (storage.ConcurrentUpdate, registry.RegistryError) as e:

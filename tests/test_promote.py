@@ -143,7 +143,7 @@ def test_a_newer_push_after_the_verdict_was_read_is_not_promoted(root):
     [
         (["--serving_dir", "{serving}", "--verdict", "{root}/missing.json"], "cannot read"),
         (["--serving_dir", "{root}/nowhere", "--verdict", "{verdict}"], "does not exist"),
-        (["--serving_dir", "{serving}"], "the following arguments are required: --verdict"),
+        (["--serving_dir", "{serving}"], "one of the arguments --verdict --roll_back is required"),
         (
             ["--serving_dir", "{serving}", "--verdict", "{verdict}", "--max_day", "3"],
             "unrecognized",
@@ -177,3 +177,42 @@ def test_a_malformed_verdict_exits_2_naming_what_is_wrong(root, capsys, content,
     assert promote_run(root, root / "verdict.json") == 2
     err = capsys.readouterr().err
     assert err.startswith("promote: error: ") and message in err
+
+
+def test_rolling_back_the_challenger_by_hand_keeps_the_reason(root, capsys):
+    production = push(root, "100")
+    registry.promote(root / "serving", "better")
+    challenger = push(root, "200")
+    argv = ["--serving_dir", root / "serving", "--roll_back", "challenger", "--why", "INC-123"]
+    assert promote.run(argv) == 0
+    assert (aliases(root).production, aliases(root).challenger) == (production, None)
+    assert aliases(root).history[-1]["why"] == "rolled back: by hand: INC-123"
+    assert f"rolled back challenger {challenger}" in capsys.readouterr().out
+
+
+def test_rolling_back_production_by_hand_restores_the_previous_model(root):
+    old = push(root, "100")
+    registry.promote(root / "serving", "better")
+    push(root, "200")
+    registry.promote(root / "serving", "better")
+    argv = ["--serving_dir", root / "serving", "--roll_back", "production", "--why", "INC-124"]
+    assert promote.run(argv) == 0
+    assert aliases(root).production == old
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--roll_back", "challenger"], "--roll_back needs --why"),
+        (["--roll_back", "production", "--why", "x"], "no previous model to roll back to"),
+        (["--roll_back", "previous", "--why", "x"], "invalid choice"),
+        (["--verdict", "{verdict}", "--why", "x"], "--why goes with --roll_back"),
+        (["--verdict", "{verdict}", "--roll_back", "challenger"], "not allowed with"),
+    ],
+)
+def test_bad_roll_back_arguments_exit_2(root, capsys, extra, message):
+    push(root, "100")
+    path = verdict(root, "m")
+    argv = ["--serving_dir", root / "serving", *(a.format(verdict=path) for a in extra)]
+    assert promote.run(argv) == 2
+    assert message in capsys.readouterr().err
