@@ -14,7 +14,8 @@ a version directory name, never for "the newest directory". A model reaches traf
 through these moves, each appended to ``history`` with its reason:
 
 - ``register``: a blessed push becomes the ``challenger`` (never ``production``, not even the
-  first model, which is compared with the blueprint's fallback decision);
+  first model, which is compared with the blueprint's fallback decision), unless another
+  challenger is still under test;
 - ``promote``: the challenger becomes ``production``, the old production ``previous``;
 - ``roll_back``: the challenger leaves traffic, or production goes back to ``previous``.
 
@@ -56,6 +57,10 @@ class RegistryError(ValueError):
 
 class ModelNotFound(RegistryError):
     """No usable pushed model where one was expected, in one sentence."""
+
+
+class ChallengerInTraffic(RegistryError):
+    """A new push cannot become the challenger while another one is still under test."""
 
 
 def now() -> str:
@@ -182,13 +187,20 @@ def _update(serving_dir: str, change: Callable[[Aliases], Aliases]) -> Aliases:
     return updated
 
 
-def register(serving_dir: str, record: Mapping[str, Any], at: str | None = None) -> Aliases:
+def register(
+    serving_dir: str,
+    record: Mapping[str, Any],
+    at: str | None = None,
+    replace_challenger: bool = False,
+) -> Aliases:
     """Makes the pushed model of ``record`` the challenger; returns the new aliases.
 
     Only a blessed, pushed model with an id can be registered. It never becomes production
-    here: production changes only by ``promote`` on a verdict. A challenger still under test
-    is replaced by the newer push (the move says so). Registering the same model twice
-    changes nothing."""
+    here: production changes only by ``promote`` on a verdict. While another challenger is
+    under test, ChallengerInTraffic is raised and nothing moves: replacing it would restart
+    its experiment every time training pushes (daily, in the DAG), so no verdict would ever
+    mature. ``replace_challenger=True`` replaces it anyway (a person's choice; the move says
+    so). Registering the same model twice changes nothing."""
     model_id, version = record.get("model_id"), record.get("version")
     if not (record.get("blessed") and record.get("pushed") and model_id and version):
         raise RegistryError(
@@ -204,6 +216,11 @@ def register(serving_dir: str, record: Mapping[str, Any], at: str | None = None)
             return aliases
         why = f"pushed {name} (version {version}): blessed by the offline gate"
         if aliases.challenger:
+            if not replace_challenger:
+                raise ChallengerInTraffic(
+                    f"{name} was not made the challenger: {aliases.challenger} is still under "
+                    f"test in {serving_dir} (pipelines.promote decides it first)"
+                )
             why += f"; replaces challenger {aliases.challenger}, not yet decided"
         return aliases.moved(CHALLENGER, model_id, why, at)
 

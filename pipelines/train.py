@@ -621,15 +621,18 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     record = model_record.build(blueprint, spans, mlmd_path, started=started)
     model_record.write(record, pipeline_root, serving_dir)
+    registered = f"registered as the challenger in {registry.aliases_path(serving_dir)}"
     if record["pushed"]:
         # Every push is registered, as the challenger: no model reaches production untested.
-        registry.register(serving_dir, record)
+        try:
+            registry.register(serving_dir, record)
+        except registry.ChallengerInTraffic as e:
+            registered = f"not registered: {e}"
     print(json.dumps(record, indent=2, sort_keys=True))
     if record["blessed"]:
         print(
             f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
-            f"{record['pushed_to']}; registered as the challenger in "
-            f"{registry.aliases_path(serving_dir)}"
+            f"{record['pushed_to']}; {registered}"
         )
     else:
         print(f"not blessed: {record['why']}")

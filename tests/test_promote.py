@@ -18,7 +18,7 @@ def root(request, tmp_path, monkeypatch):
     return root_for(request.param, tmp_path, monkeypatch)
 
 
-def push(root, version: str) -> str:
+def push(root, version: str, replace_challenger=False) -> str:
     """A blessed push registered (as the challenger) on REGISTERED_AT; returns its model id."""
     serving = root.local / "serving"
     (serving / version).mkdir(parents=True)
@@ -26,7 +26,7 @@ def push(root, version: str) -> str:
     record = {"model_id": str(uuid.uuid4()), "name": f"notify-{version}", "version": version}
     record |= {"blessed": True, "pushed": True, "blueprint": {"name": "notify"}}
     (serving / f"{version}.record.json").write_text(json.dumps(record))
-    registry.register(root / "serving", record, at=REGISTERED_AT)
+    registry.register(root / "serving", record, REGISTERED_AT, replace_challenger)
     return record["model_id"]
 
 
@@ -102,7 +102,7 @@ def test_an_invalid_verdict_moves_nothing_and_exits_1(root, capsys):
 
 def test_a_verdict_about_a_replaced_challenger_moves_nothing(root, capsys):
     old = push(root, "100")
-    new = push(root, "200")  # a newer push replaced the challenger the monitor read out
+    new = push(root, "200", replace_challenger=True)  # replaced after the monitor read out
     assert promote_run(root, verdict(root, old)) == 0
     assert (aliases(root).production, aliases(root).challenger) == (None, new)
     assert "a stale verdict moves nothing" in capsys.readouterr().out
@@ -132,7 +132,7 @@ def test_a_newer_push_after_the_verdict_was_read_is_not_promoted(root):
         promote.parse_args(["--serving_dir", root / "serving", "--verdict", verdict(root, model)])
     )
     decision = promote.decide(config.aliases, config.verdict, config.max_days)
-    newer = push(root, "200")
+    newer = push(root, "200", replace_challenger=True)
     with pytest.raises(storage.ConcurrentUpdate, match="nothing was moved"):
         promote.apply(config, decision)
     assert (aliases(root).production, aliases(root).challenger) == (None, newer)

@@ -65,10 +65,18 @@ def test_registration_is_written_to_aliases_json_in_the_serving_dir(serving):
     assert [m["alias"] for m in written["history"]] == ["challenger"]
 
 
-def test_a_newer_push_replaces_the_undecided_challenger_and_says_so(serving):
+def test_a_newer_push_does_not_replace_a_challenger_under_test(serving):
     first = registered(serving, "100")
-    second = registered(serving, "200")
-    aliases = registry.read_aliases(serving.uri)
+    second = push(serving, "200")
+    with pytest.raises(registry.ChallengerInTraffic, match="is still under test"):
+        registry.register(serving.uri, second)
+    assert registry.read_aliases(serving.uri).challenger == first["model_id"]
+
+
+def test_a_challenger_is_replaced_only_when_asked_and_the_move_says_so(serving):
+    first = registered(serving, "100")
+    second = push(serving, "200")
+    aliases = registry.register(serving.uri, second, replace_challenger=True)
     assert aliases.challenger == second["model_id"]
     last = aliases.history[-1]
     assert (last["from"], last["to"]) == (first["model_id"], second["model_id"])
@@ -196,14 +204,14 @@ def test_challenger_alias_resolves_to_the_challenger(serving):
 
 def test_a_model_id_and_a_version_name_resolve_to_that_model(serving):
     first = registered(serving, "100")
-    registered(serving, "200")
+    push(serving, "200")
     assert registry.resolve(serving.uri, first["model_id"]).version == "100"
     assert registry.resolve(serving.uri, "100").model_id == first["model_id"]
 
 
 def test_the_newest_directory_is_never_chosen_without_an_alias(serving):
     registered(serving, "100")
-    registered(serving, "200")
+    push(serving, "200")
     with pytest.raises(registry.ModelNotFound, match="has no production model"):
         registry.resolve(serving.uri)
 
@@ -240,7 +248,8 @@ def test_a_version_without_a_record_keeps_the_name_version_id(serving):
 
 def test_a_move_decided_about_one_challenger_does_not_land_on_its_replacement(serving):
     first = registered(serving, "100")
-    second = registered(serving, "200")
+    second = push(serving, "200")
+    registry.register(serving.uri, second, replace_challenger=True)
     with pytest.raises(storage.ConcurrentUpdate, match=f"challenger is now {second['model_id']}"):
         registry.promote(serving.uri, "better", challenger=first["model_id"])
     assert registry.read_aliases(serving.uri).challenger == second["model_id"]
