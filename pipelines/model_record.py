@@ -18,6 +18,7 @@ a pushed model, next to the pushed version as ``SERVING_DIR/<version>.record.jso
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from datetime import datetime, timezone
@@ -183,8 +184,25 @@ def _statistics(run: _Run) -> dict | None:
     return {"uri": artifact.uri, "splits": splits}
 
 
-def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str) -> dict:
-    """The record of the latest run in ``mlmd_path``, which trained ``blueprint`` on ``spans``."""
+def _registered_id(serving_dir: str | None, version: str) -> str | None:
+    """The model id RegisterPush gave the pushed ``version`` (None if it wrote no record)."""
+    if serving_dir is None:
+        return None
+    found = storage.read_if_exists(record_path(serving_dir, version))
+    return json.loads(found).get("model_id") if found else None
+
+
+def build(
+    blueprint: Blueprint,
+    spans: list[Span],
+    mlmd_path: str,
+    started: str,
+    serving_dir: str | None = None,
+) -> dict:
+    """The record of the latest run in ``mlmd_path``, which trained ``blueprint`` on ``spans``.
+
+    A pushed model keeps the ``model_id`` the pipeline's RegisterPush gave it in
+    ``serving_dir`` (a new one when there is no such record)."""
     from pipelines.train import custom_config, thresholds
     from pipelines.trainer_module import model_settings
 
@@ -212,9 +230,11 @@ def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str)
     else:
         why = "; ".join(failures) or "the Evaluator did not bless the model"
     return {
-        # A new id for every pushed model: the registry's aliases and every scored decision
-        # name it, so two models pushed as the same version (another serving dir) never mix.
-        "model_id": str(uuid.uuid4()) if version else None,
+        # One id per pushed model: the registry's aliases and every scored decision name it,
+        # so two models pushed as the same version (another serving dir) never mix.
+        "model_id": (_registered_id(serving_dir, version) or str(uuid.uuid4()))
+        if version
+        else None,
         "name": f"{blueprint.name}-{version}" if version else None,
         "blessed": blessed,
         "pushed": version is not None,

@@ -48,6 +48,7 @@ from tfx.types import artifact_utils  # noqa: E402
 from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
+from pipelines.registration import RegisterPush, registration_context  # noqa: E402
 
 # The module file's functions by import path: the package is installed (here and in the worker
 # images), so TFX need not build and pip-install a wheel of it on every run.
@@ -430,6 +431,15 @@ def create_pipeline(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
         ),
     )
+    # After the Pusher, inside the pipeline (so a Vertex AI run does it too): record the push
+    # and register it as the challenger.
+    register = RegisterPush(
+        pushed_model=pusher.outputs["pushed_model"],
+        evaluation=evaluator.outputs["evaluation"],
+        statistics=statistics_gen.outputs["statistics"],
+        serving_dir=serving_dir,
+        context=registration_context(blueprint, list(source.spans)),
+    )
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name(blueprint),
         pipeline_root=pipeline_root,
@@ -444,6 +454,7 @@ def create_pipeline(
             baseline,
             evaluator,
             pusher,
+            register,
         ],
         enable_cache=False,
         metadata_connection_config=(
@@ -619,17 +630,17 @@ def run(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: the training pipeline failed: {e}", file=sys.stderr)
         return 1
-    record = model_record.build(blueprint, spans, mlmd_path, started=started)
+    # RegisterPush recorded and registered a push; the record gains what ML Metadata knows.
+    record = model_record.build(blueprint, spans, mlmd_path, started, serving_dir)
     model_record.write(record, pipeline_root, serving_dir)
-    registered = f"registered as the challenger in {registry.aliases_path(serving_dir)}"
-    if record["pushed"]:
-        # Every push is registered, as the challenger: no model reaches production untested.
-        try:
-            registry.register(serving_dir, record)
-        except registry.ChallengerInTraffic as e:
-            registered = f"not registered: {e}"
     print(json.dumps(record, indent=2, sort_keys=True))
     if record["blessed"]:
+        challenger = registry.read_aliases(serving_dir).challenger
+        registered = (
+            f"registered as the challenger in {registry.aliases_path(serving_dir)}"
+            if challenger == record["model_id"]
+            else f"not registered: challenger {challenger} is still under test"
+        )
         print(
             f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
             f"{record['pushed_to']}; {registered}"
