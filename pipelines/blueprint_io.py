@@ -1,7 +1,8 @@
 """Reads a blueprint wherever a pipeline is launched from: a local path or any Beam filesystem.
 
 On Dataflow and Vertex AI the blueprint is a ``gs://`` object, which ``loopline.blueprint``
-(kept free of Beam) cannot open; every pipeline reads its ``--blueprint`` through here::
+(kept free of Beam) cannot open; every pipeline reads its ``--blueprint`` through here, and
+here through ``loopline.storage``::
 
     >>> read_blueprint("examples/notify.yaml").name
     'notify'
@@ -10,9 +11,7 @@ On Dataflow and Vertex AI the blueprint is a ``gs://`` object, which ``loopline.
 
 from __future__ import annotations
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
+from loopline import storage
 from loopline.blueprint import Blueprint, BlueprintError, parse_blueprint
 
 
@@ -24,9 +23,8 @@ def read_blueprint(path: str) -> Blueprint:
     """
     source = str(path)
     try:
-        with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            text = f.read().decode("utf-8")
-    except Exception as e:  # noqa: BLE001 - each filesystem has its own "cannot read" errors
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        text = storage.read_text(source)
+    except (storage.StorageError, UnicodeDecodeError) as e:
+        reason = e.reason if isinstance(e, storage.StorageError) else "not UTF-8 text"
         raise BlueprintError(source, "<file>", f"cannot be read ({reason})") from None
     return parse_blueprint(text, source=source)

@@ -1,11 +1,15 @@
 """The model record: what a user needs to trust (or question) a push.
 
 One JSON document per training run, read back from ML Metadata and the Evaluator's output
-after the run: the blueprint (name, version, content hash), the spans trained on with their
-manifest counts, when training started and ended, the candidate's metrics per slice, the
-baseline it was compared with (and its metrics and the differences), the blessing decision and
-why. It is written for every run to ``PIPELINE_ROOT/records/<run>.json`` and, for a pushed
-model, next to the pushed version as ``SERVING_DIR/<version>.record.json``.
+after the run: for a pushed model its registry id (``model_id``, a UUID) and human-readable
+``name`` (``<blueprint>-<version>``), the blueprint (name, version, content hash), the spans
+trained on with their manifest counts, the StatisticsGen output the model was trained on, the
+hyperparameters the Trainer used, when training started and ended, the candidate's metrics per
+slice, the baseline it was compared with (and its metrics and the differences), the blessing
+decision and why. It is written for every run to ``PIPELINE_ROOT/records/<run>.json`` and, for
+a pushed model, next to the pushed version as ``SERVING_DIR/<version>.record.json``, where
+``loopline.registry`` reads it. Both may be ``gs://`` paths (written through
+``loopline.storage``).
 
     >>> record = build(blueprint, spans, "root/metadata.sqlite", started=now())
     >>> record["blessed"], record["why"]
@@ -16,14 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import datetime, timezone
 
 import tensorflow_model_analysis as tfma
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
+from tfx.types import artifact_utils
 
+from loopline import storage
 from loopline.blueprint import Blueprint
+from loopline.registry import record_path
 from loopline.spans import Span
 
 
@@ -166,9 +174,37 @@ def _baseline(run: _Run) -> dict | None:
     return {"model_uri": model.uri, "pushed_version": pushed_as}
 
 
-def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str) -> dict:
-    """The record of the latest run in ``mlmd_path``, which trained ``blueprint`` on ``spans``."""
-    from pipelines.train import thresholds
+def _statistics(run: _Run) -> dict | None:
+    """The StatisticsGen output the run trained on: where it is and its splits."""
+    found = run.artifacts("StatisticsGen", "statistics")
+    if not found:
+        return None
+    artifact = found[-1]
+    splits = artifact_utils.decode_split_names(artifact.properties["split_names"].string_value)
+    return {"uri": artifact.uri, "splits": splits}
+
+
+def _registered_id(serving_dir: str | None, version: str) -> str | None:
+    """The model id RegisterPush gave the pushed ``version`` (None if it wrote no record)."""
+    if serving_dir is None:
+        return None
+    found = storage.read_if_exists(record_path(serving_dir, version))
+    return json.loads(found).get("model_id") if found else None
+
+
+def build(
+    blueprint: Blueprint,
+    spans: list[Span],
+    mlmd_path: str,
+    started: str,
+    serving_dir: str | None = None,
+) -> dict:
+    """The record of the latest run in ``mlmd_path``, which trained ``blueprint`` on ``spans``.
+
+    A pushed model keeps the ``model_id`` the pipeline's RegisterPush gave it in
+    ``serving_dir`` (a new one when there is no such record)."""
+    from pipelines.train import custom_config, thresholds
+    from pipelines.trainer_module import model_settings
 
     run = _Run(mlmd_path)
     trainer = run.execution("Trainer")
@@ -194,7 +230,12 @@ def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str)
     else:
         why = "; ".join(failures) or "the Evaluator did not bless the model"
     return {
-        "model_id": f"{blueprint.name}-{version}" if version else None,
+        # One id per pushed model: the registry's aliases and every scored decision name it,
+        # so two models pushed as the same version (another serving dir) never mix.
+        "model_id": (_registered_id(serving_dir, version) or str(uuid.uuid4()))
+        if version
+        else None,
+        "name": f"{blueprint.name}-{version}" if version else None,
         "blessed": blessed,
         "pushed": version is not None,
         "pushed_to": _prop(pushed[0], "pushed_destination") if version else None,
@@ -211,6 +252,8 @@ def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str)
             "end": _iso(trainer.last_update_time_since_epoch) if trainer else None,
             "model_uri": (run.artifacts("Trainer", "model") or [None])[0].uri if trainer else None,
         },
+        "statistics": _statistics(run),
+        "hyperparameters": model_settings(custom_config(blueprint)),
         "thresholds": thresholds(blueprint),
         "metrics": {name: by_model.get("candidate", {}) for name, by_model in metrics.items()},
         "baseline": baseline,
@@ -218,14 +261,13 @@ def build(blueprint: Blueprint, spans: list[Span], mlmd_path: str, started: str)
 
 
 def write(record: dict, pipeline_root: str, serving_dir: str) -> list[str]:
-    """Writes the record under the pipeline root, and next to the pushed version if any."""
-    paths = [os.path.join(pipeline_root, "records", _file_safe(record["run_id"]) + ".json")]
+    """Writes the record under the pipeline root, and next to the pushed version if any
+    (local or ``gs://``; each file replaced atomically)."""
+    paths = [storage.join(pipeline_root, "records", _file_safe(record["run_id"]) + ".json")]
     if record["version"]:
-        paths.append(os.path.join(serving_dir, f"{record['version']}.record.json"))
+        paths.append(record_path(serving_dir, record["version"]))
     for path in paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+        storage.write_json(path, record)
     return paths
 
 

@@ -32,11 +32,9 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import argparse  # noqa: E402
-import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
-import struct  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -50,6 +48,7 @@ from tfx.types import artifact_utils  # noqa: E402
 from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
+from pipelines.registration import RegisterPush, registration_context  # noqa: E402
 
 # The module file's functions by import path: the package is installed (here and in the worker
 # images), so TFX need not build and pip-install a wheel of it on every run.
@@ -138,10 +137,10 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
     expected[blueprint.label.name] = _KIND[blueprint.label.type]
     for span in spans:
         for split in ("train", "eval"):
-            example = _first_example(span.split_files(split))
+            example = _first_example(span.example_files(split))
             if example is None:
                 continue
-            where = f"span {span.path} ({split})"
+            where = f"span {span.uri} ({split})"
             present = example.features.feature
             missing = sorted(set(expected) - set(present))
             if missing:
@@ -164,13 +163,14 @@ def check_examples_match_blueprint(spans: list[Span], blueprint: Blueprint) -> N
                     )
 
 
-def _first_example(files: list[Path]) -> example_pb2.Example | None:
+def _first_example(files: list[str]) -> example_pb2.Example | None:
+    """The first example of the first non-empty file, read by TensorFlow (through tf.io.gfile,
+    so a local path or gs://), CRCs checked."""
+    import tensorflow as tf
+
     for path in files:
-        with gzip.open(path, "rb") as f:
-            header = f.read(12)  # uint64 length + uint32 crc, then the record
-            if len(header) == 12:
-                (length,) = struct.unpack("<Q", header[:8])
-                return example_pb2.Example.FromString(f.read(length))
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1):
+            return example_pb2.Example.FromString(record.numpy())
     return None
 
 
@@ -431,6 +431,15 @@ def create_pipeline(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
         ),
     )
+    # After the Pusher, inside the pipeline (so a Vertex AI run does it too): record the push
+    # and register it as the challenger.
+    register = RegisterPush(
+        pushed_model=pusher.outputs["pushed_model"],
+        evaluation=evaluator.outputs["evaluation"],
+        statistics=statistics_gen.outputs["statistics"],
+        serving_dir=serving_dir,
+        context=registration_context(blueprint, list(source.spans)),
+    )
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name(blueprint),
         pipeline_root=pipeline_root,
@@ -445,6 +454,7 @@ def create_pipeline(
             baseline,
             evaluator,
             pusher,
+            register,
         ],
         enable_cache=False,
         metadata_connection_config=(
@@ -561,6 +571,7 @@ def run(argv: list[str] | None = None) -> int:
 
     Returns 0 when the run finished, blessed or not ("not blessed: <why>" is a normal outcome),
     1 with a one-line reason when the run could not train (bad span, mismatch, anomalies)."""
+    from loopline import registry
     from pipelines import model_record
 
     args, beam_args = parse_args(argv)
@@ -619,11 +630,21 @@ def run(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: the training pipeline failed: {e}", file=sys.stderr)
         return 1
-    record = model_record.build(blueprint, spans, mlmd_path, started=started)
+    # RegisterPush recorded and registered a push; the record gains what ML Metadata knows.
+    record = model_record.build(blueprint, spans, mlmd_path, started, serving_dir)
     model_record.write(record, pipeline_root, serving_dir)
     print(json.dumps(record, indent=2, sort_keys=True))
     if record["blessed"]:
-        print(f"blessed and pushed: {record['model_id']} -> {record['pushed_to']}")
+        challenger = registry.read_aliases(serving_dir).challenger
+        registered = (
+            f"registered as the challenger in {registry.aliases_path(serving_dir)}"
+            if challenger == record["model_id"]
+            else f"not registered: challenger {challenger} is still under test"
+        )
+        print(
+            f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
+            f"{record['pushed_to']}; {registered}"
+        )
     else:
         print(f"not blessed: {record['why']}")
     return 0

@@ -1,9 +1,9 @@
 """pipelines.blueprint_io.read_blueprint: the one way every pipeline reads ``--blueprint``.
 
-Local paths go through Beam's real LocalFileSystem. For a remote one, ``gs://`` is replaced at
-the filesystem boundary by a fake: a Beam FileSystem with its own scheme (``loopline-test://``)
-that serves files from a local directory. It goes through the same ``FileSystems.open`` lookup
-that picks GCSFileSystem for ``gs://`` on Dataflow.
+Local paths go through Beam's real LocalFileSystem. For a remote one, GCS is replaced at the
+filesystem boundary by tests/fake_gcs.py: a Beam FileSystem that owns the ``gs`` scheme for the
+test and serves objects from a local directory, found through the same ``FileSystems.open``
+lookup that picks GCSFileSystem for ``gs://`` on Dataflow.
 """
 
 from __future__ import annotations
@@ -11,37 +11,21 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from apache_beam.io.localfilesystem import LocalFileSystem
 
 from loopline.blueprint import BlueprintError, load_blueprint
 from pipelines import bulk_score, join_decisions, monitor
 from pipelines.blueprint_io import read_blueprint
 from tests.conftest import EXAMPLE_BLUEPRINT
-
-FAKE_SCHEME = "loopline-test"
-
-
-class _DirectoryFileSystem(LocalFileSystem):
-    """Fake remote filesystem: ``loopline-test://NAME`` is the file NAME in ``root``."""
-
-    root = None
-
-    @classmethod
-    def scheme(cls):
-        return FAKE_SCHEME
-
-    def open(self, path, *args, **kwargs):
-        name = path.removeprefix(f"{FAKE_SCHEME}://")
-        return super().open(str(type(self).root / name), *args, **kwargs)
+from tests.fake_gcs import activate
 
 
 @pytest.fixture
-def remote(tmp_path):
-    """A 'bucket' holding the example blueprint as ``loopline-test://notify.yaml``."""
-    shutil.copy(EXAMPLE_BLUEPRINT, tmp_path / "notify.yaml")
-    _DirectoryFileSystem.root = tmp_path
-    yield f"{FAKE_SCHEME}://notify.yaml"
-    _DirectoryFileSystem.root = None
+def remote(tmp_path, monkeypatch):
+    """A bucket holding the example blueprint as ``gs://bucket/blueprints/notify.yaml``."""
+    bucket = activate(monkeypatch, tmp_path / "gcs") / "bucket"
+    (bucket / "blueprints").mkdir(parents=True)
+    shutil.copy(EXAMPLE_BLUEPRINT, bucket / "blueprints" / "notify.yaml")
+    return "gs://bucket/blueprints/notify.yaml"
 
 
 def test_local_path_reads_the_same_blueprint_as_load_blueprint():
