@@ -65,7 +65,7 @@ def boolean_flag(value: str | bool) -> bool:
 
 def _all_options_parser() -> argparse.ArgumentParser:
     # The same parser PipelineOptions.get_all_options builds: every loaded options class.
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own extension point
     return parser

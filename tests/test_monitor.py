@@ -618,6 +618,12 @@ def test_unknown_flag_is_refused_instead_of_dropped(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_abbreviated_flag_is_refused_too(tmp_path, capsys):
+    args = [a if a != "--observations" else "--observ" for a in _small_inputs(tmp_path, CLICKS)]
+    assert monitor.main(args) == 2
+    assert "unknown argument '--observ'" in capsys.readouterr().err
+
+
 def test_help_lists_the_monitors_own_flags():
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.monitor", "--help"],
