@@ -32,6 +32,7 @@ from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
 from transforms.sources import FILE_FORMATS, ReadEvents
 from transforms.span import COUNT_NAMES, MANIFEST, SpanInputs, WriteSpan, write_json_atomically
+from transforms.streaming import assign_event_time
 
 PROG = "join_decisions"
 
@@ -117,8 +118,6 @@ class JoinConfig:
         )
         if self.decisions.is_streaming != self.observations.is_streaming:
             raise _usage("read both decisions and observations from Pub/Sub, or neither")
-        if self.decisions.is_streaming and not streaming:
-            raise _usage("Pub/Sub subscriptions need --streaming")
         if streaming and not self.decisions.is_streaming:
             raise _usage(
                 "--streaming reads --decisions_subscription and --observations_subscription"
@@ -184,17 +183,42 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
     bp = config.blueprint
     raw_decisions = pipeline | "ReadDecisions" >> config.decisions
     raw_observations = pipeline | "ReadObservations" >> config.observations
-    decisions = raw_decisions | "ParseDecisions" >> ParseDecisions(
+    decision_messages, observation_messages = raw_decisions, raw_observations
+    if config.streaming:
+        timed_decisions = raw_decisions | "AssignEventTime[decisions]" >> assign_event_time(
+            DECISION, config.allowed_lateness_ms
+        )
+        timed_observations = raw_observations | (
+            "AssignEventTime[observations]"
+            >> assign_event_time(OBSERVATION, config.allowed_lateness_ms)
+        )
+        decision_messages = timed_decisions.messages
+        observation_messages = timed_observations.messages
+    decisions = decision_messages | "ParseDecisions" >> ParseDecisions(
         bp, format=config.decisions.parse_format
     )
-    observations = raw_observations | "ParseObservations" >> ParseObservations(
+    observations = observation_messages | "ParseObservations" >> ParseObservations(
         bp, format=config.observations.parse_format
     )
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
         bp, allowed_lateness_ms=config.allowed_lateness_ms
     )
+    rejected_decisions, rejected_observations = decisions.rejected, observations.rejected
+    if config.streaming:
+        # bad_time and late messages are dead letters of the read; until WriteSpan has a
+        # late/ directory of its own, late ones go to rejected/ with reason "late".
+        rejected_decisions = (
+            rejected_decisions,
+            timed_decisions.rejected,
+            timed_decisions.late,
+        ) | "FlattenRejected[decisions]" >> beam.Flatten()
+        rejected_observations = (
+            rejected_observations,
+            timed_observations.rejected,
+            timed_observations.late,
+        ) | "FlattenRejected[observations]" >> beam.Flatten()
     inputs = SpanInputs.from_join(
-        join, decisions.rejected, observations.rejected, raw_decisions, raw_observations
+        join, rejected_decisions, rejected_observations, raw_decisions, raw_observations
     )
     return inputs | "WriteSpan" >> WriteSpan(
         config.output,
@@ -222,8 +246,12 @@ def counters(result: Any) -> dict[str, int]:
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Validates the arguments, runs the join and (batch) returns the span's manifest."""
     options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
+    join_options = options.view_as(JoinDecisionsOptions)
+    if join_options.decisions_subscription or join_options.observations_subscription:
+        # Pub/Sub makes it a streaming job; a Flex Template launch cannot pass --streaming.
+        options.view_as(StandardOptions).streaming = True
     streaming = options.view_as(StandardOptions).streaming
-    config = JoinConfig(options.view_as(JoinDecisionsOptions), streaming)
+    config = JoinConfig(join_options, streaming)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config)
     result = pipeline.run()

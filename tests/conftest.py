@@ -29,3 +29,6 @@ def pii_key(monkeypatch):
     """The example blueprint pseudonymises user_id; its key comes from the environment."""
     monkeypatch.setenv("LOOPLINE_PII_KEY", "test-key-not-a-secret")
     return "test-key-not-a-secret"
+
+
+from tests.pubsub_emulator import pubsub_emulator  # noqa: E402,F401 - the Pub/Sub emulator fixture

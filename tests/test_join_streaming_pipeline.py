@@ -121,8 +121,9 @@ def _published(tag: str) -> list[bytes]:
     return [step[1] for step in SCRIPT if step[0] == tag]
 
 
-def _pubsub_test_stream(timestamp_attribute: str, script: list) -> test_stream.TestStream:
-    """The script as Pub/Sub messages, timestamped by their ``timestamp_attribute``."""
+def _pubsub_test_stream(script: list) -> test_stream.TestStream:
+    """The script as Pub/Sub messages, each published at its event time (so none is late at
+    the source, however far behind the watermark it arrives), with its ``event_time``."""
     stream = test_stream.TestStream(output_tags=[DEC, OBS])
     for step in script:
         if step[0] == "watermark":
@@ -130,11 +131,9 @@ def _pubsub_test_stream(timestamp_attribute: str, script: list) -> test_stream.T
                 stream.advance_watermark_to(Timestamp(micros=step[1] * 1000), tag=tag)
             continue
         tag, data, at = step
-        attributes = {timestamp_attribute: format_event_time(at)}
-        # What timestamp_attribute does: the attribute (RFC 3339) becomes the element timestamp.
-        moment = datetime.fromisoformat(attributes[timestamp_attribute].replace("Z", "+00:00"))
-        message = PubsubMessage(data, attributes)
-        stream.add_elements([TimestampedValue(message, moment.timestamp())], tag=tag)
+        # ReadFromPubSub without timestamp_attribute stamps a message with its publish time.
+        message = PubsubMessage(data, {"event_time": format_event_time(at)})
+        stream.add_elements([TimestampedValue(message, at / 1000)], tag=tag)
     for tag in (DEC, OBS):
         stream.advance_watermark_to_infinity(tag=tag)
     return stream
@@ -152,24 +151,17 @@ class _FakePubSub(beam.PTransform):
     streams: dict = {}
     script: list = SCRIPT
 
-    def __init__(self, subscription: str, with_attributes: bool, timestamp_attribute: str):
+    def __init__(self, subscription: str, with_attributes: bool, **others):
         super().__init__()
         self.subscription = subscription
-        self.timestamp_attribute = timestamp_attribute
         self.calls.append(
-            {
-                "subscription": subscription,
-                "with_attributes": with_attributes,
-                "timestamp_attribute": timestamp_attribute,
-            }
+            {"subscription": subscription, "with_attributes": with_attributes, **others}
         )
 
     def expand(self, pbegin: beam.pvalue.PBegin):
         key = id(pbegin.pipeline)
         if key not in self.streams:
-            self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(
-                self.timestamp_attribute, self.script
-            )
+            self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(self.script)
         return self.streams[key][SUBSCRIPTIONS[self.subscription]] | "Messages" >> beam.Map(
             lambda message: message
         )
@@ -221,7 +213,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict, Path]:
         )  # fmt: skip
         assert streamed is None
         assert _FakePubSub.calls == [
-            {"subscription": sub, "with_attributes": True, "timestamp_attribute": "event_time"}
+            {"subscription": sub, "with_attributes": True}
             for sub in (DECISIONS_SUB, OBSERVATIONS_SUB)
         ]
     return root / "batch", batch, root / "stream"
@@ -247,10 +239,11 @@ def test_streaming_writes_the_same_examples_as_batch_per_output_window(runs):
         files = manifest["files"]["train"] + manifest["files"]["eval"]
         examples = _examples(files)
         assert len(examples) == manifest["examples_written"]
-        # A decision is written in the output window where its session closes.
+        # A decision is written in the output window where its grouping session (twice the
+        # gap: transforms/join.py) closes.
         start, end = (_ms(window["start"]), _ms(window["end"]))
         ids = sorted(_decision_id(e) for e in examples)
-        assert ids == sorted(d for d, t in last_event.items() if start <= t + gap - 1 < end)
+        assert ids == sorted(d for d, t in last_event.items() if start <= t + 2 * gap - 1 < end)
         streamed += examples
     assert sorted(streamed) == sorted(batch_examples)
 

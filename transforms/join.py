@@ -22,7 +22,9 @@ event-time session windows per ``decision_id``, behind a stateful gate (``_Sessi
   allowed_lateness");
 * the sessions of the grouping are twice that gap, so everything the gate let through is in
   its group when the grouping fires once, at the watermark (default trigger, discarding):
-  each decision is emitted once, with the label batch would give it;
+  each decision is emitted once, with the label batch would give it. The gate keys what it
+  lets through by ``(decision_id, start of the gate's session)``, so a later session of the
+  same decision_id never merges into one that has fired;
 * once a session with a decision has ended, the gate answers for the key itself, for one more
   gap (the TTL, at least window + allowed lateness): a redelivered or repeated decision is a
   ``duplicate_decision``, an observation that would have counted is a ``late_observation``
@@ -332,8 +334,9 @@ class _ClassifyDecisionGroup(beam.DoFn):
     def start_bundle(self) -> None:
         self._tally = dict.fromkeys(COUNTERS, 0)
 
-    def process(self, element: tuple[str, Any]):
-        decision_id, rows = element
+    def process(self, element: tuple[Any, Any]):
+        key, rows = element
+        decision_id = key[0] if isinstance(key, tuple) else key  # streaming: (id, session)
         decisions, observations = _events_of(decision_id, rows)
         outcome = classify_decision_group(decisions, observations, self._label, self._label_fn)
         yield from _route(outcome, len(decisions), len(observations), self._tally)
@@ -354,12 +357,14 @@ def _observation_identity(event_time_ms: int, observations: Any) -> str:
     return f"{event_time_ms}|{_canonical(observations)}"
 
 
+_OPENED_AT = ReadModifyWriteStateSpec("opened_at", coders.VarIntCoder())
 _DECISION_TIME = ReadModifyWriteStateSpec("decision_time", coders.VarIntCoder())
 _CLOSES_AT = ReadModifyWriteStateSpec("closes_at", coders.VarIntCoder())
 _CLOSED = ReadModifyWriteStateSpec("closed", coders.BooleanCoder())
 _SEEN = BagStateSpec("seen_observations", coders.StrUtf8Coder())
 _TIMER = TimerSpec("session", TimeDomain.WATERMARK)
 # The DoFn parameters that hand them over (module singletons: Beam matches them by default).
+_OPENED_AT_PARAM = beam.DoFn.StateParam(_OPENED_AT)
 _DECISION_TIME_PARAM = beam.DoFn.StateParam(_DECISION_TIME)
 _CLOSES_AT_PARAM = beam.DoFn.StateParam(_CLOSES_AT)
 _CLOSED_PARAM = beam.DoFn.StateParam(_CLOSED)
@@ -371,9 +376,11 @@ class _SessionGate(beam.DoFn):
     """Keyed by decision_id: lets a key's events into the grouping until its session ends,
     then answers for the key itself, so a decision is never grouped (and emitted) twice.
 
-    Open: an event passes through unchanged; the gate remembers the earliest decision time,
-    the identities of the observations, and the session's end (latest event time + gap),
-    where its one event-time timer stands.
+    Open: an event passes through, keyed by ``(decision_id, opened_at)`` (the event time of
+    the session's first event), so the grouping never merges it into a session of the same
+    decision_id that has already fired; the gate remembers the earliest decision time, the
+    identities of the observations, and the session's end (latest event time + gap), where
+    its one event-time timer stands.
 
     Closed (the watermark passed the session's end and the session had a decision): events
     no longer pass. For ``gap`` more of event time (the TTL: at least window + allowed
@@ -392,6 +399,7 @@ class _SessionGate(beam.DoFn):
     def process(
         self,
         element: tuple[str, tuple],
+        opened_at=_OPENED_AT_PARAM,
         decision_time=_DECISION_TIME_PARAM,
         closes_at=_CLOSES_AT_PARAM,
         closed=_CLOSED_PARAM,
@@ -405,6 +413,10 @@ class _SessionGate(beam.DoFn):
             for output in self._after_close(decision_id, row, decision_time.read(), seen):
                 yield _timestamped(output, moment)
             return
+        session = opened_at.read()
+        if session is None:
+            session = event_time
+            opened_at.write(session)
         if row[0] == _OBSERVATION_TAG:
             seen.add(_observation_identity(row[1], row[2]))
         else:
@@ -416,7 +428,7 @@ class _SessionGate(beam.DoFn):
         if current is None or end > current:
             closes_at.write(end)
             timer.set(_timestamp(end))
-        yield element
+        yield (decision_id, session), row
 
     def _after_close(self, decision_id: str, row: tuple, td: int, seen):
         if row[0] != _OBSERVATION_TAG:
@@ -436,6 +448,7 @@ class _SessionGate(beam.DoFn):
     @on_timer(_TIMER)
     def on_session_end(
         self,
+        opened_at=_OPENED_AT_PARAM,
         decision_time=_DECISION_TIME_PARAM,
         closes_at=_CLOSES_AT_PARAM,
         closed=_CLOSED_PARAM,
@@ -445,9 +458,10 @@ class _SessionGate(beam.DoFn):
         end = closes_at.read()
         if closed.read() or decision_time.read() is None:
             # The TTL is over, or the session had no decision: forget the key.
-            for state in (decision_time, closes_at, closed, seen):
+            for state in (opened_at, decision_time, closes_at, closed, seen):
                 state.clear()
             return
+        opened_at.clear()
         closed.write(True)
         timer.set(_timestamp(end + self._gap_ms))
 
@@ -564,9 +578,10 @@ class JoinDecisions(beam.PTransform):
         tags = (_UNMATCHED, _DUPLICATE_DECISIONS, _DUPLICATE_OBSERVATIONS)
         if streaming:
             gap_ms = session_gap_ms(self._blueprint, self._allowed_lateness_ms)
-            gated = rows | "SessionGate" >> beam.ParDo(_SessionGate(label, gap_ms)).with_outputs(
-                *tags, main=_JOINED
+            gate = beam.ParDo(_SessionGate(label, gap_ms)).with_output_types(
+                tuple[tuple[str, int], tuple]
             )
+            gated = rows | "SessionGate" >> gate.with_outputs(*tags, main=_JOINED)
             sessions = beam.WindowInto(
                 window.Sessions(Duration(micros=2 * gap_ms * 1000)),
                 trigger=trigger.DefaultTrigger(),
