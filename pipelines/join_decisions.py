@@ -21,6 +21,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp.pubsub import parse_subscription
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
@@ -175,6 +176,11 @@ def _source(
         raise _usage(f"no {kind} input: give one of {', '.join(flags)}")
     if len(given) > 1:
         raise _usage(f"give only one {kind} input, got {' and '.join(given)}")
+    if subscription:
+        try:
+            parse_subscription(subscription)
+        except ValueError as e:
+            raise _usage(f"--{kind}s_subscription: {e}") from None
     return ReadEvents(kind, pattern=pattern, table=table, subscription=subscription, format=format)
 
 

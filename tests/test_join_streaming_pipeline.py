@@ -41,8 +41,8 @@ MINUTE = 60_000
 HOUR = 60 * MINUTE
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 LATENESS = "10m"
-DECISIONS_SUB = "projects/p/subscriptions/decisions"
-OBSERVATIONS_SUB = "projects/p/subscriptions/observations"
+DECISIONS_SUB = "projects/loopline-test/subscriptions/decisions"
+OBSERVATIONS_SUB = "projects/loopline-test/subscriptions/observations"
 
 
 def _decision(decision_id: str, at: int, user: str = "u-1") -> dict:
@@ -332,3 +332,21 @@ def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_pa
     (counting,) = [m for m in manifests if m["observations_orphan"]]
     assert counting["files"]["unmatched_observations"]
     assert _ms(counting["output_window"]["start"]) >= T0 + 3 * HOUR
+
+
+def test_a_malformed_subscription_stops_the_launch_with_one_line(tmp_path, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOPLINE_PII_KEY", KEY)
+        with pytest.raises(SystemExit) as info:
+            run(
+                [
+                    "--blueprint", str(BLUEPRINT), "--output", str(tmp_path / "out"),
+                    "--decisions_subscription", "projects/p/subscriptions/d",
+                    "--observations_subscription", OBSERVATIONS_SUB,
+                ]
+            )  # fmt: skip
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "join_decisions: error: --decisions_subscription: Invalid PubSub project name: 'p'."
+    ]

@@ -14,6 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from loopline.events import BAD_TIME, format_event_time
+from transforms.sources import ReadEvents
 from transforms.streaming import LATE, assign_event_time, event_time_of
 
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
@@ -99,3 +100,23 @@ def test_message_published_exactly_the_allowed_lateness_after_its_event_is_on_ti
 def test_event_time_of_names_the_missing_attribute():
     with pytest.raises(ValueError, match="no event_time attribute"):
         event_time_of({"decision_id": "d1"})
+
+
+def test_pubsub_source_reads_attributes_and_leaves_the_timestamp_to_assign_event_time(
+    monkeypatch,
+):
+    """Pub/Sub is faked at the client boundary: ``timestamp_attribute`` would fail the read on
+    a bad attribute, so the source must not set it."""
+    calls = []
+
+    class Recording(beam.PTransform):
+        def __init__(self, **kwargs):
+            super().__init__()
+            calls.append(kwargs)
+
+        def expand(self, pbegin):
+            return pbegin | beam.Create([])
+
+    monkeypatch.setattr(beam.io, "ReadFromPubSub", Recording)
+    _ = beam.Pipeline() | ReadEvents("decision", subscription="projects/loopline/subscriptions/d")
+    assert calls == [{"subscription": "projects/loopline/subscriptions/d", "with_attributes": True}]
