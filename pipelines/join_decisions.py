@@ -8,7 +8,9 @@
         --observations_subscription projects/p/subscriptions/o --blueprint ... --output gs://...
 
 Reads -> ParseDecisions / ParseObservations -> JoinDecisions -> WriteSpan (DESIGN.md, "Join
-outputs"). The blueprint is read here, on the launcher, and handed to the transforms parsed;
+outputs"). From Pub/Sub (two subscriptions make it a streaming job, ``--streaming`` or not),
+``transforms.streaming.assign_event_time`` first stamps each message with its ``event_time``
+attribute; see docs/streaming.md. The blueprint is read here, on the launcher, and handed to the transforms parsed;
 so is the pseudonymisation key. Bad arguments stop the launch with one line and exit status 2.
 """
 

@@ -283,11 +283,11 @@ def test_malformed_messages_land_in_rejected(runs):
     )  # fmt: skip
 
 
-# d1's session closes at 13:22 (its last observation, 12:10, plus the 1h 12m gap) and fires when
-# the watermark passes it; the observation of 12:50, inside d1's label window, arrives with the
-# watermark at 15:10: far beyond the horizon, but within the join's own lateness (its session,
-# 12:50-14:02, plus the gap reaches 15:14), so the join emits it in a late pane, as orphan,
-# timestamped 14:02: behind the watermark and in an output window (14:00-15:00) already closed.
+# d1's session ends at 13:22 (its last observation, 12:10, plus the 1h 12m gap): its example
+# is written and the join remembers d1 for one more gap, to 14:34. The observation of 12:50,
+# inside d1's label window, arrives with the watermark at 15:10, beyond that horizon: it opens
+# a session of its own (to 12:50 + 2 gaps = 15:14, still ahead of the watermark) and is
+# reported orphan, counted in the manifest of the output window where that session ends.
 LATE_SCRIPT = [
     _watermark(T0 - MINUTE),
     _message(DEC, _decision("d1", T0), T0),
@@ -299,6 +299,7 @@ LATE_SCRIPT = [
 
 
 def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_path):
+    # No --streaming: two subscriptions make it a streaming job (as a Flex Template launches it).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOPLINE_PII_KEY", KEY)
         mp.setattr(_FakePubSub, "calls", [])
@@ -307,7 +308,6 @@ def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_pa
         mp.setattr(beam.io, "ReadFromPubSub", _FakePubSub)
         run(
             [
-                "--streaming",
                 "--blueprint", str(BLUEPRINT), "--allowed_lateness", LATENESS,
                 "--decisions_subscription", DECISIONS_SUB,
                 "--observations_subscription", OBSERVATIONS_SUB,
