@@ -8,7 +8,9 @@
         --observations_subscription projects/p/subscriptions/o --blueprint ... --output gs://...
 
 Reads -> ParseDecisions / ParseObservations -> JoinDecisions -> WriteSpan (DESIGN.md, "Join
-outputs"). The blueprint is read here, on the launcher, and handed to the transforms parsed;
+outputs"). From Pub/Sub (two subscriptions make it a streaming job, ``--streaming`` or not),
+``transforms.streaming.assign_event_time`` first stamps each message with its ``event_time``
+attribute; see docs/streaming.md. The blueprint is read here, on the launcher, and handed to the transforms parsed;
 so is the pseudonymisation key. Bad arguments stop the launch with one line and exit status 2.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp.pubsub import parse_subscription
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
@@ -32,6 +35,7 @@ from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
 from transforms.sources import FILE_FORMATS, ReadEvents
 from transforms.span import COUNT_NAMES, MANIFEST, SpanInputs, WriteSpan, write_json_atomically
+from transforms.streaming import assign_event_time
 
 PROG = "join_decisions"
 
@@ -117,8 +121,6 @@ class JoinConfig:
         )
         if self.decisions.is_streaming != self.observations.is_streaming:
             raise _usage("read both decisions and observations from Pub/Sub, or neither")
-        if self.decisions.is_streaming and not streaming:
-            raise _usage("Pub/Sub subscriptions need --streaming")
         if streaming and not self.decisions.is_streaming:
             raise _usage(
                 "--streaming reads --decisions_subscription and --observations_subscription"
@@ -176,6 +178,11 @@ def _source(
         raise _usage(f"no {kind} input: give one of {', '.join(flags)}")
     if len(given) > 1:
         raise _usage(f"give only one {kind} input, got {' and '.join(given)}")
+    if subscription:
+        try:
+            parse_subscription(subscription)
+        except ValueError as e:
+            raise _usage(f"--{kind}s_subscription: {e}") from None
     return ReadEvents(kind, pattern=pattern, table=table, subscription=subscription, format=format)
 
 
@@ -184,17 +191,42 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
     bp = config.blueprint
     raw_decisions = pipeline | "ReadDecisions" >> config.decisions
     raw_observations = pipeline | "ReadObservations" >> config.observations
-    decisions = raw_decisions | "ParseDecisions" >> ParseDecisions(
+    decision_messages, observation_messages = raw_decisions, raw_observations
+    if config.streaming:
+        timed_decisions = raw_decisions | "AssignEventTime[decisions]" >> assign_event_time(
+            DECISION, config.allowed_lateness_ms
+        )
+        timed_observations = raw_observations | (
+            "AssignEventTime[observations]"
+            >> assign_event_time(OBSERVATION, config.allowed_lateness_ms)
+        )
+        decision_messages = timed_decisions.messages
+        observation_messages = timed_observations.messages
+    decisions = decision_messages | "ParseDecisions" >> ParseDecisions(
         bp, format=config.decisions.parse_format
     )
-    observations = raw_observations | "ParseObservations" >> ParseObservations(
+    observations = observation_messages | "ParseObservations" >> ParseObservations(
         bp, format=config.observations.parse_format
     )
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
         bp, allowed_lateness_ms=config.allowed_lateness_ms
     )
+    rejected_decisions, rejected_observations = decisions.rejected, observations.rejected
+    if config.streaming:
+        # bad_time and late messages are dead letters of the read; until WriteSpan has a
+        # late/ directory of its own, late ones go to rejected/ with reason "late".
+        rejected_decisions = (
+            rejected_decisions,
+            timed_decisions.rejected,
+            timed_decisions.late,
+        ) | "FlattenRejected[decisions]" >> beam.Flatten()
+        rejected_observations = (
+            rejected_observations,
+            timed_observations.rejected,
+            timed_observations.late,
+        ) | "FlattenRejected[observations]" >> beam.Flatten()
     inputs = SpanInputs.from_join(
-        join, decisions.rejected, observations.rejected, raw_decisions, raw_observations
+        join, rejected_decisions, rejected_observations, raw_decisions, raw_observations
     )
     return inputs | "WriteSpan" >> WriteSpan(
         config.output,
@@ -222,8 +254,12 @@ def counters(result: Any) -> dict[str, int]:
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Validates the arguments, runs the join and (batch) returns the span's manifest."""
     options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
+    join_options = options.view_as(JoinDecisionsOptions)
+    if join_options.decisions_subscription or join_options.observations_subscription:
+        # Pub/Sub makes it a streaming job; a Flex Template launch cannot pass --streaming.
+        options.view_as(StandardOptions).streaming = True
     streaming = options.view_as(StandardOptions).streaming
-    config = JoinConfig(options.view_as(JoinDecisionsOptions), streaming)
+    config = JoinConfig(join_options, streaming)
     pipeline = beam.Pipeline(options=options)
     build(pipeline, config)
     result = pipeline.run()

@@ -31,5 +31,6 @@ def pii_key(monkeypatch):
     return "test-key-not-a-secret"
 
 
-# The GCS emulator (tests/gcs_emulator.py): one per session, started by the first test that asks.
+# The emulators, each started once per session by the first test that asks for it.
 from tests.gcs_emulator import gcs_emulator, gcs_path, gcs_server  # noqa: E402, F401
+from tests.pubsub_emulator import pubsub_emulator  # noqa: E402, F401

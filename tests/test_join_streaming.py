@@ -1,8 +1,10 @@
-"""The join on unbounded input: TestStream, event-time session windows, late data.
+"""The join on unbounded input: TestStream, sessions per decision_id, late data, redelivery.
 
-Each decision is emitted once, when the watermark passes its session's end
-(``window + backward_slack + allowed_lateness`` after its last event); an event arriving later
-lands in a pane of its own, where an observation is reported ``orphan``.
+A decision's session ends ``window + backward_slack + allowed_lateness`` after its last event;
+then its example is emitted once. For one more gap (the TTL) the join remembers the decision:
+a redelivered decision is a ``duplicate_decision``, an observation that would have counted is
+a ``late_observation``, others ``out_of_window`` or ``duplicate_observation``. After the TTL
+the decision_id is forgotten.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.test_join import (
 )
 from transforms.join import (
     DEFAULT,
+    LATE_OBSERVATION,
     OBSERVED,
     ORPHAN,
     OUT_OF_WINDOW,
@@ -61,17 +64,21 @@ class Stream:
             self._stream.advance_watermark_to(Timestamp(micros=ms * 1000), tag=tag)
         return self
 
-    def run(self, blueprint, check, **join_args) -> None:
+    def run(self, blueprint, check, **join_args):
+        """Runs the join on the stream; ``check(outputs)`` adds the assertions. The result."""
         for tag in ("decisions", "observations"):
             self._stream.advance_watermark_to_infinity(tag=tag)
         options = PipelineOptions()
         options.view_as(StandardOptions).streaming = True
-        with beam.Pipeline(options=options) as pipeline:
-            streams = pipeline | "Events" >> self._stream
-            outputs = (streams["decisions"], streams["observations"]) | "Join" >> JoinDecisions(
-                blueprint, **join_args
-            )
-            check(outputs)
+        pipeline = beam.Pipeline(options=options)
+        streams = pipeline | "Events" >> self._stream
+        outputs = (streams["decisions"], streams["observations"]) | "Join" >> JoinDecisions(
+            blueprint, **join_args
+        )
+        check(outputs)
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
 
 
 def test_out_of_order_events_join_as_in_batch(blueprint):
@@ -135,9 +142,9 @@ def test_late_observation_within_allowed_lateness_counts(blueprint):
     )
 
 
-def test_late_observation_past_allowed_lateness_is_orphan_and_decision_emitted_once(blueprint):
+def test_observation_after_the_decision_was_emitted_is_a_late_observation(blueprint):
     # Without allowed lateness the session closes at T0 + 1h 2m (window + slack): the decision
-    # is emitted with its default label, and the click arriving after that is beyond the horizon.
+    # is emitted with its default label; the click that would have counted arrives after that.
     late_click = observation("d1", at=T0 + HOUR)
     (
         Stream()
@@ -147,8 +154,75 @@ def test_late_observation_past_allowed_lateness_is_orphan_and_decision_emitted_o
         .run(
             blueprint,
             lambda out: expect(
-                out, joined=[("d1", 0, DEFAULT, 0)], unmatched=[(ORPHAN, late_click)]
+                out, joined=[("d1", 0, DEFAULT, 0)], unmatched=[(LATE_OBSERVATION, late_click)]
             ),
+        )
+    )
+
+
+def test_decision_redelivered_after_it_was_emitted_is_a_duplicate_not_a_second_example(
+    blueprint,
+):
+    first = decision("d1")
+    click = observation("d1", at=T0 + MINUTE)
+    (
+        Stream()
+        .decisions(first)
+        .observations(click)
+        .watermark(T0 + 2 * HOUR)
+        .decisions(first)
+        .run(
+            blueprint,
+            lambda out: expect(out, joined=[("d1", 1, OBSERVED, 1)], duplicate_decisions=[first]),
+        )
+    )
+
+
+def test_observation_outside_the_window_after_emission_is_out_of_window(blueprint):
+    after_window = observation("d1", at=T0 + HOUR + 3 * MINUTE)
+    (
+        Stream()
+        .decisions(decision("d1"))
+        .watermark(T0 + HOUR + 4 * MINUTE)
+        .observations(after_window)
+        .run(
+            blueprint,
+            lambda out: expect(
+                out, joined=[("d1", 0, DEFAULT, 0)], unmatched=[(OUT_OF_WINDOW, after_window)]
+            ),
+        )
+    )
+
+
+def test_observation_redelivered_after_emission_is_a_duplicate(blueprint):
+    click = observation("d1", at=T0 + MINUTE)
+    (
+        Stream()
+        .decisions(decision("d1"))
+        .observations(click)
+        .watermark(T0 + 2 * HOUR)
+        .observations(click)
+        .run(
+            blueprint,
+            lambda out: expect(
+                out, joined=[("d1", 1, OBSERVED, 1)], duplicate_observations=[click]
+            ),
+        )
+    )
+
+
+def test_decision_is_forgotten_after_its_ttl(blueprint):
+    # The session closes at T0 + 1h 2m and the TTL (one more gap) ends at T0 + 2h 4m: an
+    # observation of d1 arriving after that no longer finds it.
+    stray = observation("d1", at=T0 + 30 * MINUTE)
+    (
+        Stream()
+        .decisions(decision("d1"))
+        .watermark(T0 + 2 * HOUR + 5 * MINUTE)
+        .observations(stray)
+        .run(
+            blueprint,
+            lambda out: expect(out, joined=[("d1", 0, DEFAULT, 0)], unmatched=[(ORPHAN, stray)]),
         )
     )
 

@@ -41,8 +41,8 @@ MINUTE = 60_000
 HOUR = 60 * MINUTE
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 LATENESS = "10m"
-DECISIONS_SUB = "projects/p/subscriptions/decisions"
-OBSERVATIONS_SUB = "projects/p/subscriptions/observations"
+DECISIONS_SUB = "projects/loopline-test/subscriptions/decisions"
+OBSERVATIONS_SUB = "projects/loopline-test/subscriptions/observations"
 
 
 def _decision(decision_id: str, at: int, user: str = "u-1") -> dict:
@@ -121,8 +121,9 @@ def _published(tag: str) -> list[bytes]:
     return [step[1] for step in SCRIPT if step[0] == tag]
 
 
-def _pubsub_test_stream(timestamp_attribute: str, script: list) -> test_stream.TestStream:
-    """The script as Pub/Sub messages, timestamped by their ``timestamp_attribute``."""
+def _pubsub_test_stream(script: list) -> test_stream.TestStream:
+    """The script as Pub/Sub messages, each published at its event time (so none is late at
+    the source, however far behind the watermark it arrives), with its ``event_time``."""
     stream = test_stream.TestStream(output_tags=[DEC, OBS])
     for step in script:
         if step[0] == "watermark":
@@ -130,11 +131,9 @@ def _pubsub_test_stream(timestamp_attribute: str, script: list) -> test_stream.T
                 stream.advance_watermark_to(Timestamp(micros=step[1] * 1000), tag=tag)
             continue
         tag, data, at = step
-        attributes = {timestamp_attribute: format_event_time(at)}
-        # What timestamp_attribute does: the attribute (RFC 3339) becomes the element timestamp.
-        moment = datetime.fromisoformat(attributes[timestamp_attribute].replace("Z", "+00:00"))
-        message = PubsubMessage(data, attributes)
-        stream.add_elements([TimestampedValue(message, moment.timestamp())], tag=tag)
+        # ReadFromPubSub without timestamp_attribute stamps a message with its publish time.
+        message = PubsubMessage(data, {"event_time": format_event_time(at)})
+        stream.add_elements([TimestampedValue(message, at / 1000)], tag=tag)
     for tag in (DEC, OBS):
         stream.advance_watermark_to_infinity(tag=tag)
     return stream
@@ -152,24 +151,17 @@ class _FakePubSub(beam.PTransform):
     streams: dict = {}
     script: list = SCRIPT
 
-    def __init__(self, subscription: str, with_attributes: bool, timestamp_attribute: str):
+    def __init__(self, subscription: str, with_attributes: bool, **others):
         super().__init__()
         self.subscription = subscription
-        self.timestamp_attribute = timestamp_attribute
         self.calls.append(
-            {
-                "subscription": subscription,
-                "with_attributes": with_attributes,
-                "timestamp_attribute": timestamp_attribute,
-            }
+            {"subscription": subscription, "with_attributes": with_attributes, **others}
         )
 
     def expand(self, pbegin: beam.pvalue.PBegin):
         key = id(pbegin.pipeline)
         if key not in self.streams:
-            self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(
-                self.timestamp_attribute, self.script
-            )
+            self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(self.script)
         return self.streams[key][SUBSCRIPTIONS[self.subscription]] | "Messages" >> beam.Map(
             lambda message: message
         )
@@ -221,7 +213,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict, Path]:
         )  # fmt: skip
         assert streamed is None
         assert _FakePubSub.calls == [
-            {"subscription": sub, "with_attributes": True, "timestamp_attribute": "event_time"}
+            {"subscription": sub, "with_attributes": True}
             for sub in (DECISIONS_SUB, OBSERVATIONS_SUB)
         ]
     return root / "batch", batch, root / "stream"
@@ -247,10 +239,11 @@ def test_streaming_writes_the_same_examples_as_batch_per_output_window(runs):
         files = manifest["files"]["train"] + manifest["files"]["eval"]
         examples = _examples(files)
         assert len(examples) == manifest["examples_written"]
-        # A decision is written in the output window where its session closes.
+        # A decision is written in the output window where its grouping session (twice the
+        # gap: transforms/join.py) closes.
         start, end = (_ms(window["start"]), _ms(window["end"]))
         ids = sorted(_decision_id(e) for e in examples)
-        assert ids == sorted(d for d, t in last_event.items() if start <= t + gap - 1 < end)
+        assert ids == sorted(d for d, t in last_event.items() if start <= t + 2 * gap - 1 < end)
         streamed += examples
     assert sorted(streamed) == sorted(batch_examples)
 
@@ -290,11 +283,11 @@ def test_malformed_messages_land_in_rejected(runs):
     )  # fmt: skip
 
 
-# d1's session closes at 13:22 (its last observation, 12:10, plus the 1h 12m gap) and fires when
-# the watermark passes it; the observation of 12:50, inside d1's label window, arrives with the
-# watermark at 15:10: far beyond the horizon, but within the join's own lateness (its session,
-# 12:50-14:02, plus the gap reaches 15:14), so the join emits it in a late pane, as orphan,
-# timestamped 14:02: behind the watermark and in an output window (14:00-15:00) already closed.
+# d1's session ends at 13:22 (its last observation, 12:10, plus the 1h 12m gap): its example
+# is written and the join remembers d1 for one more gap, to 14:34. The observation of 12:50,
+# inside d1's label window, arrives with the watermark at 15:10, beyond that horizon: it opens
+# a session of its own (to 12:50 + 2 gaps = 15:14, still ahead of the watermark) and is
+# reported orphan, counted in the manifest of the output window where that session ends.
 LATE_SCRIPT = [
     _watermark(T0 - MINUTE),
     _message(DEC, _decision("d1", T0), T0),
@@ -306,6 +299,7 @@ LATE_SCRIPT = [
 
 
 def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_path):
+    # No --streaming: two subscriptions make it a streaming job (as a Flex Template launches it).
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOPLINE_PII_KEY", KEY)
         mp.setattr(_FakePubSub, "calls", [])
@@ -314,7 +308,6 @@ def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_pa
         mp.setattr(beam.io, "ReadFromPubSub", _FakePubSub)
         run(
             [
-                "--streaming",
                 "--blueprint", str(BLUEPRINT), "--allowed_lateness", LATENESS,
                 "--decisions_subscription", DECISIONS_SUB,
                 "--observations_subscription", OBSERVATIONS_SUB,
@@ -339,3 +332,21 @@ def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_pa
     (counting,) = [m for m in manifests if m["observations_orphan"]]
     assert counting["files"]["unmatched_observations"]
     assert _ms(counting["output_window"]["start"]) >= T0 + 3 * HOUR
+
+
+def test_a_malformed_subscription_stops_the_launch_with_one_line(tmp_path, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOPLINE_PII_KEY", KEY)
+        with pytest.raises(SystemExit) as info:
+            run(
+                [
+                    "--blueprint", str(BLUEPRINT), "--output", str(tmp_path / "out"),
+                    "--decisions_subscription", "projects/p/subscriptions/d",
+                    "--observations_subscription", OBSERVATIONS_SUB,
+                ]
+            )  # fmt: skip
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "join_decisions: error: --decisions_subscription: Invalid PubSub project name: 'p'."
+    ]

@@ -8,33 +8,47 @@ event on exactly one of the other outputs.
     >>> decisions, observations = ...  # PCollections of DecisionEvent / ObservationEvent
     >>> joined = (decisions, observations) | JoinDecisions(blueprint)
     >>> joined.joined        # JoinedDecision, one per decision_id
-    >>> joined.unmatched     # UnmatchedObservation: orphan or out_of_window
+    >>> joined.unmatched     # UnmatchedObservation: orphan, out_of_window, late_observation
 
 Windowing. In batch (bounded inputs, ``windowing="auto"``) the join groups over all time in
-the global window, which is exact. On unbounded inputs it uses event-time session windows per
-``decision_id`` whose gap is ``window + backward_slack + allowed_lateness`` (plus 1 ms, because
-Beam's sessions are half-open and the label window is inclusive), with Beam's default trigger
-(fire when the watermark passes the end of the session, then once more per late arrival) and
-discarding panes:
+the global window, which is exact. On unbounded inputs the same CoGroupByKey runs over
+event-time session windows per ``decision_id``, behind a stateful gate (``_SessionGate``):
 
-* each decision is emitted exactly once, when the watermark passes its session's end, so an
-  observation that arrives up to ``allowed_lateness`` behind the watermark is still classified
-  exactly (DESIGN.md: "the join keeps a decision open for window + allowed_lateness");
-* an event that arrives after its decision's session has fired lands in a pane of its own
-  (discarding: the decision is not in it and is never re-emitted): an observation there is
-  reported ``orphan``, DESIGN.md's "beyond the horizon", where a batch job would say
-  ``out_of_window`` or count it. A decision re-delivered that late is joined on its own, so
-  a duplicate decision is only caught within the horizon;
-* Beam's own allowed lateness is set to the session gap, so such panes are produced for events
-  up to about ``2 x gap`` behind their session; data later still is dropped by the runner,
-  which counts it as dropped due to lateness.
+* the gate, keyed by ``decision_id`` in the global window, lets a key's events through while
+  its session is open: until the watermark passes its latest event time plus the gap
+  ``window + backward_slack + allowed_lateness`` (plus 1 ms: Beam's sessions are half-open and
+  the label window is inclusive). An observation arriving up to ``allowed_lateness`` late is
+  still classified exactly (DESIGN.md: "the join keeps a decision open for window +
+  allowed_lateness");
+* the sessions of the grouping are twice that gap, so everything the gate let through is in
+  its group when the grouping fires once, at the watermark (default trigger, discarding):
+  each decision is emitted once, with the label batch would give it. The gate keys what it
+  lets through by ``(decision_id, start of the gate's session)``, so a later session of the
+  same decision_id never merges into one that has fired;
+* once a session with a decision has ended, the gate answers for the key itself, for one more
+  gap (the TTL, at least window + allowed lateness): a redelivered or repeated decision is a
+  ``duplicate_decision``, an observation that would have counted is a ``late_observation``
+  (to ``unmatched_observations/``), others ``out_of_window`` or ``duplicate_observation``.
+  Nothing of a closed decision reaches the grouping again, so no example is written twice
+  and no late element opens a session behind the watermark;
+* after the TTL the key is forgotten; an event for it later still is beyond the horizon
+  (an observation is reported ``orphan``). On a Pub/Sub source such an event is more than
+  the allowed lateness behind its publish time and never gets here: ``transforms.streaming``
+  sends it to ``late/`` (DESIGN.md: "an event behind the watermark by more than the allowed
+  lateness goes to late/").
 
-Firing once instead of refining the label with late panes is deliberate: the outputs are
-TFRecord examples, which cannot be retracted, so a decision must never be emitted twice.
-(``AfterWatermark(late=AfterCount(1))`` would say the same, but stalls the Python
-DirectRunner when a late element merges into an open session; the default trigger does not.)
-``windowing="session"`` forces the session windows in batch too (the batch/streaming
-comparison test uses it).
+Why not the plain session-window CoGroupByKey (what this join was): an event arriving after
+its decision's session fired either re-emitted the decision (at-least-once delivery writes
+examples twice) or, merging into a fired session on the Python DirectRunner, left watermark
+holds that were never released (the job stalled for good; apache/beam#19736, #21260). And why
+not a stateful DoFn alone: the Python DirectRunner's user timers hold no output watermark
+(``direct_userstate``: "add corresponding watermark holds"), so whatever a timer emits can be
+dropped as late by the next windowed step; the grouping's panes are held properly. The gate
+emits only from ``process``, timestamped ``gap`` after the event (where its session would have
+ended), ahead of the watermark for any event within the allowed lateness.
+
+``windowing="session"`` forces the streaming path in batch too (the batch/streaming comparison
+test uses it).
 """
 
 from __future__ import annotations
@@ -45,9 +59,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+from apache_beam import coders
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, window
-from apache_beam.utils.timestamp import Duration
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Duration, Timestamp
 
 from loopline.blueprint import Blueprint, Label
 from loopline.events import DecisionEvent, ObservationEvent
@@ -57,6 +79,7 @@ OBSERVED = "observed"
 DEFAULT = "default"
 ORPHAN = "orphan"
 OUT_OF_WINDOW = "out_of_window"
+LATE_OBSERVATION = "late_observation"
 
 WINDOWINGS = ("auto", "global", "session")
 
@@ -78,8 +101,14 @@ COUNTERS = (
     "observations_used",
     "observations_out_of_window",
     "observations_orphan",
+    "observations_late",
 )
 METRICS_NAMESPACE = "loopline.join"
+_UNMATCHED_COUNTERS = {
+    ORPHAN: "observations_orphan",
+    OUT_OF_WINDOW: "observations_out_of_window",
+    LATE_OBSERVATION: "observations_late",
+}
 
 
 @dataclass(frozen=True)
@@ -106,7 +135,8 @@ class JoinedDecision:
 
 @dataclass(frozen=True)
 class UnmatchedObservation:
-    """An observation not learned from: ``reason`` is ORPHAN or OUT_OF_WINDOW."""
+    """An observation not learned from: ``reason`` is ORPHAN, OUT_OF_WINDOW or (streaming)
+    LATE_OBSERVATION: it would have counted, but arrived after its decision was emitted."""
 
     reason: str
     event: ObservationEvent
@@ -119,7 +149,7 @@ class JoinOutputs(NamedTuple):
     """The PCollections the join produces; every input event lands in exactly one of them."""
 
     joined: object  # PCollection[JoinedDecision]
-    unmatched: object  # PCollection[UnmatchedObservation]
+    unmatched: object  # PCollection[UnmatchedObservation]: orphan, out_of_window, late_observation
     duplicate_decisions: object  # PCollection[DecisionEvent]
     duplicate_observations: object  # PCollection[ObservationEvent]
 
@@ -257,6 +287,37 @@ def _observation_row(o: ObservationEvent) -> tuple[str, tuple]:
     return o.decision_id, (_OBSERVATION_TAG, o.event_time_ms, o.observations)
 
 
+def _events_of(decision_id: str, rows) -> tuple[list[DecisionEvent], list[ObservationEvent]]:
+    decisions, observations = [], []
+    for row in rows:
+        if row[0] == _OBSERVATION_TAG:
+            observations.append(ObservationEvent(decision_id, row[1], row[2]))
+        else:
+            decisions.append(DecisionEvent(decision_id, *row[1:]))
+    return decisions, observations
+
+
+def _route(outcome: GroupOutcome, n_decisions: int, n_observations: int, tally: dict):
+    """Yields ``outcome`` on the join's outputs and adds its counts to ``tally``."""
+    tally["decisions_in"] += n_decisions
+    tally["observations_in"] += n_observations
+    tally["duplicate_decisions"] += len(outcome.duplicate_decisions)
+    tally["duplicate_observations"] += len(outcome.duplicate_observations)
+    joined = outcome.joined
+    if joined is not None:
+        tally["examples_written"] += 1
+        tally["examples_observed" if joined.join_status == OBSERVED else "examples_default"] += 1
+        tally["observations_used"] += joined.observations_used
+        yield joined
+    for unmatched in outcome.unmatched:
+        tally[_UNMATCHED_COUNTERS[unmatched.reason]] += 1
+        yield beam.pvalue.TaggedOutput(_UNMATCHED, unmatched)
+    for d in outcome.duplicate_decisions:
+        yield beam.pvalue.TaggedOutput(_DUPLICATE_DECISIONS, d)
+    for o in outcome.duplicate_observations:
+        yield beam.pvalue.TaggedOutput(_DUPLICATE_OBSERVATIONS, o)
+
+
 class _ClassifyDecisionGroup(beam.DoFn):
     """Rebuilds the events of one decision_id and routes ``classify_decision_group``'s verdict.
 
@@ -273,46 +334,173 @@ class _ClassifyDecisionGroup(beam.DoFn):
     def start_bundle(self) -> None:
         self._tally = dict.fromkeys(COUNTERS, 0)
 
-    def process(self, element: tuple[str, Any]):
-        decision_id, rows = element
-        decisions, observations = [], []
-        for row in rows:
-            if row[0] == _OBSERVATION_TAG:
-                observations.append(ObservationEvent(decision_id, row[1], row[2]))
-            else:
-                decisions.append(DecisionEvent(decision_id, *row[1:]))
+    def process(self, element: tuple[Any, Any]):
+        key, rows = element
+        decision_id = key[0] if isinstance(key, tuple) else key  # streaming: (id, session)
+        decisions, observations = _events_of(decision_id, rows)
         outcome = classify_decision_group(decisions, observations, self._label, self._label_fn)
-
-        tally = self._tally
-        tally["decisions_in"] += len(decisions)
-        tally["observations_in"] += len(observations)
-        tally["duplicate_decisions"] += len(outcome.duplicate_decisions)
-        tally["duplicate_observations"] += len(outcome.duplicate_observations)
-        joined = outcome.joined
-        if joined is not None:
-            tally["examples_written"] += 1
-            tally[
-                "examples_observed" if joined.join_status == OBSERVED else "examples_default"
-            ] += 1
-            tally["observations_used"] += joined.observations_used
-            yield joined
-        for unmatched in outcome.unmatched:
-            tally[
-                "observations_orphan"
-                if unmatched.reason == ORPHAN
-                else "observations_out_of_window"
-            ] += 1
-            yield beam.pvalue.TaggedOutput(_UNMATCHED, unmatched)
-        for d in outcome.duplicate_decisions:
-            yield beam.pvalue.TaggedOutput(_DUPLICATE_DECISIONS, d)
-        for o in outcome.duplicate_observations:
-            yield beam.pvalue.TaggedOutput(_DUPLICATE_OBSERVATIONS, o)
+        yield from _route(outcome, len(decisions), len(observations), self._tally)
 
     def finish_bundle(self) -> None:
         for name, count in self._tally.items():
             if count:
                 self._counters[name].inc(count)
         self._tally = dict.fromkeys(COUNTERS, 0)
+
+
+def _row_time(row: tuple) -> int:
+    return row[1] if row[0] == _OBSERVATION_TAG else row[2]
+
+
+def _observation_identity(event_time_ms: int, observations: Any) -> str:
+    """What makes two observations exact repeats (as ``_dedup_observations`` decides)."""
+    return f"{event_time_ms}|{_canonical(observations)}"
+
+
+_OPENED_AT = ReadModifyWriteStateSpec("opened_at", coders.VarIntCoder())
+_DECISION_TIME = ReadModifyWriteStateSpec("decision_time", coders.VarIntCoder())
+_CLOSES_AT = ReadModifyWriteStateSpec("closes_at", coders.VarIntCoder())
+_CLOSED = ReadModifyWriteStateSpec("closed", coders.BooleanCoder())
+_SEEN = BagStateSpec("seen_observations", coders.StrUtf8Coder())
+_TIMER = TimerSpec("session", TimeDomain.WATERMARK)
+# The DoFn parameters that hand them over (module singletons: Beam matches them by default).
+_OPENED_AT_PARAM = beam.DoFn.StateParam(_OPENED_AT)
+_DECISION_TIME_PARAM = beam.DoFn.StateParam(_DECISION_TIME)
+_CLOSES_AT_PARAM = beam.DoFn.StateParam(_CLOSES_AT)
+_CLOSED_PARAM = beam.DoFn.StateParam(_CLOSED)
+_SEEN_PARAM = beam.DoFn.StateParam(_SEEN)
+_TIMER_PARAM = beam.DoFn.TimerParam(_TIMER)
+
+
+class _SessionGate(beam.DoFn):
+    """Keyed by decision_id: lets a key's events into the grouping until its session ends,
+    then answers for the key itself, so a decision is never grouped (and emitted) twice.
+
+    Open: an event passes through, keyed by ``(decision_id, opened_at)`` (the event time of
+    the session's first event), so the grouping never merges it into a session of the same
+    decision_id that has already fired; the gate remembers the earliest decision time, the
+    identities of the observations, and the session's end (latest event time + gap), where
+    its one event-time timer stands.
+
+    Closed (the watermark passed the session's end and the session had a decision): events
+    no longer pass. For ``gap`` more of event time (the TTL: at least window + allowed
+    lateness) each is classified against what the gate remembers: a decision is
+    ``duplicate_decision`` (a redelivery); an observation is ``duplicate_observation`` (an
+    exact repeat), ``late_observation`` (it would have counted toward the label) or
+    ``out_of_window``. Those outputs are timestamped ``gap`` after the event, where its session
+    would have ended. At the TTL the key is forgotten. A session of observations alone leaves
+    nothing behind: the grouping reports them ``orphan``.
+    """
+
+    def __init__(self, label: Label, gap_ms: int):
+        self._label = label
+        self._gap_ms = gap_ms
+
+    def process(
+        self,
+        element: tuple[str, tuple],
+        opened_at=_OPENED_AT_PARAM,
+        decision_time=_DECISION_TIME_PARAM,
+        closes_at=_CLOSES_AT_PARAM,
+        closed=_CLOSED_PARAM,
+        seen=_SEEN_PARAM,
+        timer=_TIMER_PARAM,
+    ):
+        decision_id, row = element
+        event_time = _row_time(row)
+        if closed.read():
+            moment = _timestamp(event_time + self._gap_ms)
+            for output in self._after_close(decision_id, row, decision_time.read(), seen):
+                yield _timestamped(output, moment)
+            return
+        session = opened_at.read()
+        if session is None:
+            session = event_time
+            opened_at.write(session)
+        if row[0] == _OBSERVATION_TAG:
+            seen.add(_observation_identity(row[1], row[2]))
+        else:
+            td = decision_time.read()
+            if td is None or event_time < td:
+                decision_time.write(event_time)
+        end = event_time + self._gap_ms
+        current = closes_at.read()
+        if current is None or end > current:
+            closes_at.write(end)
+            timer.set(_timestamp(end))
+        yield (decision_id, session), row
+
+    def _after_close(self, decision_id: str, row: tuple, td: int, seen):
+        if row[0] != _OBSERVATION_TAG:
+            yield beam.pvalue.TaggedOutput(
+                _DUPLICATE_DECISIONS, DecisionEvent(decision_id, *row[1:])
+            )
+            return
+        observation = ObservationEvent(decision_id, row[1], row[2])
+        identity = _observation_identity(row[1], row[2])
+        if identity in set(seen.read()):
+            yield beam.pvalue.TaggedOutput(_DUPLICATE_OBSERVATIONS, observation)
+            return
+        seen.add(identity)
+        reason = LATE_OBSERVATION if self._label.counts(td, row[1]) else OUT_OF_WINDOW
+        yield beam.pvalue.TaggedOutput(_UNMATCHED, UnmatchedObservation(reason, observation))
+
+    @on_timer(_TIMER)
+    def on_session_end(
+        self,
+        opened_at=_OPENED_AT_PARAM,
+        decision_time=_DECISION_TIME_PARAM,
+        closes_at=_CLOSES_AT_PARAM,
+        closed=_CLOSED_PARAM,
+        seen=_SEEN_PARAM,
+        timer=_TIMER_PARAM,
+    ):
+        end = closes_at.read()
+        if closed.read() or decision_time.read() is None:
+            # The TTL is over, or the session had no decision: forget the key.
+            for state in (opened_at, decision_time, closes_at, closed, seen):
+                state.clear()
+            return
+        opened_at.clear()
+        closed.write(True)
+        timer.set(_timestamp(end + self._gap_ms))
+
+
+class _CountAfterClose(beam.DoFn):
+    """Counts what ``_SessionGate`` answered for a closed decision (on one of its outputs).
+
+    A separate step because the Python DirectRunner reports no metrics of a stateful DoFn.
+    """
+
+    _COUNTERS = {
+        _DUPLICATE_DECISIONS: ("decisions_in", "duplicate_decisions"),
+        _DUPLICATE_OBSERVATIONS: ("observations_in", "duplicate_observations"),
+    }
+
+    def __init__(self, tag: str):
+        self._tag = tag
+
+    def setup(self) -> None:
+        self._counters = {name: Metrics.counter(METRICS_NAMESPACE, name) for name in COUNTERS}
+
+    def process(self, element: Any):
+        if self._tag == _UNMATCHED:
+            names = ("observations_in", _UNMATCHED_COUNTERS[element.reason])
+        else:
+            names = self._COUNTERS[self._tag]
+        for name in names:
+            self._counters[name].inc()
+        yield element
+
+
+def _timestamp(ms: int) -> Timestamp:
+    return Timestamp(micros=ms * 1000)
+
+
+def _timestamped(output: Any, moment: Timestamp) -> Any:
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, window.TimestampedValue(output.value, moment))
+    return window.TimestampedValue(output, moment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +561,7 @@ class JoinDecisions(beam.PTransform):
 
     def expand(self, pcolls) -> JoinOutputs:
         decisions, observations = pcolls
-        sessions = self._windowing == "session" or (
+        streaming = self._windowing == "session" or (
             self._windowing == "auto" and not (decisions.is_bounded and observations.is_bounded)
         )
         decision_rows = decisions | "KeyDecisions" >> beam.Map(_decision_row).with_output_types(
@@ -382,33 +570,51 @@ class JoinDecisions(beam.PTransform):
         observation_rows = observations | "KeyObservations" >> beam.Map(
             _observation_row
         ).with_output_types(tuple[str, tuple])
-        decision_rows = self._window(decision_rows, "WindowDecisions", sessions)
-        observation_rows = self._window(observation_rows, "WindowObservations", sessions)
+        rows = (
+            self._global(decision_rows, "WindowDecisions"),
+            self._global(observation_rows, "WindowObservations"),
+        ) | "Flatten" >> beam.Flatten()
+        label = self._blueprint.label
+        tags = (_UNMATCHED, _DUPLICATE_DECISIONS, _DUPLICATE_OBSERVATIONS)
+        if streaming:
+            gap_ms = session_gap_ms(self._blueprint, self._allowed_lateness_ms)
+            gate = beam.ParDo(_SessionGate(label, gap_ms)).with_output_types(
+                tuple[tuple[str, int], tuple]
+            )
+            gated = rows | "SessionGate" >> gate.with_outputs(*tags, main=_JOINED)
+            sessions = beam.WindowInto(
+                window.Sessions(Duration(micros=2 * gap_ms * 1000)),
+                trigger=trigger.DefaultTrigger(),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                allowed_lateness=Duration(micros=gap_ms * 1000),
+            )
+            rows = gated[_JOINED] | "WindowSessions" >> sessions
         results = (
-            (decision_rows, observation_rows)
-            | "Flatten" >> beam.Flatten()
+            rows
             | "CoGroupByDecisionId" >> beam.GroupByKey()
             | "Classify"
-            >> beam.ParDo(
-                _ClassifyDecisionGroup(self._blueprint.label, self._label_fn)
-            ).with_outputs(_UNMATCHED, _DUPLICATE_DECISIONS, _DUPLICATE_OBSERVATIONS, main=_JOINED)
+            >> beam.ParDo(_ClassifyDecisionGroup(label, self._label_fn)).with_outputs(
+                *tags, main=_JOINED
+            )
         )
+        if not streaming:
+            return JoinOutputs(*(results[tag] for tag in (_JOINED, *tags)))
         return JoinOutputs(
-            joined=results[_JOINED],
-            unmatched=results[_UNMATCHED],
-            duplicate_decisions=results[_DUPLICATE_DECISIONS],
-            duplicate_observations=results[_DUPLICATE_OBSERVATIONS],
+            results[_JOINED],
+            *(
+                (
+                    results[tag],
+                    gated[tag]
+                    | f"CountAfterClose[{tag}]" >> beam.ParDo(_CountAfterClose(tag))
+                    | f"WindowGated[{tag}]" >> sessions,
+                )
+                | f"Flatten[{tag}]" >> beam.Flatten()
+                for tag in tags
+            ),
         )
 
-    def _window(self, pcoll, step: str, sessions: bool):
-        if not sessions:
-            if isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
-                return pcoll  # already global: no per-element step
-            return pcoll | step >> beam.WindowInto(window.GlobalWindows())
-        gap = Duration(micros=session_gap_ms(self._blueprint, self._allowed_lateness_ms) * 1000)
-        return pcoll | step >> beam.WindowInto(
-            window.Sessions(gap),
-            trigger=trigger.DefaultTrigger(),
-            accumulation_mode=trigger.AccumulationMode.DISCARDING,
-            allowed_lateness=gap,
-        )
+    @staticmethod
+    def _global(pcoll, step: str):
+        if isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
+            return pcoll  # already global: no per-element step
+        return pcoll | step >> beam.WindowInto(window.GlobalWindows())

@@ -14,8 +14,9 @@ pipeline reads and parses the same way whatever the source:
   file fails when the pipeline is built, with ``NoFilesMatched``;
 * BigQuery: ``ReadFromBigQuery`` rows, with ``TIMESTAMP`` columns as epoch milliseconds and
   JSON-string ``features`` / ``observations`` columns decoded (``format="record"``);
-* Pub/Sub: ``ReadFromPubSub`` messages with attributes, element timestamps taken from the
-  ``event_time`` attribute (``format="pubsub"``), for streaming jobs.
+* Pub/Sub: ``ReadFromPubSub`` messages with attributes, timestamped by their publish time
+  (``format="pubsub"``), for streaming jobs; ``transforms.streaming.assign_event_time`` then
+  stamps them with their ``event_time`` attribute.
 """
 
 from __future__ import annotations
@@ -157,10 +158,11 @@ class ReadEvents(beam.PTransform):
                 >> beam.io.ReadFromBigQuery(table=self.table, **self.bigquery_options)
                 | "RowsToRecords" >> beam.Map(bigquery_row_to_record)
             )
+        # No timestamp_attribute: a value that does not parse would fail the read and be
+        # redelivered forever. Elements carry their publish time; transforms.streaming's
+        # AssignEventTime stamps them with the attribute, refusing bad ones as bad_time.
         return pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(
-            subscription=self.subscription,
-            with_attributes=True,
-            timestamp_attribute=EVENT_TIME_ATTRIBUTE,
+            subscription=self.subscription, with_attributes=True
         )
 
 
