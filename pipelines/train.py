@@ -304,11 +304,26 @@ def observable_slices(blueprint: Blueprint) -> list[tfma.SlicingSpec]:
     ]
 
 
-def gated_slices(blueprint: Blueprint) -> list[tfma.SlicingSpec]:
+def gated_slices(blueprint: Blueprint, recorded: bool = True) -> list[tfma.SlicingSpec]:
     """Where the gate judges a candidate: the observable rows, else all rows. A treatment-aware
     model predicts the label as if observed, so an unsent row's default label says nothing of
-    it."""
-    return observable_slices(blueprint) or [tfma.SlicingSpec()]
+    it. ``recorded`` False: the examples do not carry the provenance columns (spans written
+    before the join recorded them), so every row is observable (see ``provenance_recorded``)."""
+    return (observable_slices(blueprint) if recorded else []) or [tfma.SlicingSpec()]
+
+
+def provenance_recorded(spans: list[Span], blueprint: Blueprint) -> bool:
+    """Whether every span's examples carry the columns ``label.observable_when`` names (read
+    from a span's first example). Without them the trainer weighs every row as observable, and
+    the gate must judge all rows: the observable slice would be missing."""
+    columns = {column for column, _ in blueprint.label.observable_when}
+    for span in spans:
+        example = _first_example(span.split_files("eval")) or _first_example(
+            span.split_files("train")
+        )
+        if example is not None and not columns <= set(example.features.feature):
+            return False
+    return True
 
 
 def slice_name(spec: tfma.SlicingSpec) -> str:
@@ -316,14 +331,14 @@ def slice_name(spec: tfma.SlicingSpec) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(spec.feature_values.items())) or "overall"
 
 
-def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
+def eval_config(blueprint: Blueprint, recorded: bool = True) -> tfma.EvalConfig:
     """TFMA settings: metrics for the label type, sliced overall, by join_status, on the rows
     whose label is observable and by ``model.slice_feature``; the gate metric carries the
     blueprint's absolute floor and its maximum regression against the baseline, on the gated
-    slices (``gated_slices``)."""
+    slices (``gated_slices``; ``recorded``: whether the examples carry the provenance)."""
     label = blueprint.label.name
     slices = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["join_status"])]
-    slices += observable_slices(blueprint)
+    slices += observable_slices(blueprint) if recorded else []
     slice_feature = blueprint.model.get("slice_feature")
     if slice_feature:
         usable = {f.name for f in blueprint.example_features} - set(blueprint.privacy.pseudonymise)
@@ -344,7 +359,7 @@ def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
                 direction=tfma.MetricDirection.HIGHER_IS_BETTER,
                 absolute={"value": -limits["max_auc_regression"]},
             ),
-            gated_slices(blueprint),
+            gated_slices(blueprint, recorded),
         )
         metrics = [
             tfma.MetricConfig(class_name="ExampleCount"),
@@ -369,7 +384,7 @@ def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
                 direction=tfma.MetricDirection.LOWER_IS_BETTER,
                 absolute={"value": limits["max_rmse_regression"]},
             ),
-            gated_slices(blueprint),
+            gated_slices(blueprint, recorded),
         )
         metrics = [
             tfma.MetricConfig(class_name="ExampleCount"),
@@ -407,11 +422,11 @@ def _gate(
     )
 
 
-def gate_settings(blueprint: Blueprint) -> str:
+def gate_settings(blueprint: Blueprint, recorded: bool = True) -> str:
     """The EvidenceGate's parameter: the gated slices' names and the thresholds, as JSON."""
     return json.dumps(
         {
-            "gated": [slice_name(s) for s in gated_slices(blueprint)],
+            "gated": [slice_name(s) for s in gated_slices(blueprint, recorded)],
             "thresholds": thresholds(blueprint),
             "binary": blueprint.label.type == "int",
         },
@@ -530,7 +545,11 @@ def create_pipeline(
     beam_pipeline_args: list[str] | None = None,
 ) -> tfx.dsl.Pipeline:
     """The TFX pipeline for one blueprint: one pipeline name per decision type, so the
-    Resolver finds the latest blessed model of earlier runs under the same pipeline root."""
+    Resolver finds the latest blessed model of earlier runs under the same pipeline root.
+
+    The gate judges the observable rows when the spans record the decision provenance (a
+    compiled spec's span, unknown now, is assumed to), else all rows."""
+    recorded = provenance_recorded(list(source.spans), blueprint)
     example_gen = tfx.components.ImportExampleGen(
         input_base=source.input_base, input_config=source.input_config
     )
@@ -577,12 +596,12 @@ def create_pipeline(
         model=trainer.outputs["model"],
         baseline_model=baseline.outputs["model"],
         example_splits=["eval"],
-        eval_config=eval_config(blueprint),
+        eval_config=eval_config(blueprint, recorded),
     )
     evidence_gate = EvidenceGate(
         evaluation=evaluator.outputs["evaluation"],
         evaluator_blessing=evaluator.outputs["blessing"],
-        settings=gate_settings(blueprint),
+        settings=gate_settings(blueprint, recorded),
     ).with_id(EVIDENCE_GATE_ID)
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],

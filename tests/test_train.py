@@ -437,6 +437,20 @@ def test_bad_evidence_threshold_names_the_field(field, value):
         train.thresholds(blueprint_from_dict(data, source="bp.yaml"))
 
 
+def test_spans_without_provenance_are_judged_on_every_row(tmp_path, blueprint):
+    """Written before the join recorded the decision, every row of such a span is observable
+    (and weighs 1): the gate judges all rows rather than a slice the data cannot have."""
+    write_span(tmp_path / "old", blueprint, 40, seed=9, key=KEY.encode(), provenance=False)
+    write_span(tmp_path / "new", blueprint, 40, seed=9, key=KEY.encode())
+    old, new = train.read_span(tmp_path / "old"), train.read_span(tmp_path / "new")
+    assert train.provenance_recorded([new], blueprint)
+    assert not train.provenance_recorded([new, old], blueprint)
+    settings = json.loads(train.gate_settings(blueprint, recorded=False))
+    assert settings["gated"] == ["overall"]
+    slices = train.eval_config(blueprint, recorded=False).slicing_specs
+    assert all(not s.feature_values for s in slices)
+
+
 def test_pusher_and_resolver_read_the_evidence_gates_blessing(tmp_path, blueprint):
     """A model the evidence refused is neither pushed nor, in later runs, the baseline, even
     when the Evaluator's point-estimate thresholds blessed it."""

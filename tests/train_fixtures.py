@@ -130,12 +130,15 @@ def write_span(
     key: bytes = b"test-key-not-a-secret",
     shuffle_train_labels: bool = False,
     drop_feature_every: tuple[str, int] | None = None,
+    provenance: bool = True,
 ) -> SpanTruth:
     """Writes one span of ``n`` decisions; returns its ground truth.
 
     ``shuffle_train_labels`` permutes the train split's labels (a worse candidate: it learns
     noise, while the eval split keeps true labels); ``drop_feature_every=(name, k)`` removes
-    that feature from every k-th example (an anomaly ExampleValidator must catch).
+    that feature from every k-th example (an anomaly ExampleValidator must catch);
+    ``provenance=False`` writes examples without the provenance columns (a span written before
+    the join recorded them).
     """
     rng = random.Random(seed)
     split = {"train": [], "eval": []}
@@ -181,6 +184,9 @@ def write_span(
             for i, (_, _, _, joined) in enumerate(rows):
                 example = joined_to_example(joined, blueprint, key)
                 _add_provenance(example, joined)
+                if not provenance:
+                    for column in ("decision", "propensity", "arm", "model_id"):
+                        del example.features.feature[column]
                 if drop_feature_every and i % drop_feature_every[1] == drop_feature_every[1] - 1:
                     del example.features.feature[drop_feature_every[0]]
                 writer.write(example.SerializeToString())
