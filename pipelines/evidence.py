@@ -54,14 +54,23 @@ def auc_interval(
 
 @dataclass(frozen=True)
 class Evidence:
-    """The gate's verdict: blessed or not, why in words, and the figures it judged."""
+    """The gate's verdict: blessed or not, why in words, and the figures it judged.
+
+    ``evidence_failures`` are the evidence's own reasons (not the Evaluator's), for a record
+    that lists the Evaluator's failures next to them."""
 
     blessed: bool
     why: str
     figures: dict = field(default_factory=dict)
+    evidence_failures: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"blessed": self.blessed, "why": self.why, "figures": self.figures}
+        return {
+            "blessed": self.blessed,
+            "why": self.why,
+            "figures": self.figures,
+            "evidence_failures": list(self.evidence_failures),
+        }
 
 
 def judge(
@@ -98,10 +107,11 @@ def judge(
             0,
             f"not enough evidence: {positives_total} positives (at least {min_positives} needed)",
         )
+    failures = tuple(reasons)
     if not evaluator_blessed:
         reasons.append("the Evaluator's thresholds were not met")
     if reasons:
-        return Evidence(False, "; ".join(reasons), figures)
+        return Evidence(False, "; ".join(reasons), figures, failures)
     return Evidence(True, f"enough evidence: {positives_total} positives", figures)
 
 

@@ -131,21 +131,26 @@ def sample_weight(inputs: dict, label_config: dict, like: tf.Tensor) -> tf.Tenso
     not observable, else min(1 / propensity, ips_clip), or 1 when the row has no propensity
     (absent, or -1.0: the decision did not carry one).
 
-    A provenance column missing from a row altogether (a span written before the join recorded
-    provenance) does not restrict it; an explicit absent value (-1, b"") does unless listed
-    (loopline.blueprint.Label.is_observable)."""
-    weight = tf.ones_like(like, dtype=tf.float32)
+    A row missing a column ``observable_when`` names altogether (a span written before the join
+    recorded provenance) weighs 1, as it did before: nothing says whether its label was
+    observable, nor what selected it. An explicit absent value (-1, b"") is not observable
+    unless listed (loopline.blueprint.Label.is_observable)."""
+    observable = tf.ones_like(like, dtype=tf.bool)
+    unrecorded = tf.zeros_like(like, dtype=tf.bool)
     for column, values in (label_config.get("observable_when") or {}).items():
         if column not in inputs:  # a curated schema without the column
+            unrecorded = tf.ones_like(unrecorded)
             continue
         present, value = _optional_scalar(inputs[column])
         allowed = tf.constant(values, dtype=value.dtype)
         listed = tf.reduce_any(tf.equal(value, allowed[tf.newaxis, :]), axis=1, keepdims=True)
-        weight *= tf.cast(tf.logical_or(tf.logical_not(present), listed), tf.float32)
+        unrecorded = tf.logical_or(unrecorded, tf.logical_not(present))
+        observable = tf.logical_and(observable, tf.logical_or(tf.logical_not(present), listed))
+    weight = tf.cast(observable, tf.float32)
     if "propensity" in inputs:
         present, propensity = _optional_scalar(inputs["propensity"])
         propensity = tf.cast(propensity, tf.float32)
-        known = tf.logical_and(present, propensity > 0)
+        known = tf.logical_and(tf.logical_and(present, propensity > 0), tf.logical_not(unrecorded))
         inverse = 1.0 / tf.where(known, propensity, tf.ones_like(propensity))
         clip = float(label_config.get("ips_clip", 10.0))
         weight *= tf.where(known, tf.minimum(inverse, clip), tf.ones_like(inverse))

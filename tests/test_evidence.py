@@ -47,6 +47,7 @@ def test_too_few_positives_is_not_blessed_whatever_the_auc():
     )
     assert not verdict.blessed
     assert verdict.why.startswith("not enough evidence: 12 positives")
+    assert verdict.evidence_failures[0] == verdict.why
     assert verdict.figures["positives"] == 12
 
 
@@ -80,6 +81,7 @@ def test_evaluator_refusal_stands_whatever_the_evidence():
         {"overall": _metrics(0.8, 330, 166)}, ["overall"], LIMITS, evaluator_blessed=False
     )
     assert not verdict.blessed and verdict.why == "the Evaluator's thresholds were not met"
+    assert verdict.evidence_failures == ()
 
 
 def test_verdict_round_trips_through_its_file(tmp_path):
