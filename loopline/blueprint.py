@@ -99,9 +99,24 @@ class Feature:
         return self.type.removesuffix("_list")
 
 
+# The decision-provenance columns of an example that ``label.observable_when`` may name, with
+# the type of their values. The join writes each of them into every example, explicit when the
+# decision did not carry it: decision -1, arm and model_id empty.
+OBSERVABLE_COLUMNS = {"decision": "int", "arm": "string", "model_id": "string"}
+DEFAULT_IPS_CLIP = 10.0
+
+
 @dataclass(frozen=True)
 class Label:
-    """How the label is computed from the observations of one decision."""
+    """How the label is computed from the observations of one decision, and when it means
+    anything at all.
+
+    ``observable_when`` maps provenance columns to the values for which the label was
+    observable (``{"decision": (1,)}``: a click is only possible on a notification that was
+    sent); a row is observable when each named column holds one of its values. Training learns
+    from observable rows only, each weighted by its inverse propensity capped at ``ips_clip``.
+    Empty: every row is observable.
+    """
 
     name: str
     observation: str
@@ -110,6 +125,22 @@ class Label:
     backward_slack_ms: int
     default: int | float
     type: str  # "int" or "float"
+    observable_when: tuple[tuple[str, tuple[int | str, ...]], ...] = ()
+    ips_clip: float = DEFAULT_IPS_CLIP
+
+    def is_observable(self, provenance: dict[str, Any]) -> bool:
+        """Whether the label of a row with these provenance values was observable.
+
+        A column the row does not carry at all (a span written before the join recorded
+        provenance) does not restrict it; an explicit absent value (-1, "") does, unless listed.
+
+        >>> label.is_observable({"decision": 0})   # observable_when: {decision: [1]}
+        False
+        """
+        return all(
+            column not in provenance or provenance[column] in values
+            for column, values in self.observable_when
+        )
 
     def counts(self, decision_time_ms: int, observation_time_ms: int) -> bool:
         """Whether an observation at that time falls in this decision's label window."""
@@ -386,6 +417,8 @@ class _Checker:
             "backward_slack",
             "default",
             "type",
+            "observable_when",
+            "ips_clip",
             "description",
         }
         if extra:
@@ -398,7 +431,46 @@ class _Checker:
             slack_ms,
             int(default) if ltype == "int" else float(default),
             ltype,
+            self.observable_when(value.get("observable_when")),
+            self.ips_clip(value.get("ips_clip", DEFAULT_IPS_CLIP)),
         )
+
+    def observable_when(self, value: Any) -> tuple[tuple[str, tuple[int | str, ...]], ...]:
+        path = "label.observable_when"
+        if value is None:
+            return ()
+        if not isinstance(value, dict) or not value:
+            raise self.fail(
+                path, "must map a provenance column to its observable values, e.g. {decision: [1]}"
+            )
+        conditions = []
+        for column, values in value.items():
+            if column not in OBSERVABLE_COLUMNS:
+                raise self.fail(
+                    path,
+                    f"{column!r} is not a provenance column (one of "
+                    f"{', '.join(sorted(OBSERVABLE_COLUMNS))})",
+                )
+            ctype = OBSERVABLE_COLUMNS[column]
+            python_type = int if ctype == "int" else str
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(type(v) is python_type for v in values)
+            ):
+                raise self.fail(
+                    f"{path}.{column}", f"must be a non-empty list of {ctype}s, got {values!r}"
+                )
+            conditions.append((column, tuple(dict.fromkeys(values))))
+        return tuple(conditions)
+
+    def ips_clip(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+            raise self.fail(
+                "label.ips_clip",
+                f"must be a number >= 1 (the largest inverse-propensity weight), got {value!r}",
+            )
+        return float(value)
 
     def duration(self, data: dict, key: str, required: bool) -> int:
         if key not in data:

@@ -33,6 +33,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -47,6 +48,7 @@ from tfx.types import artifact_utils  # noqa: E402
 
 from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
+from pipelines import evidence  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
 from pipelines.registration import RegisterPush, registration_context  # noqa: E402
 
@@ -57,9 +59,19 @@ RUN_FN = "pipelines.trainer_module.run_fn"
 DEFAULT_IMAGE = "gcr.io/tfx-oss-public/tfx:1.16.0"
 # The compiled Vertex AI spec's runtime parameter naming the span to train on (the DAG sets it).
 EXAMPLES_PARAMETER = "examples"
+EVIDENCE_GATE_ID = "EvidenceGate"
 JOIN_STATUSES = ("observed", "default")
 _KIND = {"int": "int64_list", "float": "float_list", "string": "bytes_list"}
 _SCHEMA_TYPE = {"int": schema_pb2.INT, "float": schema_pb2.FLOAT, "string": schema_pb2.BYTES}
+# The decision's provenance, written by the join into every example (absent values explicit:
+# decision -1, propensity -1.0, arm and model_id empty). Training reads decision (through
+# label.observable_when) and propensity (the inverse-propensity weight); none is a model input.
+PROVENANCE_COLUMNS = {
+    "decision": "int",
+    "propensity": "float",
+    "arm": "string",
+    "model_id": "string",
+}
 
 
 class ExampleMismatch(ValueError):
@@ -182,7 +194,9 @@ def blueprint_schema(blueprint: Blueprint) -> schema_pb2.Schema:
     example with its type (scalars of shape [1]), the join's columns, and join_status's domain.
 
     ExampleValidator checks statistics against it, so a missing feature, a feature of another
-    type or a feature the blueprint does not know stops the run."""
+    type or a feature the blueprint does not know stops the run. The provenance columns
+    (PROVENANCE_COLUMNS) are typed but optional: spans written before the join recorded them
+    still train, every row observable and weighing 1."""
     schema = schema_pb2.Schema()
 
     def add(name: str, base_type: str, scalar: bool = True, required: bool = True):
@@ -201,8 +215,8 @@ def blueprint_schema(blueprint: Blueprint) -> schema_pb2.Schema:
     add("blueprint_version", "string")
     add("join_status", "string").domain = "join_status"
     schema.string_domain.add(name="join_status", value=list(JOIN_STATUSES))
-    add("model_id", "string", required=False)
-    add("propensity", "float", required=False)
+    for name, base_type in PROVENANCE_COLUMNS.items():
+        add(name, base_type, required=False)
     return schema
 
 
@@ -222,21 +236,54 @@ def write_blueprint_schema(blueprint: Blueprint, pipeline_root: str) -> str:
 
 def custom_config(blueprint: Blueprint) -> dict:
     """What the module file (pipelines/trainer_module.py) needs to know about the blueprint."""
+    label = blueprint.label
     return {
         "features": [{"name": f.name, "type": f.type} for f in blueprint.example_features],
         "hashed": list(blueprint.privacy.pseudonymise),
-        "label": {"name": blueprint.label.name, "type": blueprint.label.type},
+        "label": {
+            "name": label.name,
+            "type": label.type,
+            "observable_when": {column: list(values) for column, values in label.observable_when},
+            "ips_clip": label.ips_clip,
+        },
         "model": {k: v for k, v in blueprint.model.items() if k not in ("thresholds",)},
     }
 
 
 def thresholds(blueprint: Blueprint) -> dict:
-    """The blessing thresholds from ``model.thresholds``, with defaults."""
+    """The blessing thresholds from ``model.thresholds``, with defaults.
+
+    For a binary label the gate also wants ``min_positives`` positive labels in the gated
+    slices and the AUC above ``min_auc`` at ``confidence`` (pipelines.evidence)."""
     given = dict(blueprint.model.get("thresholds") or {})
     if blueprint.label.type == "int":
+        min_positives = given.get("min_positives", evidence.DEFAULT_MIN_POSITIVES)
+        if (
+            isinstance(min_positives, bool)
+            or not isinstance(min_positives, int)
+            or min_positives < 0
+        ):
+            raise BlueprintError(
+                blueprint.source,
+                "model.thresholds.min_positives",
+                f"must be a whole number >= 0, got {min_positives!r}",
+            )
+        confidence = given.get("confidence", evidence.DEFAULT_CONFIDENCE)
+        if (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, int | float)
+            or not (0 < confidence < 1)
+        ):
+            raise BlueprintError(
+                blueprint.source,
+                "model.thresholds.confidence",
+                f"must be a number in (0, 1), such as 0.95, got {confidence!r}",
+            )
         return {
             "min_auc": float(given.get("min_auc", 0.5)),
             "max_auc_regression": float(given.get("max_auc_regression", 0.01)),
+            "min_positives": min_positives,
+            "confidence": float(confidence),
         }
     out = {"max_rmse_regression": float(given.get("max_rmse_regression", 0.0))}
     if "max_rmse" in given:
@@ -244,12 +291,54 @@ def thresholds(blueprint: Blueprint) -> dict:
     return out
 
 
-def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
-    """TFMA settings: metrics for the label type, sliced overall, by join_status and by
-    ``model.slice_feature``; the gate metric carries the blueprint's absolute floor and its
-    maximum regression against the baseline."""
+def observable_slices(blueprint: Blueprint) -> list[tfma.SlicingSpec]:
+    """The slices holding the rows whose label is observable (``label.observable_when``): one
+    per combination of the listed values (``decision=1`` for notify); none when every row is."""
+    conditions = blueprint.label.observable_when
+    if not conditions:
+        return []
+    columns = [column for column, _ in conditions]
+    return [
+        tfma.SlicingSpec(feature_values={c: str(v) for c, v in zip(columns, values, strict=True)})
+        for values in itertools.product(*(values for _, values in conditions))
+    ]
+
+
+def gated_slices(blueprint: Blueprint, recorded: bool = True) -> list[tfma.SlicingSpec]:
+    """Where the gate judges a candidate: the observable rows, else all rows. A treatment-aware
+    model predicts the label as if observed, so an unsent row's default label says nothing of
+    it. ``recorded`` False: the examples do not carry the provenance columns (spans written
+    before the join recorded them), so every row is observable (see ``provenance_recorded``)."""
+    return (observable_slices(blueprint) if recorded else []) or [tfma.SlicingSpec()]
+
+
+def provenance_recorded(spans: list[Span], blueprint: Blueprint) -> bool:
+    """Whether every span's examples carry the columns ``label.observable_when`` names (read
+    from a span's first example). Without them the trainer weighs every row as observable, and
+    the gate must judge all rows: the observable slice would be missing."""
+    columns = {column for column, _ in blueprint.label.observable_when}
+    for span in spans:
+        example = _first_example(span.split_files("eval")) or _first_example(
+            span.split_files("train")
+        )
+        if example is not None and not columns <= set(example.features.feature):
+            return False
+    return True
+
+
+def slice_name(spec: tfma.SlicingSpec) -> str:
+    """A slice's name as the model record spells it: ``overall``, ``decision=1``, ``a=x, b=y``."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(spec.feature_values.items())) or "overall"
+
+
+def eval_config(blueprint: Blueprint, recorded: bool = True) -> tfma.EvalConfig:
+    """TFMA settings: metrics for the label type, sliced overall, by join_status, on the rows
+    whose label is observable and by ``model.slice_feature``; the gate metric carries the
+    blueprint's absolute floor and its maximum regression against the baseline, on the gated
+    slices (``gated_slices``; ``recorded``: whether the examples carry the provenance)."""
     label = blueprint.label.name
     slices = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["join_status"])]
+    slices += observable_slices(blueprint) if recorded else []
     slice_feature = blueprint.model.get("slice_feature")
     if slice_feature:
         usable = {f.name for f in blueprint.example_features} - set(blueprint.privacy.pseudonymise)
@@ -270,6 +359,7 @@ def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
                 direction=tfma.MetricDirection.HIGHER_IS_BETTER,
                 absolute={"value": -limits["max_auc_regression"]},
             ),
+            gated_slices(blueprint, recorded),
         )
         metrics = [
             tfma.MetricConfig(class_name="ExampleCount"),
@@ -294,6 +384,7 @@ def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
                 direction=tfma.MetricDirection.LOWER_IS_BETTER,
                 absolute={"value": limits["max_rmse_regression"]},
             ),
+            gated_slices(blueprint, recorded),
         )
         metrics = [
             tfma.MetricConfig(class_name="ExampleCount"),
@@ -313,19 +404,33 @@ def eval_config(blueprint: Blueprint) -> tfma.EvalConfig:
     )
 
 
-def _gate(metric: str, value_threshold, change_threshold) -> tfma.MetricConfig:
-    """The blessing metric, thresholded on the overall slice only (per-slice values are
+def _gate(
+    metric: str, value_threshold, change_threshold, slices: list[tfma.SlicingSpec]
+) -> tfma.MetricConfig:
+    """The blessing metric, thresholded on the gated slices only (other slices' values are
     reported, not gated: a slice such as join_status=default holds one class)."""
     return tfma.MetricConfig(
         class_name=metric,
         per_slice_thresholds=[
             tfma.PerSliceMetricThreshold(
-                slicing_specs=[tfma.SlicingSpec()],
+                slicing_specs=slices,
                 threshold=tfma.MetricThreshold(
                     value_threshold=value_threshold, change_threshold=change_threshold
                 ),
             )
         ],
+    )
+
+
+def gate_settings(blueprint: Blueprint, recorded: bool = True) -> str:
+    """The EvidenceGate's parameter: the gated slices' names and the thresholds, as JSON."""
+    return json.dumps(
+        {
+            "gated": [slice_name(s) for s in gated_slices(blueprint, recorded)],
+            "thresholds": thresholds(blueprint),
+            "binary": blueprint.label.type == "int",
+        },
+        sort_keys=True,
     )
 
 
@@ -368,6 +473,65 @@ def ValidationGate(
         )
 
 
+def _candidate_metrics(evaluation_uri: str) -> dict[str, dict]:
+    """The candidate's metrics per slice name from an Evaluator's output."""
+    metrics: dict[str, dict] = {}
+    for per_slice in tfma.load_metrics(evaluation_uri):
+        parts = []
+        for single in per_slice.slice_key.single_slice_keys:
+            value = getattr(single, single.WhichOneof("kind"))
+            parts.append(f"{single.column}={value.decode() if isinstance(value, bytes) else value}")
+        name = ", ".join(parts) or "overall"
+        for item in per_slice.metric_keys_and_values:
+            key = item.key
+            if key.is_diff or key.model_name not in ("", "candidate"):
+                continue
+            if item.value.HasField("double_value"):
+                metrics.setdefault(name, {})[key.name] = item.value.double_value.value
+    return metrics
+
+
+@tfx.dsl.components.component
+def EvidenceGate(
+    evaluation: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ModelEvaluation],
+    evaluator_blessing: tfx.dsl.components.InputArtifact[
+        tfx.types.standard_artifacts.ModelBlessing
+    ],
+    blessing: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ModelBlessing],
+    settings: tfx.dsl.components.Parameter[str],
+) -> None:
+    """Blesses the candidate when the Evaluator did and the evidence holds (pipelines.evidence:
+    enough positive labels, the AUC's interval above the floor); the Pusher and the Resolver
+    of later runs read this blessing. Its ``why`` and ``evidence.json`` say what was judged."""
+    config = json.loads(settings)
+    evaluator_blessed = evaluator_blessing.get_int_custom_property("blessed") == 1
+    if config["binary"]:
+        verdict = evidence.judge(
+            _candidate_metrics(evaluation.uri),
+            config["gated"],
+            config["thresholds"],
+            evaluator_blessed,
+        )
+    else:
+        verdict = evidence.Evidence(
+            evaluator_blessed,
+            "the Evaluator's thresholds were met"
+            if evaluator_blessed
+            else "the Evaluator's thresholds were not met",
+        )
+    # The model the blessing is about (and the baseline), as the Evaluator named them: the
+    # Resolver's LatestBlessedModelStrategy maps a blessing to its model by current_model_id.
+    for name, value in evaluator_blessing.mlmd_artifact.custom_properties.items():
+        if name != "blessed":
+            blessing.mlmd_artifact.custom_properties[name].CopyFrom(value)
+    blessing.set_int_custom_property("blessed", int(verdict.blessed))
+    blessing.set_string_custom_property("why", verdict.why)
+    evidence.write(verdict, blessing.uri)
+    marker = "BLESSED" if verdict.blessed else "NOT_BLESSED"
+    with tfx.dsl.io.fileio.open(os.path.join(blessing.uri, marker), "w") as f:
+        f.write("")
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -381,7 +545,11 @@ def create_pipeline(
     beam_pipeline_args: list[str] | None = None,
 ) -> tfx.dsl.Pipeline:
     """The TFX pipeline for one blueprint: one pipeline name per decision type, so the
-    Resolver finds the latest blessed model of earlier runs under the same pipeline root."""
+    Resolver finds the latest blessed model of earlier runs under the same pipeline root.
+
+    The gate judges the observable rows when the spans record the decision provenance (a
+    compiled spec's span, unknown now, is assumed to), else all rows."""
+    recorded = provenance_recorded(list(source.spans), blueprint)
     example_gen = tfx.components.ImportExampleGen(
         input_base=source.input_base, input_config=source.input_config
     )
@@ -415,18 +583,29 @@ def create_pipeline(
     baseline = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        # The EvidenceGate's blessings only: the Evaluator's own blessing does not know about
+        # the evidence, and a model that was not pushed must not become the baseline.
+        model_blessing=tfx.dsl.Channel(
+            type=tfx.types.standard_artifacts.ModelBlessing,
+            producer_component_id=EVIDENCE_GATE_ID,
+            output_key="blessing",
+        ),
     ).with_id("latest_blessed_model_resolver")
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=baseline.outputs["model"],
         example_splits=["eval"],
-        eval_config=eval_config(blueprint),
+        eval_config=eval_config(blueprint, recorded),
     )
+    evidence_gate = EvidenceGate(
+        evaluation=evaluator.outputs["evaluation"],
+        evaluator_blessing=evaluator.outputs["blessing"],
+        settings=gate_settings(blueprint, recorded),
+    ).with_id(EVIDENCE_GATE_ID)
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
-        model_blessing=evaluator.outputs["blessing"],
+        model_blessing=evidence_gate.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
         ),
@@ -453,6 +632,7 @@ def create_pipeline(
             trainer,
             baseline,
             evaluator,
+            evidence_gate,
             pusher,
             register,
         ],

@@ -10,6 +10,16 @@ file holds no per-decision-type code. Preprocessing by feature type:
 - ``int_list`` / ``float_list``: the mean and the length of the list, each z-scored;
 - pseudonymised identifiers (high-cardinality HMAC strings): hashed into buckets, not a vocabulary.
 
+Training is treatment-aware. Transform also writes each row's sample weight (``SAMPLE_WEIGHT``)
+from its decision provenance, never a model input: 0 where the label was not observable
+(``label.observable_when``; for notify, a notification that was not sent), otherwise the
+inverse of the logging policy's propensity capped at ``label.ips_clip`` (1 without a
+propensity), so that the rows the logging policy rarely chose count for all those it did not.
+Unobservable rows stay in the data (the Evaluator and monitoring see every row) but weigh 0 in
+the loss rather than being filtered out of the input: one input path and one place (Transform)
+that decides a row's weight, where a test can read it; with Adam, a batch's share of weight-0
+rows scales its gradient but not the step.
+
 The pushed model's ``serving_default`` takes serialized raw ``tf.Example`` (as written by
 ``transforms.examples.features_to_example``) and applies the Transform graph itself, so scoring
 never re-implements preprocessing:
@@ -31,6 +41,8 @@ from tfx_bsl.public import tfxio  # noqa: E402
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
+# The transformed column holding each row's weight in the loss (see the module docstring).
+SAMPLE_WEIGHT = "__sample_weight"
 
 DEFAULT_MODEL = {
     "hidden_units": [32, 16],
@@ -110,7 +122,55 @@ def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
     label = custom_config["label"]["name"]
     if label in inputs:  # absent at serving: Transform prunes what depends on it
         outputs[label] = _scalar(inputs[label], 0, tf.float32)
+        outputs[SAMPLE_WEIGHT] = sample_weight(inputs, custom_config["label"], outputs[label])
     return outputs
+
+
+def sample_weight(inputs: dict, label_config: dict, like: tf.Tensor) -> tf.Tensor:
+    """Each row's weight in the loss, [batch, 1] float32 shaped ``like``: 0 when the label was
+    not observable, else min(1 / propensity, ips_clip), or 1 when the row has no propensity
+    (absent, or -1.0: the decision did not carry one).
+
+    A row missing a column ``observable_when`` names altogether (a span written before the join
+    recorded provenance) weighs 1, as it did before: nothing says whether its label was
+    observable, nor what selected it. An explicit absent value (-1, b"") is not observable
+    unless listed (loopline.blueprint.Label.is_observable)."""
+    observable = tf.ones_like(like, dtype=tf.bool)
+    unrecorded = tf.zeros_like(like, dtype=tf.bool)
+    for column, values in (label_config.get("observable_when") or {}).items():
+        if column not in inputs:  # a curated schema without the column
+            unrecorded = tf.ones_like(unrecorded)
+            continue
+        present, value = _optional_scalar(inputs[column])
+        allowed = tf.constant(values, dtype=value.dtype)
+        listed = tf.reduce_any(tf.equal(value, allowed[tf.newaxis, :]), axis=1, keepdims=True)
+        unrecorded = tf.logical_or(unrecorded, tf.logical_not(present))
+        observable = tf.logical_and(observable, tf.logical_or(tf.logical_not(present), listed))
+    weight = tf.cast(observable, tf.float32)
+    if "propensity" in inputs:
+        present, propensity = _optional_scalar(inputs["propensity"])
+        propensity = tf.cast(propensity, tf.float32)
+        known = tf.logical_and(tf.logical_and(present, propensity > 0), tf.logical_not(unrecorded))
+        inverse = 1.0 / tf.where(known, propensity, tf.ones_like(propensity))
+        clip = float(label_config.get("ips_clip", 10.0))
+        weight *= tf.where(known, tf.minimum(inverse, clip), tf.ones_like(inverse))
+    return weight
+
+
+def _optional_scalar(x) -> tuple[tf.Tensor, tf.Tensor]:
+    """(present, value), both [batch, 1], from a scalar feature that a row may lack."""
+    if isinstance(x, tf.SparseTensor):
+        rows = x.dense_shape[0]
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(x.indices[:, 0]), x.indices[:, 0], num_segments=rows
+        )
+        default = b"" if x.dtype == tf.string else tf.zeros([], x.dtype)
+        value = tf.sparse.to_dense(
+            tf.SparseTensor(x.indices, x.values, tf.stack([rows, 1])), default_value=default
+        )
+        return tf.reshape(counts > 0, [-1, 1]), value
+    value = tf.reshape(x, [-1, 1])
+    return tf.ones_like(value, dtype=tf.bool), value
 
 
 def _scalar(x, default, dtype) -> tf.Tensor:
@@ -167,7 +227,8 @@ def build_model(custom_config: dict, tf_transform_output) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=float(settings["learning_rate"])),
         loss="binary_crossentropy" if binary else "mean_squared_error",
-        metrics=[keras.metrics.AUC(name="auc")]
+        # Weighted like the loss: the AUC of the rows whose label is observable.
+        weighted_metrics=[keras.metrics.AUC(name="auc")]
         if binary
         else [keras.metrics.RootMeanSquaredError()],
     )
@@ -175,13 +236,23 @@ def build_model(custom_config: dict, tf_transform_output) -> keras.Model:
 
 
 def _dataset(file_pattern, data_accessor, tf_transform_output, label: str, batch_size: int):
-    return data_accessor.tf_dataset_factory(
+    """Batches of (features, label, sample weight) from the transformed examples."""
+    dataset = data_accessor.tf_dataset_factory(
         file_pattern,
         tfxio.TensorFlowDatasetOptions(
             batch_size=batch_size, label_key=label, num_epochs=1, shuffle=True, shuffle_seed=7
         ),
         tf_transform_output.transformed_metadata.schema,
     )
+    return dataset.map(with_sample_weight)
+
+
+def with_sample_weight(features: dict, label: tf.Tensor):
+    """(features, label) -> (features without the weight, label, weight [batch]): the weight
+    goes to Keras as the sample weight, never to the model as an input."""
+    features = dict(features)
+    weight = tf.reshape(features.pop(SAMPLE_WEIGHT), [-1])
+    return features, label, weight
 
 
 def serving_signature(model: keras.Model, tf_transform_output, custom_config: dict):

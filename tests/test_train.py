@@ -3,7 +3,11 @@
 The slow tests run the real components (ImportExampleGen ... Pusher) with LocalDagRunner, SQLite
 ML Metadata and Beam's DirectRunner. One pipeline root serves two runs: the first blesses and
 pushes; the second, whose newest span has shuffled train labels, is compared with the first
-(the Resolver's latest blessed model) and must not be pushed. A third root gets an anomaly.
+(the Resolver's latest blessed model) and must not be pushed. A third root gets an anomaly, a
+fourth too few positive labels to judge.
+
+The fixture spans come from a known logging policy (tests/train_fixtures.py): a click is only
+observable on a sent notification, and every example carries its decision provenance.
 """
 
 import contextlib
@@ -17,21 +21,44 @@ import tensorflow as tf
 import yaml
 
 from loopline.blueprint import blueprint_from_dict
-from pipelines import train
+from pipelines import evidence, train, trainer_module
 from tests.conftest import EXAMPLE_BLUEPRINT
-from tests.train_fixtures import auc, serialized_features, write_span
+from tests.train_fixtures import (
+    LOGGING_EPSILON,
+    LOGGING_THRESHOLD,
+    auc,
+    logging_decision,
+    serialized_features,
+    write_span,
+)
 
 KEY = "test-key-not-a-secret"
 BEAM = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
-SPAN_SIZE = 1500  # decisions per span: ~1200 train / ~300 eval
-# The first model may fall this far short of the true probabilities' AUC on the same eval data.
-AUC_MARGIN = 0.06
+SPAN_SIZE = 1500  # decisions per span: ~1200 train / ~300 eval, about 55% of them sent
+# On the observable (sent) eval rows of two spans (~330 rows, ~170 clicks), the first model's
+# AUC lies this close to the true probabilities' AUC on the same rows: measured 0.759 against
+# 0.798. Learning from ~1,300 sent train rows, a network of this size gets no closer (the same
+# network fit outside TFX: 0.04 short); the 0.02 goal of issue 14 is for the demo's size.
+AUC_MARGIN = 0.05
+# The served model's mean score on unsent eval rows lies this close to their mean true
+# probability (~0.25); a treatment-unaware model, which learnt their label 0, lies far below.
+UNSENT_CALIBRATION = 0.06
 
 
 @pytest.fixture(scope="module", autouse=True)
 def pii_key_env():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOPLINE_PII_KEY", KEY)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def provenance_columns_are_the_joins_own():
+    """The join's decision-provenance columns (issue 14: decision, propensity, arm, model_id)
+    are not blueprint features. Until loopline.blueprint.RESERVED_NAMES lists decision and arm
+    (the join's branch), the spans' first-example check is told so here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "RESERVED_NAMES", train.RESERVED_NAMES | set(train.PROVENANCE_COLUMNS))
         yield
 
 
@@ -46,6 +73,15 @@ def versions(serving_dir: Path) -> list[str]:
     return (
         sorted(p.name for p in serving_dir.iterdir() if p.is_dir()) if serving_dir.exists() else []
     )
+
+
+def gate_verdict(root: Path) -> dict:
+    """The verdict of the latest EvidenceGate run under a pipeline root."""
+    written = sorted(
+        (root / train.EVIDENCE_GATE_ID).glob(f"blessing/*/{evidence.EVIDENCE_FILE}"),
+        key=os.path.getmtime,
+    )
+    return json.loads(written[-1].read_text())
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +121,7 @@ def first_run(tmp_path_factory, blueprint):
         "truths": truths,
         "out": out,
         "record": json.loads(records[-1].read_text()),
+        "verdict": gate_verdict(root),
         "versions": versions(serving),
     }
 
@@ -119,6 +156,7 @@ def second_run(first_run, blueprint):
         "out": out,
         "records": records,
         "record": json.loads(records[-1].read_text()),
+        "verdict": gate_verdict(first_run["root"]),
     }
 
 
@@ -130,18 +168,15 @@ def test_first_run_blesses_and_pushes_a_model_near_the_ground_truth(first_run, b
     assert record["model_id"] == f"notify-{record['version']}"
     assert record["baseline"] is None  # nothing was blessed before
     assert "blessed and pushed: notify-" in first_run["out"]
-    # The true probabilities' AUC on the same eval examples bounds what a model can reach.
     truths = first_run["truths"]
-    truth_auc = auc(
-        [p for t in truths for p in t.eval_probabilities],
-        [y for t in truths for y in t.eval_labels],
-    )
-    model_auc = record["metrics"]["overall"]["auc"]
-    assert truth_auc - AUC_MARGIN <= model_auc <= truth_auc + 0.03, (model_auc, truth_auc)
-    assert model_auc > 0.65
     assert record["metrics"]["overall"]["example_count"] == sum(t.n_eval for t in truths)
-    # Sliced overall, by join_status and by the blueprint's slice_feature.
-    assert {"join_status=observed", "join_status=default", "platform=ios"} <= set(record["metrics"])
+    # Sliced overall, by join_status, on the observable rows and by the slice_feature.
+    assert {
+        "join_status=observed",
+        "join_status=default",
+        "decision=1",
+        "platform=ios",
+    } <= set(record["metrics"])
     assert {"binary_crossentropy", "calibration", "precision", "recall"} <= set(
         record["metrics"]["overall"]
     )
@@ -152,6 +187,46 @@ def test_first_run_blesses_and_pushes_a_model_near_the_ground_truth(first_run, b
     # The record sits next to the pushed version.
     pushed_record = first_run["serving"] / f"{record['version']}.record.json"
     assert json.loads(pushed_record.read_text()) == record
+
+
+@pytest.mark.slow
+def test_model_auc_on_observable_rows_is_near_the_ground_truth_on_the_same_rows(first_run):
+    """Learnt from the sent decisions only, IPS-weighted: on the sent eval rows the model ranks
+    nearly as well as the true probabilities do on those same rows."""
+    truths = first_run["truths"]
+    observable = [(t, i) for t in truths for i in t.eval_observable]
+    truth_auc = auc(
+        [t.eval_probabilities[i] for t, i in observable], [t.eval_labels[i] for t, i in observable]
+    )
+    slice_metrics = first_run["record"]["metrics"]["decision=1"]
+    assert slice_metrics["example_count"] == len(observable)
+    assert abs(slice_metrics["auc"] - truth_auc) <= AUC_MARGIN, (slice_metrics["auc"], truth_auc)
+
+
+@pytest.mark.slow
+def test_gate_judged_the_observable_rows_with_an_interval_and_enough_positives(first_run):
+    truths = first_run["truths"]
+    positives = sum(t.eval_labels[i] for t in truths for i in t.eval_observable)
+    verdict = first_run["verdict"]
+    assert verdict["blessed"] and verdict["why"] == f"enough evidence: {positives} positives"
+    figures = verdict["figures"]["slices"]["decision=1"]
+    assert figures["positives"] == positives
+    low, high = figures["auc_interval"]
+    assert low < figures["auc"] < high and low > 0.6  # the notify blueprint's floor
+
+
+@pytest.mark.slow
+def test_unsent_decisions_are_scored_as_if_sent(first_run, blueprint):
+    """A treatment-unaware model learns "what was not sent was not clicked" and scores unsent
+    rows near zero; this one scores them near their true probability of a click if sent."""
+    version_dir = first_run["serving"] / first_run["record"]["version"]
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    unsent = [(t, i) for t in first_run["truths"] for i, d in enumerate(t.eval_decisions) if d == 0]
+    examples = serialized_features([t.eval_features[i] for t, i in unsent], blueprint, KEY.encode())
+    scores = signature(examples=tf.constant(examples))["score"].numpy()
+    true_mean = sum(t.eval_probabilities[i] for t, i in unsent) / len(unsent)
+    assert all(t.eval_labels[i] == 0 for t, i in unsent)  # what the unaware model would learn
+    assert abs(scores.mean() - true_mean) <= UNSENT_CALIBRATION, (scores.mean(), true_mean)
 
 
 @pytest.mark.slow
@@ -167,7 +242,8 @@ def test_pushed_model_scores_raw_examples_through_serving_default(first_run, blu
     scores = signature(examples=tf.constant(examples))["score"]
     assert scores.dtype == tf.float32 and scores.shape == (len(examples),)
     assert 0.0 <= float(tf.reduce_min(scores)) <= float(tf.reduce_max(scores)) <= 1.0
-    assert auc(scores.numpy(), truth.eval_labels) > 0.65
+    sent = truth.eval_observable
+    assert auc(scores.numpy()[list(sent)], [truth.eval_labels[i] for i in sent]) > 0.65
 
 
 @pytest.mark.slow
@@ -180,9 +256,34 @@ def test_candidate_trained_on_shuffled_labels_is_not_blessed_nor_pushed(first_ru
     assert [s["date"] for s in record["spans"]] == ["2026-11-03"]
     # Compared with the first run's blessed model, and the record says why it lost.
     assert record["baseline"]["pushed_version"] == first_run["record"]["version"]
-    assert record["baseline"]["metrics"]["auc"] > record["metrics"]["overall"]["auc"] + 0.1
     assert "auc" in record["why"] and "vs the baseline" in record["why"]
     assert f"not blessed: {record['why']}" in second_run["out"]
+    assert not second_run["verdict"]["blessed"]
+    assert "the Evaluator's thresholds were not met" in second_run["verdict"]["why"]
+
+
+@pytest.mark.slow
+def test_candidate_judged_on_too_few_positives_is_not_blessed(tmp_path, blueprint):
+    span = tmp_path / "span"
+    truth = write_span(span, blueprint, 400, seed=11, key=KEY.encode())
+    positives = sum(truth.eval_labels[i] for i in truth.eval_observable)
+    assert positives < 50  # the default min_positives
+    root, serving = tmp_path / "pipeline_root", tmp_path / "serving"
+    rc, out, err = run_train(
+        "--blueprint",
+        str(EXAMPLE_BLUEPRINT),
+        "--examples",
+        str(span),
+        "--pipeline_root",
+        str(root),
+        "--serving_dir",
+        str(serving),
+    )
+    assert rc == 0, err
+    verdict = gate_verdict(root)
+    assert not verdict["blessed"]
+    assert verdict["why"].startswith(f"not enough evidence: {positives} positives")
+    assert versions(serving) == []
 
 
 @pytest.mark.slow
@@ -275,22 +376,109 @@ def test_blueprint_schema_requires_every_feature_with_its_type(blueprint):
     assert schema["join_status"].domain == "join_status"
 
 
-def test_eval_config_gates_auc_on_the_overall_slice_with_blueprint_thresholds(blueprint):
+def test_eval_config_gates_auc_on_the_observable_rows_with_blueprint_thresholds(blueprint):
     config = train.eval_config(blueprint)
     assert config.model_specs[0].signature_name == "serving_default"
     assert config.model_specs[0].label_key == "clicked"
+    assert [(list(s.feature_keys), dict(s.feature_values)) for s in config.slicing_specs] == [
+        ([], {}),
+        (["join_status"], {}),
+        ([], {"decision": "1"}),
+        (["platform"], {}),
+    ]
+    gated = [m for m in config.metrics_specs[0].metrics if m.per_slice_thresholds]
+    assert [m.class_name for m in gated] == ["AUC"]
+    (per_slice,) = gated[0].per_slice_thresholds
+    assert [dict(s.feature_values) for s in per_slice.slicing_specs] == [{"decision": "1"}]
+    threshold = per_slice.threshold
+    assert threshold.value_threshold.lower_bound.value == pytest.approx(0.6)
+    assert threshold.change_threshold.absolute.value == pytest.approx(-0.01)
+    precision = next(m for m in config.metrics_specs[0].metrics if m.class_name == "Precision")
+    assert json.loads(precision.config) == {"thresholds": [0.1]}  # the policy's threshold
+
+
+def test_without_observable_when_the_gate_judges_every_row(blueprint):
+    data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
+    del data["label"]["observable_when"]
+    config = train.eval_config(blueprint_from_dict(data))
     assert [list(s.feature_keys) for s in config.slicing_specs] == [
         [],
         ["join_status"],
         ["platform"],
     ]
-    gated = [m for m in config.metrics_specs[0].metrics if m.per_slice_thresholds]
-    assert [m.class_name for m in gated] == ["AUC"]
-    threshold = gated[0].per_slice_thresholds[0].threshold
-    assert threshold.value_threshold.lower_bound.value == pytest.approx(0.6)
-    assert threshold.change_threshold.absolute.value == pytest.approx(-0.01)
-    precision = next(m for m in config.metrics_specs[0].metrics if m.class_name == "Precision")
-    assert json.loads(precision.config) == {"thresholds": [0.1]}  # the policy's threshold
+    gated = next(m for m in config.metrics_specs[0].metrics if m.per_slice_thresholds)
+    assert list(gated.per_slice_thresholds[0].slicing_specs) == [train.tfma.SlicingSpec()]
+
+
+def test_several_observable_values_gate_each_combination_as_its_own_slice(blueprint):
+    data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
+    data["label"]["observable_when"] = {"decision": [1, 2], "arm": ["production"]}
+    names = [train.slice_name(s) for s in train.gated_slices(blueprint_from_dict(data))]
+    assert names == ["arm=production, decision=1", "arm=production, decision=2"]
+
+
+def test_thresholds_ask_for_50_positives_at_95_percent_confidence_by_default(blueprint):
+    limits = train.thresholds(blueprint)
+    assert limits == {
+        "min_auc": 0.6,
+        "max_auc_regression": 0.01,
+        "min_positives": 50,
+        "confidence": 0.95,
+    }
+    settings = json.loads(train.gate_settings(blueprint))
+    assert settings == {"gated": ["decision=1"], "thresholds": limits, "binary": True}
+
+
+@pytest.mark.parametrize(
+    "field, value", [("min_positives", -1), ("min_positives", 2.5), ("confidence", 1.0)]
+)
+def test_bad_evidence_threshold_names_the_field(field, value):
+    data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
+    data["model"]["thresholds"][field] = value
+    with pytest.raises(train.BlueprintError, match=rf"bp.yaml: model.thresholds.{field}: must"):
+        train.thresholds(blueprint_from_dict(data, source="bp.yaml"))
+
+
+def test_spans_without_provenance_are_judged_on_every_row(tmp_path, blueprint):
+    """Written before the join recorded the decision, every row of such a span is observable
+    (and weighs 1): the gate judges all rows rather than a slice the data cannot have."""
+    write_span(tmp_path / "old", blueprint, 40, seed=9, key=KEY.encode(), provenance=False)
+    write_span(tmp_path / "new", blueprint, 40, seed=9, key=KEY.encode())
+    old, new = train.read_span(tmp_path / "old"), train.read_span(tmp_path / "new")
+    assert train.provenance_recorded([new], blueprint)
+    assert not train.provenance_recorded([new, old], blueprint)
+    settings = json.loads(train.gate_settings(blueprint, recorded=False))
+    assert settings["gated"] == ["overall"]
+    slices = train.eval_config(blueprint, recorded=False).slicing_specs
+    assert all(not s.feature_values for s in slices)
+
+
+def test_pusher_and_resolver_read_the_evidence_gates_blessing(tmp_path, blueprint):
+    """A model the evidence refused is neither pushed nor, in later runs, the baseline, even
+    when the Evaluator's point-estimate thresholds blessed it."""
+    from tfx.dsl.compiler import compiler
+
+    span = tmp_path / "span"
+    write_span(span, blueprint, 40, seed=9, key=KEY.encode())
+    source = train.example_source([train.read_span(span)], str(tmp_path / "root"))
+    pipeline = train.create_pipeline(
+        blueprint, source, str(tmp_path / "root"), str(tmp_path / "serving"), "schema.pbtxt"
+    )
+    ir = compiler.Compiler().compile(pipeline)
+    nodes = {n.pipeline_node.node_info.id: n.pipeline_node for n in ir.nodes}
+    pusher_input = nodes["Pusher"].inputs.inputs["model_blessing"].channels[0]
+    assert pusher_input.producer_node_query.id == train.EVIDENCE_GATE_ID
+    # The Resolver's query for blessings: the EvidenceGate's output only.
+    resolver = nodes["latest_blessed_model_resolver"].inputs.inputs
+    (blessings,) = [
+        spec.channels[0]
+        for spec in resolver.values()
+        if spec.channels and spec.channels[0].artifact_query.type.name == "ModelBlessing"
+    ]
+    contexts = [q.name.field_value.string_value for q in blessings.context_queries]
+    assert f"{train.pipeline_name(blueprint)}.{train.EVIDENCE_GATE_ID}" in contexts
+    assert blessings.output_key == "blessing"
+    assert set(nodes["EvidenceGate"].upstream_nodes) == {"Evaluator"}
 
 
 def test_vertex_spec_compiles_from_options(tmp_path):
@@ -433,17 +621,129 @@ def test_simulator_output_joined_by_the_join_pipeline_trains_and_pushes(tmp_path
     truth = {}
     for line in (logs / "truth.jsonl").read_text().splitlines():
         row = json.loads(line)
-        truth[row["decision_id"]] = row["probability"]
+        truth[row["decision_id"]] = row
+    # Once the join writes each example's decision (issue 14), the model is judged on the
+    # observable rows (sent: decision=1); before, every row is observable.
+    metrics = record["metrics"]
+    observable_only = "decision=1" in metrics
     probabilities, labels = [], []
     eval_files = [str(p) for p in sorted((span / "examples" / "eval").glob("*.tfrecord.gz"))]
     for raw in tf.data.TFRecordDataset(eval_files, compression_type="GZIP"):
         feature = tf.train.Example.FromString(raw.numpy()).features.feature
-        probabilities.append(truth[feature["decision_id"].bytes_list.value[0].decode()])
+        row = truth[feature["decision_id"].bytes_list.value[0].decode()]
+        if observable_only and row["decision"] != 1:
+            continue
+        probabilities.append(row["probability"])
         labels.append(feature["clicked"].int64_list.value[0])
-    truth_auc, model_auc = auc(probabilities, labels), record["metrics"]["overall"]["auc"]
+    model_auc = metrics["decision=1" if observable_only else "overall"]["auc"]
+    truth_auc = auc(probabilities, labels)
     assert truth_auc - SIMULATED_AUC_MARGIN <= model_auc <= truth_auc + 0.05, (model_auc, truth_auc)
     assert (
         record["spans"][0]["counts"]["examples_written"]
         == record["metrics"]["overall"]["example_count"]
         + record["spans"][0]["counts"]["examples_train"]
     )
+
+
+# ----------------------------------------------------------------- treatment-aware training
+
+
+def test_fixture_logging_policy_logs_the_probability_of_its_decision():
+    """The fixture's propensities are the logging policy's: the share of sends among rows with
+    the same greedy decision matches the logged propensity of a send."""
+    import random
+
+    rng = random.Random(0)
+    for p, greedy_send in ((0.9, True), (0.1, False)):
+        draws = [logging_decision(p, rng) for _ in range(4000)]
+        sent = [propensity for decision, propensity in draws if decision == 1]
+        expected = 1 - LOGGING_EPSILON / 2 if greedy_send else LOGGING_EPSILON / 2
+        assert set(sent) == {expected}
+        assert len(sent) / len(draws) == pytest.approx(expected, abs=0.03)
+    assert LOGGING_THRESHOLD == 0.3
+
+
+def test_blueprint_schema_types_the_provenance_columns_and_leaves_them_optional(blueprint):
+    schema = {f.name: f for f in train.blueprint_schema(blueprint).feature}
+    types = {name: schema[name].type for name in train.PROVENANCE_COLUMNS}
+    assert types == {
+        "decision": train.schema_pb2.INT,
+        "propensity": train.schema_pb2.FLOAT,
+        "arm": train.schema_pb2.BYTES,
+        "model_id": train.schema_pb2.BYTES,
+    }
+    # Spans written before the join recorded provenance lack them.
+    assert all(schema[name].presence.min_fraction == 0.0 for name in types)
+
+
+def test_provenance_columns_are_not_model_inputs(blueprint):
+    inputs = set(trainer_module.transformed_features(train.custom_config(blueprint)))
+    assert inputs and not inputs & {*train.PROVENANCE_COLUMNS, trainer_module.SAMPLE_WEIGHT}
+
+
+def test_custom_config_carries_the_labels_observability_and_ips_clip(blueprint):
+    label = train.custom_config(blueprint)["label"]
+    assert label == {
+        "name": "clicked",
+        "type": "int",
+        "observable_when": {"decision": [1]},
+        "ips_clip": 10.0,
+    }
+    json.dumps(label)  # TFX passes custom_config as JSON
+
+
+def _provenance(decisions, propensities, present):
+    """Sparse provenance columns as Transform parses optional scalars: rows not in ``present``
+    lack them."""
+    rows = [[i, 0] for i in present]
+    shape = [len(decisions), 1]
+    return {
+        "decision": tf.SparseTensor(
+            rows, tf.constant([decisions[i] for i in present], tf.int64), shape
+        ),
+        "propensity": tf.SparseTensor(
+            rows, tf.constant([propensities[i] for i in present], tf.float32), shape
+        ),
+    }
+
+
+def test_sample_weight_is_zero_where_the_label_is_not_observable():
+    inputs = _provenance([1, 0, -1], [0.5, 0.5, 0.5], present=[0, 1, 2])
+    config = {"observable_when": {"decision": [1]}, "ips_clip": 10.0}
+    weight = trainer_module.sample_weight(inputs, config, tf.zeros([3, 1]))
+    assert weight.numpy().ravel().tolist() == [2.0, 0.0, 0.0]
+
+
+def test_sample_weight_is_the_inverse_propensity_capped_at_the_clip():
+    inputs = _provenance([1, 1, 1, 1], [0.85, 0.15, 0.01, -1.0], present=[0, 1, 2, 3])
+    config = {"observable_when": {"decision": [1]}, "ips_clip": 10.0}
+    weight = trainer_module.sample_weight(inputs, config, tf.zeros([4, 1])).numpy().ravel()
+    # -1.0: the decision carried no propensity, the row weighs 1.
+    assert weight == pytest.approx([1 / 0.85, 1 / 0.15, 10.0, 1.0])
+
+
+def test_row_without_provenance_columns_weighs_one():
+    """A span written before the join recorded the decision trains as it did before, even
+    where the decision carried a propensity."""
+    decision = tf.SparseTensor([[0, 0]], tf.constant([1], tf.int64), [3, 1])
+    propensity = tf.SparseTensor([[0, 0], [1, 0]], tf.constant([0.5, 0.025]), [3, 1])
+    config = {"observable_when": {"decision": [1]}, "ips_clip": 10.0}
+    weight = trainer_module.sample_weight(
+        {"decision": decision, "propensity": propensity}, config, tf.zeros([3, 1])
+    )
+    assert weight.numpy().ravel().tolist() == [2.0, 1.0, 1.0]
+
+
+def test_sample_weight_matches_string_columns_and_every_condition():
+    arm = tf.SparseTensor([[0, 0], [1, 0], [2, 0]], tf.constant([b"production", b"", b"x"]), [3, 1])
+    inputs = {**_provenance([1, 1, 1], [1.0, 1.0, 1.0], present=[0, 1, 2]), "arm": arm}
+    config = {"observable_when": {"decision": [1], "arm": ["production", ""]}, "ips_clip": 10.0}
+    weight = trainer_module.sample_weight(inputs, config, tf.zeros([3, 1]))
+    assert weight.numpy().ravel().tolist() == [1.0, 1.0, 0.0]
+
+
+def test_weight_reaches_keras_as_sample_weight_not_as_a_model_input():
+    features = {"tenure_days": tf.zeros([2, 1]), trainer_module.SAMPLE_WEIGHT: tf.ones([2, 1])}
+    inputs, label, weight = trainer_module.with_sample_weight(features, tf.zeros([2, 1]))
+    assert list(inputs) == ["tenure_days"]
+    assert weight.shape == (2,)
