@@ -40,6 +40,8 @@ RESERVED_NAMES = frozenset(
         "blueprint_version",
         "model_id",
         "propensity",
+        "decision",
+        "arm",
     }
 )
 

@@ -203,13 +203,17 @@ def build(
 
     A pushed model keeps the ``model_id`` the pipeline's RegisterPush gave it in
     ``serving_dir`` (a new one when there is no such record)."""
-    from pipelines.train import custom_config, thresholds
+    from pipelines import evidence
+    from pipelines.train import EVIDENCE_GATE_ID, custom_config, thresholds
     from pipelines.trainer_module import model_settings
 
     run = _Run(mlmd_path)
     trainer = run.execution("Trainer")
     evaluation = run.artifacts("Evaluator", "evaluation")
-    blessing = run.artifacts("Evaluator", "blessing")
+    # The EvidenceGate's blessing is the one the Pusher obeys: the Evaluator's, plus enough
+    # positives and an AUC interval clear of the floor.
+    blessing = run.artifacts(EVIDENCE_GATE_ID, "blessing")
+    verdict = evidence.read(blessing[0].uri) if blessing else None
     pushed = run.artifacts("Pusher", "pushed_model")
     metrics = read_metrics(evaluation[0].uri) if evaluation else {}
     ok, failures = read_validation(evaluation[0].uri) if evaluation else (False, ["no evaluation"])
@@ -226,9 +230,11 @@ def build(
             if baseline is None
             else (f"compared with baseline {baseline['pushed_version'] or baseline['model_uri']}")
         )
-        why = f"passed every threshold {thresholds(blueprint)}; {compared}"
+        gate = f"; {verdict['why']}" if verdict else ""
+        why = f"passed every threshold {thresholds(blueprint)}{gate}; {compared}"
     else:
-        why = "; ".join(failures) or "the Evaluator did not bless the model"
+        reasons = failures + (verdict["evidence_failures"] if verdict else [])
+        why = "; ".join(reasons) or "the Evaluator did not bless the model"
     return {
         # One id per pushed model: the registry's aliases and every scored decision name it,
         # so two models pushed as the same version (another serving dir) never mix.
@@ -257,6 +263,7 @@ def build(
         "thresholds": thresholds(blueprint),
         "metrics": {name: by_model.get("candidate", {}) for name, by_model in metrics.items()},
         "baseline": baseline,
+        "evidence": verdict["figures"] if verdict else None,
     }
 
 

@@ -38,7 +38,7 @@ def test_demo_runs_the_whole_loop_and_writes_the_report(tmp_path):
 
     summary = json.loads((workdir / "summary.json").read_text())
     first, second = summary["models"]
-    assert first["blessed"] and first["model_id"].startswith("notify-")
+    assert first["blessed"] and first["name"].startswith("notify-")
     assert second["cycle"] == 2 and second["why"]  # blessed or not, the record says why
     assert summary["scored"] >= 2500
     live = summary["live"]["models"][first["model_id"]]["overall"]

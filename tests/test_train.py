@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
+from loopline import registry
 from loopline.blueprint import blueprint_from_dict
 from pipelines import evidence, train, trainer_module
 from tests.conftest import EXAMPLE_BLUEPRINT
@@ -49,16 +50,6 @@ UNSENT_CALIBRATION = 0.06
 def pii_key_env():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOPLINE_PII_KEY", KEY)
-        yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def provenance_columns_are_the_joins_own():
-    """The join's decision-provenance columns (issue 14: decision, propensity, arm, model_id)
-    are not blueprint features. Until loopline.blueprint.RESERVED_NAMES lists decision and arm
-    (the join's branch), the spans' first-example check is told so here."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "RESERVED_NAMES", train.RESERVED_NAMES | set(train.PROVENANCE_COLUMNS))
         yield
 
 
@@ -165,7 +156,8 @@ def test_first_run_blesses_and_pushes_a_model_near_the_ground_truth(first_run, b
     record = first_run["record"]
     assert record["blessed"] and record["pushed"], record["why"]
     assert first_run["versions"] == [record["version"]]
-    assert record["model_id"] == f"notify-{record['version']}"
+    assert record["name"] == f"notify-{record['version']}"
+    assert registry.read_aliases(str(first_run["serving"])).challenger == record["model_id"]
     assert record["baseline"] is None  # nothing was blessed before
     assert "blessed and pushed: notify-" in first_run["out"]
     truths = first_run["truths"]
