@@ -148,7 +148,9 @@ class _LocalOperation:
     def __init__(self, job_name: str, returncode: int):
         from google.cloud.run_v2 import Execution
 
-        name = f"projects/rehearsal/locations/local/jobs/{job_name}/executions/{uuid.uuid4().hex[:8]}"
+        name = (
+            f"projects/rehearsal/locations/local/jobs/{job_name}/executions/{uuid.uuid4().hex[:8]}"
+        )
         self.metadata = SimpleNamespace(log_uri="", name=name)
         self._execution = Execution(
             name=name,

@@ -211,9 +211,7 @@ def run_days(
             [str(airflow_venv / "bin" / "python"), str(HERE / "airflow_side.py"), str(settings)],
             env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout_s,
         )  # fmt: skip
-    marked = [
-        line for line in log.read_text().splitlines() if line.startswith(RESULT_MARKER)
-    ]
+    marked = [line for line in log.read_text().splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode != 0 or len(marked) != 1:
         raise RuntimeError(f"the Airflow side failed (exit {done.returncode}); see {log}")
     result = json.loads(marked[0].removeprefix(RESULT_MARKER))

@@ -13,6 +13,7 @@ starts (and through it the DirectRunner's worker processes, which inherit the en
 Nothing happens in a process where neither variable is set.
 """
 
+import contextlib
 import importlib.abc
 import importlib.util
 import json
@@ -73,10 +74,10 @@ def _secret_manager_from(secrets: dict):
 
 
 if os.environ.get("STORAGE_EMULATOR_HOST"):
-    try:
+    with contextlib.suppress(ImportError):  # a Python without google-auth needs nothing
         _anonymous_credentials()
-    except ImportError:  # a Python without google-auth needs nothing
-        pass
 if os.environ.get("LOOPLINE_REHEARSAL_SECRETS"):
     _secrets = json.loads(os.environ["LOOPLINE_REHEARSAL_SECRETS"])
-    sys.meta_path.insert(0, _PatchAfterImport(SECRET_MANAGER_CLIENT, _secret_manager_from(_secrets)))
+    sys.meta_path.insert(
+        0, _PatchAfterImport(SECRET_MANAGER_CLIENT, _secret_manager_from(_secrets))
+    )
