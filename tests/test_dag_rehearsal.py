@@ -7,7 +7,7 @@ DirectRunner with worker processes, training and promotion as local processes.
 
 These tests cover the first logical day up to its span: the sensors find the day's logs, the
 observations are staged, and the join, launched exactly as the Flex launcher launches it, writes
-a span with its manifest into the bucket. (The rest of the loop on ``gs://`` — training, scoring
+a span with its manifest into the bucket; the day cleared and run again rewrites the same span. (The rest of the loop on ``gs://`` — training, scoring
 with the registry, monitoring and promotion over three days — needs the storage layer and the
 TensorFlow GCS proxy that are being built; tests/rehearsal/rehearse.py runs it as far as it
 goes: ``python -m tests.rehearsal.rehearse --days 3``.)
@@ -19,26 +19,36 @@ import json
 
 import pytest
 
-from tests.rehearsal import rehearse
+from tests.rehearsal import launchers, rehearse
 from tests.test_dags import ensure_airflow_venv
 
 DAY = "2026-11-01"
 SPAN = f"data/notify/{DAY}"
 
 
+def _run_day(emulator, workdir, airflow_venv) -> dict:
+    result = rehearse.run_days(emulator, workdir, airflow_venv, [DAY])
+    bucket = emulator.client().bucket(rehearse.BUCKET)
+    result["manifest"] = json.loads(bucket.blob(f"{SPAN}/manifest.json").download_as_text())
+    result["span"] = emulator.names(f"{SPAN}/")
+    result["staged"] = emulator.names(f"work/notify/{DAY}/observations/")
+    [result["tasks"]] = [d["tasks"] for d in result["days"]]
+    return result
+
+
 @pytest.fixture(scope="module")
-def day_one(tmp_path_factory) -> dict:
+def runs(tmp_path_factory) -> tuple[dict, dict]:
+    """Day 1, then day 1 cleared and run again (a fresh dag.test() replaces the run)."""
     workdir = tmp_path_factory.mktemp("rehearsal")
     airflow_venv = ensure_airflow_venv()
     with rehearse.gcs_emulator(rehearse.job_python()) as emulator:
         rehearse.upload_logs(emulator, workdir, rehearse.date.fromisoformat(DAY), 1, 300)
-        result = rehearse.run_days(emulator, workdir, airflow_venv, [DAY])
-        bucket = emulator.client().bucket(rehearse.BUCKET)
-        result["manifest"] = json.loads(bucket.blob(f"{SPAN}/manifest.json").download_as_text())
-        result["span"] = emulator.names(f"{SPAN}/")
-        result["staged"] = emulator.names(f"work/notify/{DAY}/observations/")
-    [result["tasks"]] = [d["tasks"] for d in result["days"]]
-    return result
+        return _run_day(emulator, workdir, airflow_venv), _run_day(emulator, workdir, airflow_venv)
+
+
+@pytest.fixture(scope="module")
+def day_one(runs) -> dict:
+    return runs[0]
 
 
 @pytest.mark.slow
@@ -92,3 +102,70 @@ def test_first_day_has_no_scores_so_monitoring_and_promotion_are_skipped(day_one
     tasks = day_one["tasks"]
     for task_id in ("find_day_scores", "monitor", "find_verdict", "promote"):
         assert tasks[task_id] == "skipped", (task_id, tasks[task_id])
+
+
+@pytest.mark.slow
+def test_rerunning_the_day_rewrites_the_same_span_with_nothing_duplicated(runs):
+    first, again = runs
+    assert again["tasks"]["join"] == "success"
+    assert again["span"] == first["span"]
+    assert again["staged"] == first["staged"]
+    counts = {k: v for k, v in first["manifest"].items() if isinstance(v, int)}
+    assert counts and counts == {k: again["manifest"][k] for k in counts}
+
+
+def _settings(tmp_path) -> launchers.Settings:
+    return launchers.Settings(
+        repo=rehearse.REPO, python="python", env={}, journal=tmp_path / "j", bucket="b"
+    )
+
+
+def test_flex_launch_runs_the_templates_entry_file_with_its_parameters(tmp_path):
+    body = {
+        "launchParameter": {
+            "jobName": "loopline-join-notify-20261101",
+            "containerSpecGcsPath": "gs://b/templates/v7/join_decisions.json",
+            "parameters": {"output": "gs://b/data/notify/2026-11-01", "num_shards": "2"},
+            "environment": {"tempLocation": "gs://b/tmp/join_decisions"},
+        }
+    }
+    template, argv = launchers.flex_template_argv(_settings(tmp_path), body)
+    assert template == "join_decisions"
+    assert argv == [
+        "python",
+        str(rehearse.REPO / "pipelines" / "join_decisions.py"),
+        "--output=gs://b/data/notify/2026-11-01",
+        "--num_shards=2",
+        "--runner=DirectRunner",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+        "--temp_location=gs://b/tmp/join_decisions",
+    ]
+
+
+def test_flex_launch_of_a_template_without_entry_file_is_refused(tmp_path):
+    body = {"launchParameter": {"containerSpecGcsPath": "gs://b/templates/v7/nope.json"}}
+    with pytest.raises(launchers.JobFailed, match="no entry file"):
+        launchers.flex_template_argv(_settings(tmp_path), body)
+
+
+def test_vertex_training_runs_the_pipeline_as_cloudbuild_compiled_it(tmp_path):
+    argv = launchers.train_argv(
+        _settings(tmp_path),
+        "gs://b/templates/v7/train-notify.json",
+        "gs://b/pipeline_root/notify",
+        {"examples": "gs://b/data/notify/2026-11-01"},
+    )
+    assert argv == [
+        "python",
+        "-m",
+        "pipelines.train",
+        "--blueprint",
+        str(rehearse.REPO / "examples" / "notify.yaml"),
+        "--examples",
+        "gs://b/data/notify/2026-11-01",
+        "--pipeline_root",
+        "gs://b/pipeline_root/notify",
+        "--serving_dir",
+        "gs://b/serving/notify",
+    ]
