@@ -16,6 +16,8 @@ goes: ``python -m tests.rehearsal.rehearse --days 3``.)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -169,3 +171,35 @@ def test_vertex_training_runs_the_pipeline_as_cloudbuild_compiled_it(tmp_path):
         "--serving_dir",
         "gs://b/serving/notify",
     ]
+
+
+def _promote_with(job_python: str, tmp_path) -> tuple[str, dict]:
+    """The promote task's operator, run with the rehearsal's Cloud Run stand-in."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHONPATH"))},
+        "AIRFLOW_HOME": str(tmp_path / "airflow_home"),
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps({"conn_type": "google_cloud_platform"}),
+    }
+    journal = tmp_path / "journal.jsonl"
+    check = rehearse.HERE / "cloud_run_check.py"
+    done = subprocess.run(
+        [str(ensure_airflow_venv() / "bin" / "python"), str(check), str(rehearse.REPO),
+         job_python, str(journal)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("CLOUD_RUN_CHECK ")]
+    return line.removeprefix("CLOUD_RUN_CHECK "), json.loads(journal.read_text())
+
+
+@pytest.mark.slow
+def test_promote_task_runs_pipelines_promote_with_the_days_args(tmp_path):
+    outcome, job = _promote_with("true", tmp_path)
+    assert outcome == "ok loopline-promote-v7"
+    assert job["argv"] == ["-m", "pipelines.promote", "--serving_dir", "gs://b/serving/n"]
+
+
+@pytest.mark.slow
+def test_promote_task_fails_when_promote_exits_non_zero(tmp_path):
+    outcome, job = _promote_with("false", tmp_path)
+    assert outcome == "failed Some tasks failed execution"
+    assert job["returncode"] == 1
