@@ -16,21 +16,35 @@ import sys
 from pathlib import Path
 
 LOGICAL_DATE = "2026-11-01T00:00:00+00:00"
-EXPECTED_TASKS = [
-    "wait_for_decision_logs",
-    "wait_for_label_window",
-    "wait_for_observation_logs",
-    "clear_day_outputs",
-    "stage_observations",
-    "join",
-    "train",
-    "check_model_pushed",
-    "clear_score_output",
-    "bulk_score",
-    "find_day_scores",
-    "clear_monitor_output",
-    "monitor",
-]
+# Each task's upstream tasks: a chain from the sensors to day_done, plus training waiting for
+# the join itself (promotion may be skipped) and day_done for the steps nothing else waits on.
+EXPECTED_UPSTREAM = {
+    "wait_for_decision_logs": [],
+    "wait_for_label_window": ["wait_for_decision_logs"],
+    "wait_for_observation_logs": ["wait_for_label_window"],
+    "clear_day_outputs": ["wait_for_observation_logs"],
+    "stage_observations": ["clear_day_outputs"],
+    "join": ["stage_observations"],
+    "find_day_scores": ["join"],
+    "clear_monitor_output": ["find_day_scores"],
+    "find_training_stats": ["clear_monitor_output"],
+    "monitor": ["find_training_stats"],
+    "find_verdict": ["monitor"],
+    "promote": ["find_verdict"],
+    "train": ["join", "promote"],
+    "check_model_pushed": ["train"],
+    "clear_score_output": ["check_model_pushed"],
+    "bulk_score": ["clear_score_output"],
+    "day_done": ["bulk_score", "check_model_pushed", "monitor"],
+}
+EXPECTED_TASKS = list(EXPECTED_UPSTREAM)
+# Trigger rules other than all_success, and why.
+EXPECTED_TRIGGER_RULES = {
+    "find_verdict": "none_skipped",  # also after a monitor failed on a flag
+    "train": "none_failed",  # after the join, whether or not promotion ran
+    "clear_score_output": "all_done",  # the incumbent scores whatever became of training
+    "day_done": "none_failed",  # the run fails when any step failed
+}
 RESULT_MARKER = "AIRFLOW_CHECKS_RESULT "
 PII_KEY_SECRET = "projects/acme-ml/secrets/loopline-pii-key/versions/3"  # test_dags' Variable
 FLEX_TASKS = {"join": "join_decisions", "bulk_score": "bulk_score", "monitor": "monitor"}
@@ -63,7 +77,8 @@ def upstream_map(dag) -> dict[str, list[str]]:
 
 # What upstream tasks return, for templates that pull XComs: rendering outside a running task
 # has no XCom backend to ask (the task runner's supervisor), so this stands in for it.
-XCOMS = {"check_model_pushed": "1793599000"}
+STATS_URI = "gs://acme-loopline/pipeline_root/notify/StatisticsGen/statistics/12"
+XCOMS = {"check_model_pushed": "1793599000", "find_training_stats": STATS_URI}
 
 
 class _TaskInstanceWithXComs:
@@ -108,9 +123,19 @@ def check_dag(dag, repo: Path, blueprint_name: str) -> dict:
         f"{dag.dag_id} tasks: {sorted(t.task_id for t in dag.tasks)}",
     )
     upstream = upstream_map(dag)
-    for before, after in zip(EXPECTED_TASKS, EXPECTED_TASKS[1:], strict=False):
-        check(upstream[after] == [before], f"{after} runs after {upstream[after]}, not [{before}]")
+    for task_id, expected in EXPECTED_UPSTREAM.items():
+        check(
+            upstream[task_id] == expected,
+            f"{task_id} runs after {upstream[task_id]}, not {expected}",
+        )
     found["upstream"] = upstream
+    found["trigger_rules"] = {
+        t.task_id: str(getattr(t.trigger_rule, "value", t.trigger_rule)) for t in dag.tasks
+    }
+    for task in dag.tasks:
+        rule = found["trigger_rules"][task.task_id]
+        expected_rule = EXPECTED_TRIGGER_RULES.get(task.task_id, "all_success")
+        check(rule == expected_rule, f"{task.task_id} trigger rule {rule}, not {expected_rule}")
 
     check(dag.max_active_runs == 1, "max_active_runs must be 1")
     check(dag.catchup is False, "catchup must be off")
@@ -125,7 +150,7 @@ def check_dag(dag, repo: Path, blueprint_name: str) -> dict:
     )
     for task in dag.tasks:
         check(task.on_failure_callback, f"{task.task_id} has no on_failure_callback")
-        if task.task_id.startswith(("wait_", "find_")):
+        if task.task_id.startswith("wait_") or task.task_id == "find_day_scores":
             check(task.timeout is not None and task.timeout > 0, f"{task.task_id} timeout")
         else:
             check(task.execution_timeout is not None, f"{task.task_id} has no execution_timeout")
@@ -137,14 +162,14 @@ def check_dag(dag, repo: Path, blueprint_name: str) -> dict:
             f"{task_id} should defer",
         )
     check(
-        dag.get_task("check_model_pushed").ignore_downstream_trigger_rules is False,
-        "the model check must skip only scoring",
+        type(dag.get_task("check_model_pushed")).__name__ == "PythonOperator",
+        "the model check records the push and gates nothing",
     )
     check(
-        str(dag.get_task("find_day_scores").trigger_rule)
-        in ("none_failed", "TriggerRule.NONE_FAILED"),
-        "monitoring must run when scoring was skipped",
+        dag.get_task("find_verdict").ignore_downstream_trigger_rules is False,
+        "a missing verdict must skip only promotion",
     )
+    check(dag.get_task("find_day_scores").soft_fail, "a day without scores skips monitoring")
 
     rendered = {task_id: render(dag, task_id) for task_id in EXPECTED_TASKS}
     found["rendered"] = rendered
@@ -237,7 +262,10 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
         score["parameters"]["output"],
     )
     check(score["parameters"]["model_dir"] == f"{gs}/serving/notify", "model dir")
-    check(score["parameters"]["model_version"] == "1793599000", "scores with the pushed version")
+    check(
+        score["parameters"]["model_version"] == "production",
+        f"scores with the production alias, not {score['parameters']['model_version']}",
+    )
     check(score["parameters"]["pii_key_secret"] == PII_KEY_SECRET, "scoring gets the key secret")
 
     check(
@@ -253,6 +281,40 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
     check(
         monitor["parameters"]["manifest"] == f"{gs}/data/notify/2026-11-01/manifest.json",
         monitor["parameters"]["manifest"],
+    )
+    check(
+        monitor["parameters"]["training_stats"] == STATS_URI,
+        f"monitor training_stats {monitor['parameters']['training_stats']}",
+    )
+    check(
+        rendered["clear_monitor_output"]["prefix"] == "monitor/notify/2026-11-01/",
+        rendered["clear_monitor_output"]["prefix"],
+    )
+    check(
+        rendered["find_training_stats"]["op_kwargs"]
+        == {"bucket": "acme-loopline", "serving_prefix": "serving/notify"},
+        f"statistics lookup {rendered['find_training_stats']['op_kwargs']}",
+    )
+    check(
+        rendered["find_verdict"]["op_kwargs"]
+        == {"bucket": "acme-loopline", "name": "monitor/notify/2026-11-01/verdict.json"},
+        f"verdict lookup {rendered['find_verdict']['op_kwargs']}",
+    )
+    promote = rendered["promote"]
+    check(promote["job_name"] == "loopline-promote-v7", f"promote job {promote['job_name']}")
+    check(
+        promote["project_id"] == "acme-ml" and promote["region"] == "europe-west4",
+        "promote project",
+    )
+    check(
+        promote["overrides"]["container_overrides"][0]["args"]
+        == [
+            "--serving_dir",
+            f"{gs}/serving/notify",
+            "--verdict",
+            f"{gs}/monitor/notify/2026-11-01/verdict.json",
+        ],
+        f"promote args {promote['overrides']}",
     )
 
 
@@ -271,8 +333,9 @@ def check_parameters_match_templates(rendered: dict, repo: Path) -> None:
 
 
 def check_model_branch() -> None:
-    """The pushed-model check on listings like the serving dir's (no GCS call)."""
-    from loopline_dags.models import pushed_version
+    """The pushed-model check and the statistics lookup on data like the serving dir's (no GCS
+    call)."""
+    from loopline_dags.models import find_record, production_model_id, pushed_version
 
     job = {"createTime": "2026-11-02T05:00:00Z"}  # epoch 1793595600
     check(
@@ -290,7 +353,10 @@ def check_model_branch() -> None:
     except ValueError:
         pass
     else:
-        raise CheckFailed("a missing training job must fail the check, not skip scoring")
+        raise CheckFailed("a missing training job must fail the check")
+    check(production_model_id({"production": None, "challenger": "c1"}) is None, "no production")
+    records = [("serving/notify/1.record.json", {"model_id": "p1", "statistics": {"uri": "u"}})]
+    check(find_record(records, "p1") == records[0], "the production record is found by id")
 
 
 def main(repo: Path) -> dict:

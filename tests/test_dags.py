@@ -6,10 +6,11 @@ tests/airflow_checks.py runs inside it against a throwaway ``AIRFLOW_HOME`` afte
 migrate``: the DagBag loads with no import errors, every DAG is serialized as the scheduler
 would, the task graph is as specified, and every templated field is rendered for the logical
 date 2026-11-01 with the ``loopline_*`` Variables set. No Google Cloud API is called: rendering
-reads Variables only, and no task runs (the XCom the scoring step pulls is a stand-in there).
+reads Variables only, and no task runs (the XCom the monitor pulls is a stand-in there).
 
-The blueprint reader and the model-push check the DAGs use need only PyYAML, so they are also
-tested directly here.
+The blueprint reader and the serving-dir readers the DAGs use (model-push check, the
+production model's training statistics) need only PyYAML and the standard library, so they are
+also tested directly here.
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ from loopline_dags.blueprints import (  # noqa: E402
     parse_duration,
     read_blueprint,
 )
-from loopline_dags.models import newest_version, pushed_version  # noqa: E402
+from loopline_dags.models import (  # noqa: E402
+    find_record,
+    newest_version,
+    production_model_id,
+    pushed_version,
+    training_statistics,
+)
 
 
 def ensure_airflow_venv() -> Path:
@@ -121,7 +128,7 @@ def test_dagbag_has_one_dag_per_blueprint_and_no_import_errors(airflow_report):
 
 
 @pytest.mark.slow
-def test_task_graph_waits_joins_trains_then_scores_and_monitors(airflow_report):
+def test_task_graph_joins_monitors_promotes_trains_then_scores(airflow_report):
     upstream = airflow_report["dags"]["loopline_notify"]["upstream"]
     order = [
         "wait_for_decision_logs",
@@ -130,17 +137,60 @@ def test_task_graph_waits_joins_trains_then_scores_and_monitors(airflow_report):
         "clear_day_outputs",
         "stage_observations",
         "join",
+        "find_day_scores",
+        "clear_monitor_output",
+        "find_training_stats",
+        "monitor",
+        "find_verdict",
+        "promote",
         "train",
         "check_model_pushed",
         "clear_score_output",
         "bulk_score",
-        "find_day_scores",
-        "clear_monitor_output",
-        "monitor",
+        "day_done",
     ]
     assert upstream[order[0]] == []
     for before, after in zip(order, order[1:], strict=False):
-        assert upstream[after] == [before]
+        assert before in upstream[after]
+    assert upstream["train"] == ["join", "promote"]
+    assert upstream["day_done"] == ["bulk_score", "check_model_pushed", "monitor"]
+
+
+@pytest.mark.slow
+def test_next_day_is_scored_with_the_production_alias_whatever_training_did(airflow_report):
+    notify = airflow_report["dags"]["loopline_notify"]
+    launch = notify["rendered"]["bulk_score"]["body"]["launchParameter"]
+    assert launch["parameters"]["model_version"] == "production"
+    assert notify["upstream"]["clear_score_output"] == ["check_model_pushed"]
+    assert notify["trigger_rules"]["clear_score_output"] == "all_done"
+
+
+@pytest.mark.slow
+def test_promote_runs_in_the_loopline_image_on_the_days_verdict(airflow_report):
+    notify = airflow_report["dags"]["loopline_notify"]
+    promote = notify["rendered"]["promote"]
+    assert promote["job_name"] == "loopline-promote-v7"
+    assert promote["overrides"]["container_overrides"][0]["args"] == [
+        "--serving_dir",
+        "gs://acme-loopline/serving/notify",
+        "--verdict",
+        "gs://acme-loopline/monitor/notify/2026-11-01/verdict.json",
+    ]
+    # Also after a monitor that failed on a flag; skipped when it wrote no verdict.
+    assert notify["trigger_rules"]["find_verdict"] == "none_skipped"
+
+
+@pytest.mark.slow
+def test_monitor_gets_the_production_models_training_statistics(airflow_report):
+    rendered = airflow_report["dags"]["loopline_notify"]["rendered"]
+    assert rendered["find_training_stats"]["op_kwargs"] == {
+        "bucket": "acme-loopline",
+        "serving_prefix": "serving/notify",
+    }
+    parameters = rendered["monitor"]["body"]["launchParameter"]["parameters"]
+    assert parameters["training_stats"] == (
+        "gs://acme-loopline/pipeline_root/notify/StatisticsGen/statistics/12"
+    )
 
 
 @pytest.mark.slow
@@ -158,9 +208,6 @@ def test_join_renders_day_paths_and_job_name_for_2026_11_01(airflow_report):
     assert rendered["train"]["parameter_values"] == {
         "examples": "gs://acme-loopline/data/notify/2026-11-01"
     }
-    assert rendered["bulk_score"]["body"]["launchParameter"]["parameters"]["model_version"] == (
-        "1793599000"
-    )
 
 
 def test_blueprint_reader_gets_label_timing_with_plain_yaml():
@@ -203,3 +250,28 @@ def test_model_push_check_takes_only_versions_pushed_by_this_job():
     assert pushed_version(["1793590000/"], job) is None
     with pytest.raises(ValueError):
         pushed_version(["1793599000/"], {})
+
+
+def test_production_model_id_is_read_from_aliases():
+    assert production_model_id({"production": "p1", "challenger": "c2", "history": []}) == "p1"
+    assert production_model_id({"production": None, "challenger": "c2"}) is None
+    with pytest.raises(ValueError, match="production"):
+        production_model_id({"production": 7})
+
+
+def test_production_record_is_found_by_model_id_name_or_version():
+    records = [
+        ("serving/notify/1793590000.record.json", {"model_id": "a0c5", "version": 1793590000}),
+        ("serving/notify/1793599000.record.json", {"name": "notify-1793599000"}),
+    ]
+    assert find_record(records, "a0c5") == records[0]
+    assert find_record(records, "1793590000") == records[0]
+    assert find_record(records, "notify-1793599000") == records[1]
+    assert find_record(records, "b111") is None
+
+
+def test_training_statistics_uri_comes_from_the_record():
+    uri = "gs://b/pipeline_root/notify/StatisticsGen/statistics/12"
+    assert training_statistics({"statistics": {"uri": uri, "splits": ["train", "eval"]}}) == uri
+    assert training_statistics({"statistics": uri}) == uri
+    assert training_statistics({"model_id": "a0c5"}) is None

@@ -1,5 +1,29 @@
-"""The daily Loopline DAG for one blueprint: wait for the day's logs and labels, join, train,
-score with a newly pushed model, monitor.
+"""The daily Loopline DAG for one blueprint: wait for the day's logs and labels, join, monitor
+the day's scored decisions, move the registry's aliases on the monitor's verdict, train, and
+score the next day with the ``production`` alias.
+
+The order closes the loop within one run: the verdict on the challenger that served day D is
+acted on (``promote``) before day D's training registers a new challenger, and the next day is
+scored after both, with whatever the registry then calls ``production`` (and ``challenger``).
+Scoring never waits for a new model: when the gate refuses one, or training fails, the
+incumbent keeps scoring (``clear_score_output`` runs once training is done, whatever its
+outcome). ``check_model_pushed`` only records in the log and as XCom whether training pushed.
+
+Promotion runs ``python -m pipelines.promote`` in the released loopline image as a Cloud Run
+job (``loopline-promote-<release>``, deployed by cloudbuild.yaml with that command), because
+Composer's Airflow workers do not have the loopline stack (its TFX pins clash with Airflow's).
+A Cloud Run job rather than a Kubernetes pod: its operator is in the Google provider the DAGs
+already use (KubernetesPodOperator needs the cncf.kubernetes provider, and in Composer runs in
+the environment's own cluster beside the Airflow workers; GKEStartPodOperator needs a GKE
+cluster of our own), it runs serverless as the loopline service account, and each execution
+is waited for, with its container output forwarded to the task log (``verbose``). The day's
+paths are passed as the execution's container args. Promotion is skipped when the monitor
+wrote no ``verdict.json`` (no scored decisions for the day, or no arms in them), and runs when
+the monitor failed on a flag (that verdict rolls the challenger back); rerunning it on the same
+verdict moves nothing twice.
+
+A monitor or training failure does not stop the loop's other steps, so ``day_done`` (no work)
+is the run's last task: it fails the run when the monitor, training or scoring failed.
 
 Everything environment-specific comes from Airflow Variables at run time (never at parse time):
 
@@ -8,6 +32,8 @@ Everything environment-specific comes from Airflow Variables at run time (never 
     loopline_release                    the image and template tag built by cloudbuild.yaml
     loopline_service_account            the service account the jobs run as
     loopline_repository                 Artifact Registry repository (default "loopline")
+                                        The release names the promote job too, so it must be
+                                        lowercase letters, digits and hyphens (Cloud Run).
     loopline_alert_email                optional, see loopline_dags.alerts
     loopline_pii_key_secret             the pseudonymisation key's Secret Manager version
                                         (projects/P/secrets/S/versions/V); needed only by
@@ -20,8 +46,10 @@ and the day, so re-running a day rewrites the same paths, which are cleared firs
     work/<name>/<day>/observations/      the observations of the day's label horizon, staged
     data/<name>/<day>/                   the join's span (manifest.json written last)
     pipeline_root/<name>/, serving/<name>/<version>/   TFX artifacts and pushed models
+    serving/<name>/aliases.json          the registry: production, challenger, previous
     scores/<name>/<day>/                 bulk scores made for that day (by the previous run)
     monitor/<name>/<day>/                monitoring of that day's scored decisions
+                                        (verdict.json: what promote acts on)
     templates/<release>/<pipeline>.json  Flex Template specs; train-<name>.json Vertex spec
     blueprints/<file>                    the blueprints the jobs read
 """
@@ -31,6 +59,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta, timezone
 
+from airflow.providers.google.cloud.operators.cloud_run import CloudRunExecuteJobOperator
 from airflow.providers.google.cloud.operators.dataflow import DataflowStartFlexTemplateOperator
 from airflow.providers.google.cloud.operators.gcs import GCSDeleteObjectsOperator
 from airflow.providers.google.cloud.operators.vertex_ai.pipeline_job import (
@@ -38,7 +67,8 @@ from airflow.providers.google.cloud.operators.vertex_ai.pipeline_job import (
 )
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectsWithPrefixExistenceSensor
 from airflow.providers.google.cloud.transfers.gcs_to_gcs import GCSToGCSOperator
-from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import (
     DAG,
@@ -52,7 +82,7 @@ from airflow.sdk import (
 
 from loopline_dags.alerts import alert_on_failure, deadline_missed
 from loopline_dags.blueprints import BlueprintInfo
-from loopline_dags.models import check_model_pushed
+from loopline_dags.models import check_model_pushed, find_training_stats, verdict_written
 
 # Observations may arrive this long after a decision's label window and still count; the join
 # keeps decisions open as long (its --allowed_lateness).
@@ -64,6 +94,9 @@ LOG_FLUSH_DELAY = timedelta(hours=1)
 PROCESSING_BUDGET = timedelta(hours=12)
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 PIPELINES = ("join_decisions", "bulk_score", "monitor")
+# The registry alias the next day is scored with (bulk_score serves the challenger's share too).
+SCORING_ALIAS = "production"
+VERDICT = "verdict.json"
 
 BUCKET = "{{ var.value.loopline_bucket }}"
 GS = "gs://{{ var.value.loopline_bucket }}"
@@ -77,6 +110,7 @@ IMAGE = (
     "{{ var.value.get('loopline_repository', 'loopline') }}/loopline:{{ var.value.loopline_release }}"
 )
 NEXT_DS = "{{ macros.ds_add(ds, 1) }}"
+PROMOTE_JOB = "loopline-promote-{{ var.value.loopline_release }}"
 # The end of day {{ ds }} (UTC midnight after it). Everything is derived from ds, so a manual
 # run for a day behaves like the scheduled one (a manual run's data interval is inferred
 # differently from a scheduled run's).
@@ -150,6 +184,11 @@ class LooplinePipelineJobOperator(RunPipelineJobOperator):
     """RunPipelineJobOperator whose display name, job id and labels take the day's templates."""
 
     template_fields = (*RunPipelineJobOperator.template_fields, "display_name", "job_id", "labels")
+
+
+def promote_args(serving_dir: str, verdict: str) -> list[str]:
+    """The promote job's container args (its command is ``python -m pipelines.promote``)."""
+    return ["--serving_dir", serving_dir, "--verdict", verdict]
 
 
 def _wait_for_logs(task_id: str, prefix: str) -> GCSObjectsWithPrefixExistenceSensor:
@@ -254,50 +293,8 @@ def build_dag(info: BlueprintInfo) -> DAG:
             },
             hours=4,
         )
-        train = LooplinePipelineJobOperator(
-            task_id="train",
-            project_id=PROJECT,
-            region=REGION,
-            display_name=f"loopline-train-{slug}-{{{{ ds_nodash }}}}",
-            job_id=f"loopline-train-{slug}-{{{{ ds_nodash }}}}-{{{{ ti.try_number }}}}",
-            template_path=f"{GS}/templates/{RELEASE}/train-{name}.json",
-            pipeline_root=f"{GS}/pipeline_root/{name}",
-            parameter_values={"examples": span},
-            service_account=SERVICE_ACCOUNT,
-            labels={"loopline-blueprint": slug, "loopline-day": "{{ ds }}"},
-            enable_caching=False,
-            retries=1,
-            execution_timeout=timedelta(hours=8),
-        )
-        model_pushed = ShortCircuitOperator(
-            task_id="check_model_pushed",
-            python_callable=check_model_pushed,
-            op_kwargs={"bucket": BUCKET, "serving_prefix": f"serving/{name}"},
-            # Skip only scoring; monitoring still runs on a day without a new model.
-            ignore_downstream_trigger_rules=False,
-        )
-        clear_score_output = GCSDeleteObjectsOperator(
-            task_id="clear_score_output",
-            bucket_name=BUCKET,
-            prefix=f"scores/{name}/{NEXT_DS}/",
-        )
-        bulk_score = _flex_template_job(
-            "bulk_score",
-            "bulk_score",
-            "score",
-            info,
-            {
-                # The product's candidates for the next day, scored with the new model.
-                "input": f"{GS}/candidates/{name}/{NEXT_DS}/*.jsonl",
-                "model_dir": f"{GS}/serving/{name}",
-                "model_version": "{{ ti.xcom_pull(task_ids='check_model_pushed') }}",
-                "blueprint": blueprint,
-                "output": f"{GS}/scores/{name}/{NEXT_DS}",
-                "log_decisions": "true",
-                **pii_key,
-            },
-            hours=4,
-        )
+        serving_prefix = f"serving/{name}"
+        monitor_prefix = f"monitor/{name}/{{{{ ds }}}}/"
         find_day_scores = GCSObjectsWithPrefixExistenceSensor(
             task_id="find_day_scores",
             bucket=BUCKET,
@@ -307,12 +304,18 @@ def build_dag(info: BlueprintInfo) -> DAG:
             poke_interval=30,
             timeout=120,
             retries=0,
-            trigger_rule=TriggerRule.NONE_FAILED,
         )
         clear_monitor_output = GCSDeleteObjectsOperator(
             task_id="clear_monitor_output",
             bucket_name=BUCKET,
-            prefix=f"monitor/{name}/{{{{ ds }}}}/",
+            prefix=monitor_prefix,
+        )
+        training_stats = PythonOperator(
+            task_id="find_training_stats",
+            python_callable=find_training_stats,
+            op_kwargs={"bucket": BUCKET, "serving_prefix": serving_prefix},
+            retries=2,
+            execution_timeout=timedelta(minutes=10),
         )
         monitor = _flex_template_job(
             "monitor",
@@ -325,10 +328,94 @@ def build_dag(info: BlueprintInfo) -> DAG:
                 "observations": f"{GS}/{staged_observations}*.jsonl",
                 "blueprint": blueprint,
                 "manifest": f"{span}/manifest.json",
-                "output": f"{GS}/monitor/{name}/{{{{ ds }}}}",
+                "output": f"{GS}/{monitor_prefix.rstrip('/')}",
+                # The production model's StatisticsGen output, for the skew report ("" = none).
+                "training_stats": "{{ ti.xcom_pull(task_ids='find_training_stats') or '' }}",
             },
             hours=2,
         )
+        find_verdict = ShortCircuitOperator(
+            task_id="find_verdict",
+            python_callable=verdict_written,
+            op_kwargs={"bucket": BUCKET, "name": monitor_prefix + VERDICT},
+            # Also after a failed monitor: a fired flag fails it and its verdict rolls back.
+            trigger_rule=TriggerRule.NONE_SKIPPED,
+            # Skip only promotion; training and scoring go on.
+            ignore_downstream_trigger_rules=False,
+            retries=2,
+            execution_timeout=timedelta(minutes=10),
+        )
+        promote = CloudRunExecuteJobOperator(
+            task_id="promote",
+            project_id=PROJECT,
+            region=REGION,
+            job_name=PROMOTE_JOB,
+            overrides={
+                "container_overrides": [
+                    {
+                        "args": promote_args(
+                            f"{GS}/{serving_prefix}", f"{GS}/{monitor_prefix}{VERDICT}"
+                        )
+                    }
+                ],
+                "task_count": 1,
+            },
+            verbose=True,
+            retries=1,
+            execution_timeout=timedelta(minutes=30),
+        )
+        train = LooplinePipelineJobOperator(
+            task_id="train",
+            project_id=PROJECT,
+            region=REGION,
+            display_name=f"loopline-train-{slug}-{{{{ ds_nodash }}}}",
+            job_id=f"loopline-train-{slug}-{{{{ ds_nodash }}}}-{{{{ ti.try_number }}}}",
+            template_path=f"{GS}/templates/{RELEASE}/train-{name}.json",
+            pipeline_root=f"{GS}/pipeline_root/{name}",
+            parameter_values={"examples": span},
+            service_account=SERVICE_ACCOUNT,
+            labels={"loopline-blueprint": slug, "loopline-day": "{{ ds }}"},
+            enable_caching=False,
+            # After the join, and after promotion when it ran (it may have been skipped); a
+            # failed promotion (an invalid experiment) holds back new challengers.
+            trigger_rule=TriggerRule.NONE_FAILED,
+            retries=1,
+            execution_timeout=timedelta(hours=8),
+        )
+        model_pushed = PythonOperator(
+            task_id="check_model_pushed",
+            python_callable=check_model_pushed,
+            op_kwargs={"bucket": BUCKET, "serving_prefix": serving_prefix},
+            retries=2,
+            execution_timeout=timedelta(minutes=10),
+        )
+        clear_score_output = GCSDeleteObjectsOperator(
+            task_id="clear_score_output",
+            bucket_name=BUCKET,
+            prefix=f"scores/{name}/{NEXT_DS}/",
+            # The incumbent scores the next day whatever became of training.
+            trigger_rule=TriggerRule.ALL_DONE,
+        )
+        bulk_score = _flex_template_job(
+            "bulk_score",
+            "bulk_score",
+            "score",
+            info,
+            {
+                # The product's candidates for the next day, scored by the registry's models.
+                "input": f"{GS}/candidates/{name}/{NEXT_DS}/*.jsonl",
+                "model_dir": f"{GS}/{serving_prefix}",
+                "model_version": SCORING_ALIAS,
+                "blueprint": blueprint,
+                "output": f"{GS}/scores/{name}/{NEXT_DS}",
+                "log_decisions": "true",
+                **pii_key,
+            },
+            hours=4,
+        )
+        # Fails the run when a step that others do not wait on failed (DAG run state follows
+        # the last tasks only); skipped steps are fine.
+        day_done = EmptyOperator(task_id="day_done", trigger_rule=TriggerRule.NONE_FAILED)
 
         chain(
             wait_for_decision_logs,
@@ -337,12 +424,18 @@ def build_dag(info: BlueprintInfo) -> DAG:
             clear_day_outputs,
             stage_observations,
             join,
+            find_day_scores,
+            clear_monitor_output,
+            training_stats,
+            monitor,
+            find_verdict,
+            promote,
             train,
             model_pushed,
             clear_score_output,
             bulk_score,
-            find_day_scores,
-            clear_monitor_output,
-            monitor,
+            day_done,
         )
+        join >> train
+        [monitor, model_pushed] >> day_done
     return dag
