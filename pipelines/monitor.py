@@ -54,6 +54,7 @@ from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.join import JoinDecisions
 from transforms.monitoring import (
+    UNKNOWN_MODEL,
     AttachScores,
     CountUnitsPerArm,
     DelayBins,
@@ -326,21 +327,36 @@ def _write_outputs(metrics: dict, output: str) -> str:
     return FileSystems.join(output, "report.html")
 
 
-def _write_verdict(metrics: dict, output: str) -> None:
-    """``verdict.json``: what ``pipelines.promote`` acts on — the experiment's verdict, the
-    models in each arm, and the monitor's problems (fired flags fail a challenger too)."""
+def verdict_file(metrics: dict) -> dict:
+    """What ``pipelines.promote`` acts on (its docstring has the schema): the experiment's
+    verdict about the one challenger model, the production model it was compared with (null:
+    the blueprint's fallback decided), the monitor's problems as flags (a fired flag rolls the
+    challenger back), the sentence as the history's summary. Several models in one arm make the
+    experiment invalid: its arms would not be one policy each."""
     experiment = metrics["experiment"]
-    verdict = {
-        "verdict": experiment["verdict"],
-        "sentence": experiment["sentence"],
-        "production": experiment["production"],
-        "challenger": experiment["challenger"],
-        "days": experiment["days"],
+    challengers = experiment["challenger"]
+    productions = [m for m in experiment["production"] if m != UNKNOWN_MODEL]
+    verdict, summary = experiment["verdict"], experiment["sentence"]
+    if len(challengers) != 1 or len(productions) > 1:
+        verdict = "invalid: several models served one arm"
+        summary = (
+            f"production: {', '.join(experiment['production']) or 'none'}; "
+            f"challenger: {', '.join(challengers) or 'none'}"
+        )
+    return {
+        "verdict": verdict,
+        "challenger": challengers[0] if challengers else None,
+        "production": productions[0] if productions else None,
         "flags": metrics["problems"],
-        "generated_at": metrics["generated_at"],
+        "summary": summary,
+        "at": metrics["generated_at"],
+        "days": experiment["days"],
     }
+
+
+def _write_verdict(metrics: dict, output: str) -> None:
     with FileSystems.create(FileSystems.join(output, VERDICT_JSON)) as f:
-        f.write(json.dumps(verdict, indent=2, sort_keys=True).encode("utf-8"))
+        f.write(json.dumps(verdict_file(metrics), indent=2, sort_keys=True).encode("utf-8"))
 
 
 def problems(metrics: dict) -> list[str]:

@@ -764,8 +764,29 @@ def test_the_verdict_file_names_the_models_and_the_sentence(better_challenger):
     _, out = better_challenger
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["verdict"] == "challenger_better"
-    assert verdict["challenger"] == ["notify-new"] and verdict["flags"] == []
-    assert "clicked" in verdict["sentence"]
+    assert (verdict["challenger"], verdict["production"]) == ("notify-new", "notify-old")
+    assert verdict["flags"] == [] and "clicked" in verdict["summary"]
+
+
+@pytest.mark.slow
+def test_promote_accepts_the_monitors_verdict_file(better_challenger, tmp_path):
+    """The file is written for pipelines.promote: it moves the aliases on it as it stands."""
+    from loopline import registry
+    from pipelines import promote
+
+    _, out = better_challenger
+    serving = tmp_path / "serving"
+    for version, model_id in (("1", "notify-old"), ("2", "notify-new")):
+        (serving / version).mkdir(parents=True)
+        (serving / version / "saved_model.pb").write_bytes(b"placeholder")
+        record = {"model_id": model_id, "name": model_id, "version": version,
+                  "blessed": True, "pushed": True}  # fmt: skip
+        (serving / f"{version}.record.json").write_text(json.dumps(record))
+        registry.register(str(serving), record)
+        if model_id == "notify-old":
+            registry.promote(str(serving), "the incumbent")
+    assert promote.run(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
+    assert registry.read_aliases(str(serving)).production == "notify-new"
 
 
 def test_equal_arms_are_inconclusive(tmp_path):
