@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
-import yaml
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import join_decisions, monitor
 from tests.conftest import EXAMPLE_BLUEPRINT
+from tests.flex_templates import REPO, check_parameters, entry_file, flags, package_env
 from transforms.span import COUNT_NAMES, MANIFEST
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_ROOT = "/template/"  # the image's WORKDIR, where docker/Dockerfile copies the package
 WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
            "--direct_num_workers=2"]  # fmt: skip
 KEY = "flex-entry-test-key"
@@ -44,39 +41,12 @@ MODEL_ID = "notify-sim"
 VOLATILE = ("generated_at", "report")
 
 
-def entry_file(template: str) -> Path:
-    """The template's FLEX_TEMPLATE_PYTHON_PY_FILE, as cloudbuild.yaml builds it, in this checkout."""
-    steps = yaml.safe_load((REPO / "cloudbuild.yaml").read_text())["steps"]
-    args = next(s["args"] for s in steps if s.get("id") == f"template-{template}")
-    assert args[args.index("--metadata-file") + 1] == f"templates/{template}/metadata.json"
-    env = dict(a.split("=", 1) for a in args[args.index("--env") + 1 :: 2])
-    path = env["FLEX_TEMPLATE_PYTHON_PY_FILE"]
-    assert path.startswith(TEMPLATE_ROOT), path
-    return REPO / path.removeprefix(TEMPLATE_ROOT)
-
-
-def check_parameters(template: str, parameters: dict[str, str]) -> None:
-    """What the launcher checks before it runs anything: known names, required ones given, and
-    each value matching the parameter's regexes (a local path is checked as gs://local<path>)."""
-    declared = json.loads((REPO / "templates" / template / "metadata.json").read_text())
-    by_name = {p["name"]: p for p in declared["parameters"]}
-    assert set(parameters) <= set(by_name), set(parameters) - set(by_name)
-    required = {name for name, p in by_name.items() if not p.get("isOptional", False)}
-    assert required <= set(parameters), required - set(parameters)
-    for name, value in parameters.items():
-        as_given = f"gs://local{value}" if value.startswith("/") else value
-        for regex in by_name[name].get("regexes", []):
-            assert re.fullmatch(regex, as_given), f"--{name}={value} does not match {regex}"
-
-
 def launch(template: str, parameters: dict[str, str], env: dict[str, str], cwd: Path) -> str:
     """``python <entry file> --name=value ...`` on multi-process workers; returns its stdout."""
     check_parameters(template, parameters)
-    argv = [sys.executable, str(entry_file(template)), *WORKERS]
-    argv += [f"--{name}={value}" for name, value in parameters.items()]
-    pythonpath = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO)]))
+    argv = [sys.executable, str(entry_file(template)), *WORKERS, *flags(parameters)]
     job = subprocess.run(
-        argv, cwd=cwd, env={**env, "PYTHONPATH": pythonpath, "LOOPLINE_PII_KEY": KEY},
+        argv, cwd=cwd, env={**package_env(env), "LOOPLINE_PII_KEY": KEY},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert job.returncode == 0, f"{template}: {job.stderr[-4000:]}"
@@ -88,10 +58,6 @@ def in_process(run, argv: list[str]):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOPLINE_PII_KEY", KEY)
         return run(["--runner=DirectRunner", *argv])
-
-
-def flags(parameters: dict[str, str]) -> list[str]:
-    return [f"--{name}={value}" for name, value in parameters.items()]
 
 
 @pytest.fixture(scope="module")
