@@ -40,8 +40,6 @@ import apache_beam as beam
 from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 
 from loopline.blueprint import Blueprint, BlueprintError
 from loopline.events import DECISION, OBSERVATION
@@ -63,9 +61,9 @@ from transforms.monitoring import (
     ServingStatistics,
     SummariseArms,
     SummariseOutcomes,
-    decision_from_score,
     load_statistics,
     skew_report,
+    timestamped_decision_from_score,
 )
 from transforms.sources import ReadEvents
 
@@ -243,11 +241,8 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
         )
     scores = tuple(score_sets) | "FlattenScores" >> beam.Flatten()
     if not config.decisions:
-        name = blueprint.name
         decisions = scores | "DecisionsFromScores" >> beam.Map(
-            lambda row: TimestampedValue(
-                decision_from_score(row, name), Timestamp(micros=(row.time_ms or 0) * 1000)
-            )
+            timestamped_decision_from_score, blueprint.name
         )
     join = (decisions, observations.events) | "JoinDecisions" >> JoinDecisions(blueprint)
     unit = blueprint.rollout.unit if blueprint.rollout else None

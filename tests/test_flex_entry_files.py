@@ -296,13 +296,6 @@ def test_monitor_entry_file_writes_the_report_and_its_plots(launched_monitor):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pipelines/monitor.py build(): the DecisionsFromScores lambda needs TimestampedValue, "
-    "Timestamp and decision_from_score, globals of __main__ that a worker process lacks "
-    "(NameError: name 'TimestampedValue' is not defined)",
-)
 def test_monitor_entry_file_monitors_score_rows_without_a_decision_log(
     logs, scores, outside, reference_monitor, tmp_path
 ):

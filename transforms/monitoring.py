@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 
 from loopline.events import DecisionEvent, Refusal, parse_event_time
 from loopline.metrics import OutcomeSummary
@@ -224,6 +226,13 @@ def decision_from_score(row: ScoreRow, decision_type: str) -> DecisionEvent:
         decision=row.decision,
         model_id=row.model_id,
         propensity=row.propensity,
+    )
+
+
+def timestamped_decision_from_score(row: ScoreRow, decision_type: str) -> TimestampedValue:
+    """``decision_from_score``, timestamped with the row's time (0 when it has none)."""
+    return TimestampedValue(
+        decision_from_score(row, decision_type), Timestamp(micros=(row.time_ms or 0) * 1000)
     )
 
 
