@@ -42,7 +42,8 @@ class Decision:
     """What ``get_decision`` returns to the product.
 
     ``score`` and ``model_id`` are None when the fallback decided; ``event`` is the decision
-    event that was logged.
+    event that was logged; ``arm`` is the rollout arm that served it (None without a
+    challenger).
     """
 
     decision: Any
