@@ -16,6 +16,8 @@ Everything is fixed by the seed: the same arguments write byte-identical files.
         --decisions 20000 --days 2 --start 2026-11-01 --seed 1
     python -m loopline.simulate --blueprint examples/notify.yaml --output OUTCOMES \\
         --outcomes_for 'SCORES/decisions-*.jsonl' --seed 1
+    python -m loopline.simulate --blueprint examples/notify.yaml --output LOGS \\
+        --decisions 4000 --rollout better --seed 1      # production and a known-better challenger
 
 Python API: ``Simulator(blueprint, seed).run(output, decisions=..., days=..., start_ms=...)``
 and ``Simulator(blueprint, seed).outcomes(decision_events)``.
@@ -810,6 +812,13 @@ def main(argv: list[str] | None = None) -> int:
         help="decide with the blueprint's fallback, or score with the hidden truth",
     )
     parser.add_argument(
+        "--rollout",
+        choices=list(SCENARIOS),
+        default=None,
+        help="score with the truth in production and serve the blueprint's rollout share of "
+        "users with a challenger that is truly better, worse or the same (docs/rollout.md)",
+    )
+    parser.add_argument(
         "--outcomes_for",
         metavar="GLOB",
         default=None,
@@ -828,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         sim = Simulator(blueprint, args.seed, faults, users=args.users)
         if args.scorer == "truth":
             sim.scorer = TruthScorer(sim.response)
+        if args.rollout:
+            sim.scorer, sim.challenger = scenario_scorers(sim.response, args.rollout)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         _prepare_output(output, args.overwrite)
@@ -913,6 +924,11 @@ def _print_summary(report: dict, output: Path, elapsed_s: float) -> None:
         f"positive rate {truth['positive_rate']}, "
         f"share of clicks within the window {truth['share_within_window']}"
     )
+    for arm, figures in truth.get("arms", {}).items():
+        print(
+            f"  arm {arm}: {figures['decisions']} decisions, true expected label rate "
+            f"{figures['expected_label_rate']}, simulated {figures['label_rate']}"
+        )
     print(f"  took {elapsed_s:.1f}s")
 
 

@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return rollout_demo.main(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.demo", description=__doc__.split("\n")[0]
+        prog="python -m pipelines.demo",
+        description=__doc__.split("\n")[0],
+        epilog="With --rollout better|worse|same: the rollout demo instead "
+        "(python -m pipelines.demo --rollout better --help).",
     )
     parser.add_argument(
         "--workdir", default="demo-out", help="where everything is written (emptied first)"

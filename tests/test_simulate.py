@@ -377,3 +377,15 @@ def test_decisions_and_truth_rows_carry_the_arm_that_served_them(tmp_path, bluep
 def test_a_scenario_that_is_not_known_is_refused(blueprint):
     with pytest.raises(ValueError, match="better, worse, same"):
         scenario_scorers(Simulator(blueprint).response, "faster")
+
+
+def test_the_command_line_runs_a_rollout_scenario(tmp_path, blueprint_path):
+    status = main(
+        ["--blueprint", str(blueprint_path), "--output", str(tmp_path), "--decisions", "400",
+         "--rollout", "worse", "--seed", "2"]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads((tmp_path / "simulation.json").read_text())
+    arms = report["ground_truth"]["arms"]
+    assert set(arms) == {"production", "challenger"}
+    assert sum(a["decisions"] for a in arms.values()) == 400
