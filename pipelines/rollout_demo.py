@@ -280,7 +280,8 @@ def run(demo: RolloutDemo) -> str:
         said = verdict["verdict"] if verdict else "no verdict"
         print(
             f"day {i + 1} ({demo.day(i)}): {report['counts']['decisions']} decisions; "
-            f"monitor: {said}; {line} ({time.monotonic() - started:.0f}s)",
+            f"monitor: {said}; {line} ({time.monotonic() - started:.0f}s)\n"
+            f"      report: {demo.monitor_dir(i) / 'report.html'}",
             flush=True,
         )
         aliases = registry.read_aliases(demo.serving_dir)
