@@ -170,8 +170,9 @@ def _record(demo: RolloutDemo, blueprint: Blueprint, version: str) -> dict:
     }
 
 
-def simulate_day(demo: RolloutDemo, blueprint: Blueprint, i: int, production: Model,
-                 challenger: Model) -> dict:  # fmt: skip
+def simulate_day(
+    demo: RolloutDemo, blueprint: Blueprint, i: int, production: Model, challenger: Model
+) -> dict:
     """One day of decisions through the client with both arms; returns the simulator's report."""
     sim = Simulator(
         blueprint,
@@ -308,8 +309,14 @@ def _rates(truth: dict[str, list[float]]) -> dict[str, float | None]:
     return {arm: round(total / n, 6) if n else None for arm, (n, total) in sorted(truth.items())}
 
 
-def _last_line(demo, production: Model, challenger: Model, verdict: dict | None, days: int,
-               truth: dict) -> str:  # fmt: skip
+def _last_line(
+    demo: RolloutDemo,
+    production: Model,
+    challenger: Model,
+    verdict: dict | None,
+    days: int,
+    truth: dict[str, list[float]],
+) -> str:
     aliases = registry.read_aliases(demo.serving_dir)
     rates = _rates(truth)
     true = (
