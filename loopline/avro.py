@@ -60,6 +60,8 @@ def to_record(event: DecisionEvent | ObservationEvent) -> dict:
             decision=event.decision,
             model_id=event.model_id,
             propensity=event.propensity,
+            score=event.score,
+            arm=event.arm,
         )
     else:
         record["observations"] = event.observations

@@ -28,6 +28,7 @@ from loopline.events import (
     observation_from_record,
     validate_features,
 )
+from loopline.experiment import CHALLENGER, PRODUCTION, assign_arm
 from loopline.policy import FallbackPolicy, Policy, policy_from_blueprint
 from loopline.sinks import EventSink
 
@@ -41,7 +42,8 @@ class Decision:
     """What ``get_decision`` returns to the product.
 
     ``score`` and ``model_id`` are None when the fallback decided; ``event`` is the decision
-    event that was logged.
+    event that was logged; ``arm`` is the rollout arm that served it (None without a
+    challenger).
     """
 
     decision: Any
@@ -50,6 +52,7 @@ class Decision:
     model_id: str | None
     explored: bool
     event: DecisionEvent | None = field(default=None, repr=False, compare=False)
+    arm: str | None = None
 
 
 class DecisionClient:
@@ -61,6 +64,17 @@ class DecisionClient:
     does not fail the product's request: that decision falls back too, and ``stats`` counts it.
 
     ``clock`` returns epoch seconds (``time.time`` by default).
+
+    During a rollout, ``challenger`` scores the blueprint's ``rollout.challenger_share`` of
+    units (``challenger_model_id`` names it, else its ``model_id`` attribute): each decision's
+    unit, the raw value of the feature ``rollout.unit``, goes to an arm by
+    ``loopline.experiment.assign_arm``, so a unit keeps its arm in every process and on every
+    day, whatever either model scores. The arm's scorer (or, for the production arm without a
+    ``scorer``, the fallback) decides, and the event carries ``arm``. A scorer that fails falls
+    back within its arm: the event keeps the arm, so a broken challenger shows in its own
+    arm's figures. A decision whose unit has no usable value (not a non-empty string or an
+    int) goes to production. Without a challenger no event carries an arm: all traffic is
+    production's and there is no experiment to read.
     """
 
     def __init__(
@@ -71,6 +85,8 @@ class DecisionClient:
         policy: Policy | None = None,
         model_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        challenger: Scorer | None = None,
+        challenger_model_id: str | None = None,
     ):
         self.blueprint = blueprint
         self.sink = sink
@@ -81,6 +97,17 @@ class DecisionClient:
         self.clock = clock
         self._lock = threading.Lock()
         self.stats = {"decisions": 0, "fallbacks": 0, "scorer_errors": 0, "observations": 0}
+        self.challenger = challenger
+        self.challenger_model_id = (
+            challenger_model_id
+            if challenger_model_id is not None
+            else getattr(challenger, "model_id", None)
+        )
+        if challenger is not None and blueprint.rollout is None:
+            raise ValueError(
+                f"a challenger needs a rollout section in blueprint {blueprint.name} "
+                "(the unit and share that assign decisions to it)"
+            )
 
     def get_decision(self, decision_id: str, context: Mapping[str, Any]) -> Decision:
         """Decides for one context and logs it; ValueError if the context breaks the blueprint.
@@ -100,11 +127,15 @@ class DecisionClient:
         features = {k: list(v) if isinstance(v, list) else v for k, v in context.items()}
         event_time_ms = int(round(self.clock() * 1000))
 
-        score = self._score(decision_id, features)
+        arm = self._arm(features)
+        scorer, arm_model_id = self.scorer, self.model_id
+        if arm == CHALLENGER:
+            scorer, arm_model_id = self.challenger, self.challenger_model_id
+        score = self._score(decision_id, features, scorer)
         if score is None:
             choice, model_id = self.fallback.choose(math.nan, decision_id), None
         else:
-            choice, model_id = self.policy.choose(score, decision_id), self.model_id
+            choice, model_id = self.policy.choose(score, decision_id), arm_model_id
         event = DecisionEvent(
             decision_id=decision_id,
             decision_type=self.blueprint.name,
@@ -114,10 +145,14 @@ class DecisionClient:
             decision=choice.decision,
             model_id=model_id,
             propensity=float(choice.propensity),
+            score=score,
+            arm=arm,
         )
         self.sink.write(event)
         self._count("decisions", "fallbacks" if score is None else None)
-        return Decision(choice.decision, score, event.propensity, model_id, choice.explored, event)
+        return Decision(
+            choice.decision, score, event.propensity, model_id, choice.explored, event, arm
+        )
 
     def log_observations(
         self,
@@ -147,12 +182,25 @@ class DecisionClient:
         self._count("observations")
         return event
 
-    def _score(self, decision_id: str, features: dict[str, Any]) -> float | None:
-        """The scorer's score, or None when there is no scorer or it failed."""
-        if self.scorer is None:
+    def _arm(self, features: dict[str, Any]) -> str | None:
+        """The decision's arm while a challenger serves (None without one)."""
+        if self.challenger is None:
+            return None
+        unit = features.get(self.blueprint.rollout.unit)
+        if isinstance(unit, bool) or not isinstance(unit, str | int) or unit == "":
+            return PRODUCTION
+        return assign_arm(unit, self.blueprint.rollout)
+
+    def _score(
+        self, decision_id: str, features: dict[str, Any], scorer: Scorer | None = None
+    ) -> float | None:
+        """The score of ``scorer`` (default ``self.scorer``), or None when there is none or it
+        failed."""
+        scorer = self.scorer if scorer is None else scorer
+        if scorer is None:
             return None
         try:
-            score = float(self.scorer(features))
+            score = float(scorer(features))
             if not math.isfinite(score):
                 raise ValueError(f"the scorer returned {score!r}")
         except Exception:  # noqa: BLE001 - a broken model must not fail the product's request

@@ -27,6 +27,7 @@ What is accepted is what every later step can write without failing or losing pr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -89,6 +90,8 @@ class DecisionEvent:
     decision: Any = None
     model_id: str | None = None
     propensity: float | None = None
+    score: float | None = None  # the model's output, when a model decided
+    arm: str | None = None  # "production" or "challenger" while a challenger serves
 
     def to_dict(self) -> dict:
         """The event in its JSON form (event_time as RFC 3339), omitting absent optionals."""
@@ -98,7 +101,7 @@ class DecisionEvent:
             "event_time": format_event_time(self.event_time_ms),
             "features": self.features,
         }
-        for key in ("blueprint_version", "decision", "model_id", "propensity"):
+        for key in ("blueprint_version", "decision", "model_id", "propensity", "score", "arm"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -347,6 +350,16 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
                 f"field 'propensity' must be a number in [0, 1], got {_describe(propensity)}",
             )
         propensity = float(propensity)
+    score = obj.get("score")
+    if score is not None:
+        if not _is_finite(score):
+            raise _Refused(
+                WRONG_TYPE, f"field 'score' must be a finite number, got {_describe(score)}"
+            )
+        score = float(score)
+    arm = obj.get("arm")
+    if arm is not None and not (_is_string(arm) and arm):
+        raise _Refused(WRONG_TYPE, f"field 'arm' must be a non-empty string, got {_describe(arm)}")
     if blueprint is not None:
         if decision_type != blueprint.name:
             raise _Refused(
@@ -364,6 +377,8 @@ def _decision(obj: Any, blueprint: Blueprint | None) -> DecisionEvent:
         obj.get("decision"),
         model_id,
         propensity,
+        score,
+        arm,
     )
 
 
@@ -479,6 +494,16 @@ def _is_number(value: Any) -> bool:
     # Compares exactly, also for an int too large for a float (where math.isfinite raises);
     # NaN compares false.
     return _is_real(value) and abs(value) <= FLOAT32_MAX
+
+
+def _is_finite(value: Any) -> bool:
+    """A real number a float64 holds finitely (an int too large for a float is not)."""
+    if not _is_real(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_int(value: Any) -> bool:

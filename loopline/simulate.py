@@ -16,6 +16,8 @@ Everything is fixed by the seed: the same arguments write byte-identical files.
         --decisions 20000 --days 2 --start 2026-11-01 --seed 1
     python -m loopline.simulate --blueprint examples/notify.yaml --output OUTCOMES \\
         --outcomes_for 'SCORES/decisions-*.jsonl' --seed 1
+    python -m loopline.simulate --blueprint examples/notify.yaml --output LOGS \\
+        --decisions 4000 --rollout better --seed 1      # production and a known-better challenger
 
 Python API: ``Simulator(blueprint, seed).run(output, decisions=..., days=..., start_ms=...)``
 and ``Simulator(blueprint, seed).outcomes(decision_events)``.
@@ -261,6 +263,7 @@ class Simulator:
         scorer: Callable[[dict[str, Any]], float] | None = None,
         users: int | None = None,
         file_age_s: float = 3600.0,
+        challenger: Callable[[dict[str, Any]], float] | None = None,
     ):
         self.blueprint = blueprint
         self.seed = seed
@@ -269,6 +272,7 @@ class Simulator:
         self.scorer = scorer
         self.users = users
         self.file_age_s = file_age_s
+        self.challenger = challenger  # serves the blueprint's rollout share of users
         self.response = ResponseModel(blueprint)
         self.label_key = blueprint.label.observation
 
@@ -289,12 +293,15 @@ class Simulator:
             p_click = self.response.click_probability(decision.features)
         sent = self.was_sent(decision)
         in_window = self.delays.share_within(self.blueprint.label.window_ms)
-        return {
+        row = {
             "decision_id": decision.decision_id,
             "decision": decision.decision,
             "p_click": round(p_click, 6),
             "probability": round(p_click * in_window, 6) if sent else 0.0,
         }
+        if decision.arm is not None:
+            row["arm"] = decision.arm
+        return row
 
     def was_sent(self, decision: DecisionEvent) -> bool:
         value = decision.decision
@@ -391,7 +398,9 @@ class _Run:
         self.faults = faults or sim.faults
         self.clock = SimulatedClock()
         self.sink = JsonLinesSink(output, max_age_s=sim.file_age_s, clock=self.clock)
-        self.client = DecisionClient(sim.blueprint, self.sink, scorer=sim.scorer, clock=self.clock)
+        self.client = DecisionClient(
+            sim.blueprint, self.sink, scorer=sim.scorer, clock=self.clock, challenger=sim.challenger
+        )
         self.rng = random.Random(f"{sim.seed}/faults")
         self.decision_ids = decision_ids
         self.queue: list[tuple[int, int, str, Any]] = []
@@ -400,6 +409,7 @@ class _Run:
         self.malformed: dict[str, Counter] = {"decision": Counter(), "observation": Counter()}
         self.truth: list[dict] = []
         self.labels: list[tuple[float, float, bool, bool]] = []  # probability, p_click, sent, label
+        self.arms: dict[str, list[float]] = {}  # arm -> [decisions, expected labels, labels]
 
     def push(self, time_ms: int, action: str, payload: Any) -> None:
         """Queues an action; at equal times, actions run in the order they were queued."""
@@ -437,6 +447,13 @@ class _Run:
         self.counts["decisions"] += 1
         self.counts["decisions_sent"] += sent
         self.counts["labels_positive"] += positive
+        if decision.arm is not None:
+            tally = self.arms.setdefault(decision.arm, [0, 0.0, 0])
+            tally[0] += 1
+            tally[1] += (
+                p_click * self.sim.delays.share_within(self.sim.blueprint.label.window_ms) * sent
+            )
+            tally[2] += positive
         window_end = decision.event_time_ms + self.sim.blueprint.label.window_ms
         for obs in observations:
             self.push(obs.event_time_ms, "observe", obs)
@@ -524,6 +541,20 @@ class _Run:
             "delay_median_s": self.sim.delays.median_s,
             "delay_sigma": self.sim.delays.sigma,
             "share_within_window": round(self.sim.delays.share_within(label.window_ms), 6),
+            **({"arms": self.arm_truth()} if self.arms else {}),
+        }
+
+    def arm_truth(self) -> dict:
+        """Per rollout arm: its decisions, the true expected label rate per decision (the mean of
+        each decision's probability of a positive label, from the hidden truth, before any coin
+        is flipped) and the rate the coins gave."""
+        return {
+            arm: {
+                "decisions": n,
+                "expected_label_rate": _ratio_f(expected, n),
+                "label_rate": _ratio(positives, n),
+            }
+            for arm, (n, expected, positives) in sorted(self.arms.items())
         }
 
 
@@ -681,6 +712,10 @@ def _ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 6) if whole else None
 
 
+def _ratio_f(part: float, whole: int) -> float | None:
+    return round(part / whole, 6) if whole else None
+
+
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -777,6 +812,13 @@ def main(argv: list[str] | None = None) -> int:
         help="decide with the blueprint's fallback, or score with the hidden truth",
     )
     parser.add_argument(
+        "--rollout",
+        choices=list(SCENARIOS),
+        default=None,
+        help="score with the truth in production and serve the blueprint's rollout share of "
+        "users with a challenger that is truly better, worse or the same (docs/rollout.md)",
+    )
+    parser.add_argument(
         "--outcomes_for",
         metavar="GLOB",
         default=None,
@@ -794,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--users must be at least 1")
         sim = Simulator(blueprint, args.seed, faults, users=args.users)
         if args.scorer == "truth":
-            sim.scorer = _TruthScorer(sim.response)
+            sim.scorer = TruthScorer(sim.response)
+        if args.rollout:
+            sim.scorer, sim.challenger = scenario_scorers(sim.response, args.rollout)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         _prepare_output(output, args.overwrite)
@@ -810,16 +854,60 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _TruthScorer:
-    """Scores with the hidden truth: an oracle model, to exercise a policy end to end."""
+class TruthScorer:
+    """Scores with the hidden truth: an oracle model, to exercise a policy end to end.
 
-    model_id = "truth"
+    ``transform`` maps the true click probability to the score (the identity by default); a
+    strictly increasing one keeps the ranking, so the scorer's AUC on any data is the truth's.
+    """
 
-    def __init__(self, response: ResponseModel):
+    def __init__(
+        self,
+        response: ResponseModel,
+        model_id: str = "truth",
+        transform: Callable[[float], float] | None = None,
+    ):
         self.response = response
+        self.model_id = model_id
+        self.transform = transform
 
     def __call__(self, features: dict[str, Any]) -> float:
-        return self.response.click_probability(features)
+        p = self.response.click_probability(features)
+        return p if self.transform is None else self.transform(p)
+
+
+def _send_more(p: float) -> float:
+    """Twice the truth, capped at 1: past the policy's threshold at half the probability."""
+    return min(1.0, 2.0 * p)
+
+
+def _send_less(p: float) -> float:
+    """A third of the truth: past the policy's threshold only at three times the probability."""
+    return p / 3.0
+
+
+# Rollout scenarios with a known answer (docs/rollout.md): the challenger's transform of the
+# truth. Each ranks decisions exactly as production does (same AUC, so any offline AUC gate
+# passes it), but the threshold policy then sends to more or fewer users. A notification that is
+# not sent is never clicked, and each extra send is clicked with its positive true probability,
+# so sending more truly raises the click rate per decision and sending less truly lowers it.
+SCENARIOS = {"better": _send_more, "worse": _send_less, "same": None}
+
+
+def scenario_scorers(
+    response: ResponseModel,
+    scenario: str,
+    production_id: str = "truth-production",
+    challenger_id: str = "truth-challenger",
+) -> tuple[TruthScorer, TruthScorer]:
+    """(production, challenger) oracle scorers of a rollout scenario: ``better``, ``worse`` or
+    ``same`` (the identical scorer under another model id)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"the scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+    return (
+        TruthScorer(response, production_id),
+        TruthScorer(response, challenger_id, SCENARIOS[scenario]),
+    )
 
 
 def _print_summary(report: dict, output: Path, elapsed_s: float) -> None:
@@ -836,6 +924,11 @@ def _print_summary(report: dict, output: Path, elapsed_s: float) -> None:
         f"positive rate {truth['positive_rate']}, "
         f"share of clicks within the window {truth['share_within_window']}"
     )
+    for arm, figures in truth.get("arms", {}).items():
+        print(
+            f"  arm {arm}: {figures['decisions']} decisions, true expected label rate "
+            f"{figures['expected_label_rate']}, simulated {figures['label_rate']}"
+        )
     print(f"  took {elapsed_s:.1f}s")
 
 

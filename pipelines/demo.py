@@ -1,6 +1,8 @@
 """The whole Loopline loop on one machine: simulate, join, train, gate, score, measure, retrain.
 
     python -m pipelines.demo [--workdir demo-out] [--decisions_per_day 4000] [--days 3]
+    python -m pipelines.demo --rollout better|worse|same --seed N --output DIR   (see
+        pipelines/rollout_demo.py: a challenger earning or losing its traffic)
 
 Every stage is the real entry point a user would run (``python -m pipelines.<name>``), started
 as a subprocess on the DirectRunner with local files; its full output goes to
@@ -335,8 +337,16 @@ def _epoch_ms(moment: datetime) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--rollout" or arg.startswith("--rollout=") for arg in argv):
+        from pipelines import rollout_demo
+
+        return rollout_demo.main(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.demo", description=__doc__.split("\n")[0]
+        prog="python -m pipelines.demo",
+        description=__doc__.split("\n")[0],
+        epilog="With --rollout better|worse|same: the rollout demo instead "
+        "(python -m pipelines.demo --rollout better --help).",
     )
     parser.add_argument(
         "--workdir", default="demo-out", help="where everything is written (emptied first)"

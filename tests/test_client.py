@@ -248,3 +248,149 @@ def test_any_context_is_either_refused_or_logged_as_a_valid_event(
     events = logged(directory, blueprint)
     assert len(events) == (0 if problem else 1)
     assert all(isinstance(e, DecisionEvent) and e.features == ctx for e in events)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: production and challenger serve side by side, each unit in one arm
+
+import dataclasses  # noqa: E402 - this section's own imports
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def named_scorer(score, model_id):
+    scorer = Scorer(score)
+    scorer.model_id = model_id
+    return scorer
+
+
+def user_context(user_id):
+    return {**context(), "user_id": user_id}
+
+
+def decide_for_users(client, users, prefix="d"):
+    return {user: client.get_decision(f"{prefix}-{user}", user_context(user)) for user in users}
+
+
+USERS = [f"u{i:07d}" for i in range(2000)]
+
+
+def test_a_scored_decision_event_carries_the_score_and_no_arm_without_a_challenger(
+    tmp_path, blueprint
+):
+    client, sink = make_client(tmp_path, blueprint, scorer=Scorer(0.3))
+    client.get_decision("d-1", context())
+    sink.close()
+    [event] = logged(tmp_path, blueprint)
+    assert event.score == 0.3 and event.model_id == "notify-00017"
+    assert event.arm is None
+
+
+def test_the_challenger_serves_about_its_share_of_units(tmp_path, blueprint):
+    client, sink = make_client(
+        tmp_path, blueprint, scorer=named_scorer(0.8, "prod"), challenger=named_scorer(0.8, "new")
+    )
+    results = decide_for_users(client, USERS)
+    sink.close()
+    share = sum(r.arm == "challenger" for r in results.values()) / len(USERS)
+    assert blueprint.rollout.challenger_share == 0.2
+    assert 0.17 < share < 0.23  # 2000 units: the binomial's sd is 0.009
+
+
+def test_a_unit_keeps_its_arm_across_clients_and_processes(tmp_path, blueprint):
+    arms = []
+    for name in ("a", "b"):
+        client, sink = make_client(
+            tmp_path / name, blueprint, scorer=Scorer(0.8), challenger=Scorer(0.8)
+        )
+        arms.append({u: r.arm for u, r in decide_for_users(client, USERS[:200], name).items()})
+        sink.close()
+    script = (
+        "import json, sys; from loopline.blueprint import load_blueprint; "
+        "from loopline.experiment import assign_arm; b = load_blueprint(sys.argv[1]); "
+        "print(json.dumps({u: assign_arm(u, b.rollout) for u in json.loads(sys.argv[2])}))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script, blueprint.source, json.dumps(USERS[:200])],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert arms[0] == arms[1] == json.loads(other.stdout)
+    assert set(arms[0].values()) == {"production", "challenger"}
+
+
+def test_each_arm_is_scored_by_its_own_model(tmp_path, blueprint):
+    production, challenger = named_scorer(0.8, "prod"), named_scorer(0.35, "new")
+    client, sink = make_client(tmp_path, blueprint, scorer=production, challenger=challenger)
+    results = decide_for_users(client, USERS[:300])
+    sink.close()
+    by_arm = {"production": ("prod", 0.8), "challenger": ("new", 0.35)}
+    for event in logged(tmp_path, blueprint):
+        assert (event.model_id, event.score) == by_arm[event.arm]
+        assert event.propensity == results[event.features["user_id"]].propensity
+    served = {arm: {f["user_id"] for f in s.seen} for arm, s in
+              (("production", production), ("challenger", challenger))}  # fmt: skip
+    for user, result in results.items():
+        assert user in served[result.arm] and result.model_id == by_arm[result.arm][0]
+    assert served["production"].isdisjoint(served["challenger"])
+
+
+def test_a_failing_challenger_falls_back_within_its_arm(tmp_path, blueprint):
+    client, sink = make_client(
+        tmp_path,
+        blueprint,
+        scorer=named_scorer(0.8, "prod"),
+        challenger=named_scorer(RuntimeError("broken model"), "new"),
+    )
+    results = decide_for_users(client, USERS[:300])
+    sink.close()
+    events = logged(tmp_path, blueprint)
+    challenged = [e for e in events if e.arm == "challenger"]
+    assert challenged and client.stats["scorer_errors"] == len(challenged)
+    for event in challenged:
+        assert (event.model_id, event.score, event.propensity) == (None, None, 1.0)
+        assert event.decision == blueprint.fallback_decision
+    assert all(e.model_id == "prod" for e in events if e.arm == "production")
+    assert {r.arm for r in results.values()} == {"production", "challenger"}
+
+
+def test_without_a_production_model_the_production_arm_gets_the_fallback(tmp_path, blueprint):
+    client, sink = make_client(tmp_path, blueprint, challenger=named_scorer(0.8, "first"))
+    decide_for_users(client, USERS[:300])
+    sink.close()
+    events = logged(tmp_path, blueprint)
+    assert {e.arm for e in events} == {"production", "challenger"}
+    for event in events:
+        if event.arm == "production":
+            assert (event.model_id, event.score) == (None, None)
+        else:
+            assert (event.model_id, event.score) == ("first", 0.8)
+
+
+def test_a_decision_without_a_unit_value_goes_to_production(tmp_path, blueprint):
+    client, sink = make_client(tmp_path, blueprint, scorer=Scorer(0.8), challenger=Scorer(0.8))
+    assert client.get_decision("d-1", user_context("")).arm == "production"
+    sink.close()
+
+
+def test_the_challenger_model_id_argument_wins(tmp_path, blueprint):
+    client, sink = make_client(
+        tmp_path,
+        blueprint,
+        scorer=Scorer(0.8),
+        challenger=named_scorer(0.8, "attribute"),
+        challenger_model_id="argument",
+    )
+    results = decide_for_users(client, USERS[:100])
+    sink.close()
+    assert {r.model_id for r in results.values() if r.arm == "challenger"} == {"argument"}
+
+
+def test_a_challenger_without_a_rollout_section_is_refused(tmp_path, blueprint):
+    without = dataclasses.replace(blueprint, rollout=None)
+    with pytest.raises(ValueError, match="challenger needs a rollout section"):
+        make_client(tmp_path, without, scorer=Scorer(0.8), challenger=Scorer(0.8))

@@ -458,3 +458,58 @@ def test_json_with_many_brackets_but_shallow_nesting_is_accepted(blueprint):
     wide = json.dumps([{"a": [1]} for _ in range(100)])
     line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + wide + ", ")
     assert isinstance(parse_observation_json(line, blueprint), ObservationEvent)
+
+
+# ---------------------------------------------------------------------------------------------
+# score and arm (a model's output, and the rollout arm that served the decision)
+
+
+def test_score_and_arm_are_parsed_and_written_back(blueprint):
+    event = parse_decision_json(decision_line(score=0.42, arm="challenger"), blueprint)
+    assert (event.score, event.arm) == (0.42, "challenger")
+    assert event.to_dict()["score"] == 0.42 and event.to_dict()["arm"] == "challenger"
+
+
+def test_an_integer_score_is_read_as_a_float(blueprint):
+    event = parse_decision_json(decision_line(score=1), blueprint)
+    assert event.score == 1.0 and isinstance(event.score, float)
+
+
+def test_an_event_without_score_or_arm_omits_them_in_its_json(blueprint):
+    event = parse_decision_json(decision_line(), blueprint)
+    assert (event.score, event.arm) == (None, None)
+    assert "score" not in event.to_dict() and "arm" not in event.to_dict()
+
+
+@pytest.mark.parametrize("score", ["0.4", True, [0.4], {"p": 0.4}, 10**400])
+def test_a_score_that_is_not_a_finite_number_is_wrong_type(blueprint, score):
+    refusal = parse_decision_json(decision_line(score=score), blueprint)
+    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+    assert "'score'" in refusal.detail
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_score_is_wrong_type(blueprint, text):
+    line = decision_line(score="PLACEHOLDER").replace('"PLACEHOLDER"', text)
+    refusal = parse_decision_json(line, blueprint)
+    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+
+
+@pytest.mark.parametrize("arm", ["", 1, True, ["challenger"], "\udcff"])
+def test_an_arm_that_is_not_a_non_empty_string_is_wrong_type(blueprint, arm):
+    refusal = decision_from_record_of(decision_line(), arm=arm, blueprint=blueprint)
+    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+    assert "'arm'" in refusal.detail
+
+
+def decision_from_record_of(line, blueprint, **overrides):
+    return events.decision_from_record({**json.loads(line), **overrides}, blueprint)
+
+
+def test_avro_round_trip_keeps_score_and_arm(blueprint):
+    decision = parse_decision_json(decision_line(score=0.125, arm="production"), blueprint)
+    buf = io.BytesIO()
+    avro.write_events(buf, "decision", [decision])
+    buf.seek(0)
+    (back,) = list(avro.read_events(buf, "decision", blueprint))
+    assert back == decision and (back.score, back.arm) == (0.125, "production")

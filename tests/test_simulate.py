@@ -1,5 +1,6 @@
 """The product simulator: deterministic, and what it reports is what its files hold."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,7 +19,14 @@ from loopline.events import (
     parse_decision_json,
     parse_observation_json,
 )
-from loopline.simulate import FaultRates, Simulator, main, parse_start, roc_auc
+from loopline.simulate import (
+    FaultRates,
+    Simulator,
+    main,
+    parse_start,
+    roc_auc,
+    scenario_scorers,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 START_MS = parse_start("2026-11-01")
@@ -298,3 +306,86 @@ def test_cli_refuses_to_mix_with_earlier_output_unless_asked(tmp_path, monkeypat
     assert main(args) == 0
     assert main(args) != 0 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout scenarios with a known answer
+
+
+def rollout_run(tmp_path, blueprint, scenario, decisions=4000):
+    half = dataclasses.replace(blueprint.rollout, challenger_share=0.5)
+    sim = Simulator(
+        dataclasses.replace(blueprint, rollout=half), seed=1, faults=FaultRates(0, 0, 0), users=2000
+    )
+    sim.scorer, sim.challenger = scenario_scorers(sim.response, scenario, "prod", "new")
+    report = sim.run(tmp_path / scenario, decisions=decisions, days=1, start_ms=START_MS)
+    return sim, report
+
+
+@pytest.mark.parametrize("scenario", ["better", "worse", "same"])
+def test_a_scenario_challenger_ranks_decisions_exactly_as_production(tmp_path, blueprint, scenario):
+    sim, _ = rollout_run(tmp_path, blueprint, scenario, decisions=300)
+    production, challenger = scenario_scorers(sim.response, scenario)
+    decisions = [
+        e for _, e in read_kind(tmp_path / scenario, "decisions", parse_decision_json, blueprint)
+    ]
+    pairs = sorted((production(e.features), challenger(e.features)) for e in decisions)
+    assert [c for _, c in pairs] == sorted(c for _, c in pairs)  # same order: same AUC
+
+
+def test_the_better_challenger_has_the_higher_true_click_rate(tmp_path, blueprint):
+    _, report = rollout_run(tmp_path, blueprint, "better")
+    arms = report["ground_truth"]["arms"]
+    assert (
+        arms["challenger"]["expected_label_rate"] > 1.1 * arms["production"]["expected_label_rate"]
+    )
+
+
+def test_the_worse_challenger_has_the_lower_true_click_rate(tmp_path, blueprint):
+    _, report = rollout_run(tmp_path, blueprint, "worse")
+    arms = report["ground_truth"]["arms"]
+    assert (
+        arms["challenger"]["expected_label_rate"] < 0.7 * arms["production"]["expected_label_rate"]
+    )
+
+
+def test_the_same_challenger_decides_every_decision_as_production_would(tmp_path, blueprint):
+    sim, _ = rollout_run(tmp_path, blueprint, "same", decisions=500)
+    production, _ = scenario_scorers(sim.response, "same")
+    decisions = [
+        e for _, e in read_kind(tmp_path / "same", "decisions", parse_decision_json, blueprint)
+    ]
+    assert {e.arm for e in decisions} == {"production", "challenger"}
+    assert all(e.score == production(e.features) for e in decisions)
+
+
+def test_decisions_and_truth_rows_carry_the_arm_that_served_them(tmp_path, blueprint):
+    _, report = rollout_run(tmp_path, blueprint, "better", decisions=300)
+    decisions = [
+        e for _, e in read_kind(tmp_path / "better", "decisions", parse_decision_json, blueprint)
+    ]
+    truth = [json.loads(line) for line in (tmp_path / "better" / "truth.jsonl").open()]
+    arm_of = {e.decision_id: e.arm for e in decisions}
+    assert all(row["arm"] == arm_of[row["decision_id"]] for row in truth)
+    arms = report["ground_truth"]["arms"]
+    assert sum(a["decisions"] for a in arms.values()) == len(decisions) == 300
+    assert {e.model_id for e in decisions if e.arm == "challenger" and e.score is not None} == {
+        "new"
+    }
+
+
+def test_a_scenario_that_is_not_known_is_refused(blueprint):
+    with pytest.raises(ValueError, match="better, worse, same"):
+        scenario_scorers(Simulator(blueprint).response, "faster")
+
+
+def test_the_command_line_runs_a_rollout_scenario(tmp_path, blueprint_path):
+    status = main(
+        ["--blueprint", str(blueprint_path), "--output", str(tmp_path), "--decisions", "400",
+         "--rollout", "worse", "--seed", "2"]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads((tmp_path / "simulation.json").read_text())
+    arms = report["ground_truth"]["arms"]
+    assert set(arms) == {"production", "challenger"}
+    assert sum(a["decisions"] for a in arms.values()) == 400
