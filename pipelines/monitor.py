@@ -254,8 +254,8 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
         | "WriteSummaries" >> beam.io.WriteToText(f"{parts}/summaries", ".jsonl")
     )
     for name, rows in (
-        ("arms", monitored.outcomes | "SummariseArms" >> SummariseArms()),
-        ("units", monitored.outcomes | "CountUnitsPerArm" >> CountUnitsPerArm()),
+        ("arms", monitored.arm_outcomes | "SummariseArms" >> SummariseArms()),
+        ("units", monitored.arm_outcomes | "CountUnitsPerArm" >> CountUnitsPerArm()),
     ):
         _ = (
             rows

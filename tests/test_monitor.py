@@ -699,8 +699,13 @@ rollout: {unit: user_id, challenger_share: 0.5, salt: s1, min_exposure: 200, max
 """
 
 
-def rollout_fixture(root, challenger_rate, production_rate=0.1, days=3, users=400, seed=5):
-    """Each user decides once a day in their hashed arm; clicks follow the arm's true rate."""
+def rollout_fixture(
+    root, challenger_rate, production_rate=0.1, days=3, users=400, seed=5, fallback=False
+):
+    """Each user decides once a day in their hashed arm; clicks follow the arm's true rate.
+
+    With ``fallback`` the production arm is the blueprint's fallback (no model, no score) and
+    the arms are logged in the decision events themselves, as the decision client logs them."""
     from loopline.blueprint import parse_blueprint
     from loopline.experiment import assign_arm
 
@@ -718,10 +723,14 @@ def rollout_fixture(root, challenger_rate, production_rate=0.1, days=3, users=40
                 {"decision_id": i, "decision_type": "notify", "event_time": _iso(decided),
                  "features": {"user_id": user, "open_rate": rng.random()}}
             )  # fmt: skip
-            scores.append(
-                {"decision_id": i, "score": rng.random(), "arm": arm,
-                 "model_id": "notify-new" if arm == "challenger" else "notify-old"}
-            )  # fmt: skip
+            served = {"score": rng.random(), "arm": arm,
+                      "model_id": "notify-new" if arm == "challenger" else "notify-old"}  # fmt: skip
+            if not fallback:
+                scores.append({"decision_id": i, **served})
+            elif arm == "challenger":
+                decisions[-1].update(served)
+            else:
+                decisions[-1]["arm"] = arm
             if rng.random() < rate:
                 clicked = decided + timedelta(minutes=5)
                 observations.append(
@@ -730,7 +739,8 @@ def rollout_fixture(root, challenger_rate, production_rate=0.1, days=3, users=40
     for name, rows in (("decisions", decisions), ("scores", scores), ("obs", observations)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [
-        "--scores", str(root / "scores.jsonl"), "--decisions", str(root / "decisions.jsonl"),
+        *(["--scores", str(root / "scores.jsonl")] if scores else []),
+        "--decisions", str(root / "decisions.jsonl"),
         "--observations", str(root / "obs.jsonl"), "--blueprint", str(root / "notify.yaml"),
         "--output", str(root / "out"),
     ]  # fmt: skip
@@ -787,6 +797,17 @@ def test_promote_accepts_the_monitors_verdict_file(better_challenger, tmp_path):
             registry.promote(str(serving), "the incumbent")
     assert promote.run(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
     assert registry.read_aliases(str(serving)).production == "notify-new"
+
+
+@pytest.mark.slow
+def test_a_fallback_production_arm_is_compared_though_it_gives_no_score(tmp_path):
+    metrics = monitor.run(rollout_fixture(tmp_path, challenger_rate=0.3, fallback=True))
+    experiment = metrics["experiment"]
+    assert experiment["verdict"] == "challenger_better"
+    assert experiment["production"] == ["unknown"] and experiment["challenger"] == ["notify-new"]
+    assert experiment["units"]["production"] + experiment["units"]["challenger"] == 400
+    verdict = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    assert verdict["production"] is None and verdict["challenger"] == "notify-new"
 
 
 def test_equal_arms_are_inconclusive(tmp_path):

@@ -280,6 +280,8 @@ def _decision_row(d: DecisionEvent) -> tuple[str, tuple]:
         d.decision,
         d.model_id,
         d.propensity,
+        d.score,
+        d.arm,
     )
 
 

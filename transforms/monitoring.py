@@ -86,6 +86,20 @@ class MonitoredDecision:
     unit: str | None = None  # the rollout unit's value (e.g. user_id): grouping only, never written
 
 
+@dataclass(frozen=True)
+class ArmOutcome:
+    """One labelled decision of a rollout arm: what the experiment counts. Every decision with an
+    arm counts, scored or not (the production arm may be the blueprint's fallback, which gives
+    no score)."""
+
+    decision_id: str
+    arm: str
+    model_id: str
+    day: str
+    label: float
+    unit: str | None = None
+
+
 class ScoreOutputs(NamedTuple):
     scores: beam.PCollection  # PCollection[ScoreRow]
     rejected: beam.PCollection  # PCollection[Refusal]
@@ -95,6 +109,7 @@ class MonitorOutputs(NamedTuple):
     outcomes: beam.PCollection  # PCollection[MonitoredDecision]
     unscored: beam.PCollection  # PCollection[JoinedDecision]: labelled but never scored
     unmatched_scores: beam.PCollection  # PCollection[ScoreRow]: no decision with that id
+    arm_outcomes: beam.PCollection  # PCollection[ArmOutcome]: decisions served by a rollout arm
 
 
 def utc_day(ms: int) -> str:
@@ -245,6 +260,7 @@ def _latest_score(rows: list[ScoreRow]) -> ScoreRow:
 class _AttachScoreDoFn(beam.DoFn):
     UNSCORED = "unscored"
     UNMATCHED = "unmatched_scores"
+    ARMS = "arm_outcomes"
 
     def __init__(self, default_version: str, unit_feature: str | None = None):
         self._default_version = default_version
@@ -264,14 +280,27 @@ class _AttachScoreDoFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.UNMATCHED, row)
             return
         decision_row = joined[0]  # the join already deduplicated decisions
-        if not scores:
+        decision = decision_row.decision
+        row = _latest_score(scores) if scores else None
+        arm = (row.arm if row else None) or decision.arm
+        if arm is not None:
+            yield beam.pvalue.TaggedOutput(
+                self.ARMS,
+                ArmOutcome(
+                    decision_id=decision.decision_id,
+                    arm=arm,
+                    model_id=(row.model_id if row else None) or decision.model_id or UNKNOWN_MODEL,
+                    day=utc_day(decision.event_time_ms),
+                    label=float(decision_row.label),
+                    unit=_unit(decision, self._unit_feature),
+                ),
+            )
+        if row is None:
             self._unscored.inc()
             yield beam.pvalue.TaggedOutput(self.UNSCORED, decision_row)
             return
         if len(scores) > 1:
             self._rescored.inc(len(scores) - 1)
-        row = _latest_score(scores)
-        decision = decision_row.decision
         self._monitored.inc()
         yield MonitoredDecision(
             decision_id=decision.decision_id,
@@ -287,7 +316,7 @@ class _AttachScoreDoFn(beam.DoFn):
             decision=row.decision if row.decision is not None else decision.decision,
             propensity=row.propensity if row.propensity is not None else decision.propensity,
             explored=row.explored,
-            arm=row.arm,
+            arm=arm,
             unit=_unit(decision, self._unit_feature),
         )
 
@@ -327,13 +356,17 @@ class AttachScores(beam.PTransform):
             | "GroupByDecisionId" >> beam.CoGroupByKey()
             | "Attach"
             >> beam.ParDo(_AttachScoreDoFn(self._default_version, self._unit_feature)).with_outputs(
-                _AttachScoreDoFn.UNSCORED, _AttachScoreDoFn.UNMATCHED, main="outcomes"
+                _AttachScoreDoFn.UNSCORED,
+                _AttachScoreDoFn.UNMATCHED,
+                _AttachScoreDoFn.ARMS,
+                main="outcomes",
             )
         )
         return MonitorOutputs(
             results.outcomes,
             results[_AttachScoreDoFn.UNSCORED],
             results[_AttachScoreDoFn.UNMATCHED],
+            results[_AttachScoreDoFn.ARMS],
         )
 
 
@@ -406,10 +439,14 @@ class SummariseOutcomes(beam.PTransform):
         )
 
 
-def _unit_day_key(row: MonitoredDecision) -> tuple[tuple[str, str, str, str], tuple[float, int]]:
+def _unit_day_key(row: ArmOutcome) -> tuple[tuple[str, str, str, str], tuple[float, int]]:
     # A row without a unit (no rollout unit in its features) is its own unit.
     unit = row.unit if row.unit is not None else f"decision:{row.decision_id}"
     return (row.arm, row.model_id, row.day, unit), (row.label, 1)
+
+
+def _arm_and_unit(row: ArmOutcome) -> tuple[str, str]:
+    return row.arm, _unit_day_key(row)[0][3]
 
 
 def _sum_value_and_count(pairs: Iterable[tuple[float, int]]) -> tuple[float, int]:
@@ -439,15 +476,14 @@ class SummariseArms(beam.PTransform):
     """Per arm, model and UTC day: the moments of unit-day rows of the label, for the rollout
     experiment (``loopline.experiment.readout``). A unit's decisions on one day are one row (its
     summed label and decision count), so the experiment's variance counts units, not decisions.
-    Rows without an arm (no rollout) are left out.
+    It reads ``ArmOutcome`` rows (``AttachScores``' ``arm_outcomes``).
 
-    >>> moments = monitored.outcomes | SummariseArms()
+    >>> moments = monitored.arm_outcomes | SummariseArms()
     """
 
     def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
         return (
             outcomes
-            | "WithArm" >> beam.Filter(lambda r: r.arm is not None)
             | "KeyByUnitDay" >> beam.Map(_unit_day_key)
             | "SumPerUnitDay" >> beam.CombinePerKey(_sum_value_and_count)
             | "KeyByArmDay" >> beam.MapTuple(lambda k, yd: ((k[0], k[1], k[2]), yd))
@@ -462,16 +498,15 @@ class SummariseArms(beam.PTransform):
 class CountUnitsPerArm(beam.PTransform):
     """Distinct units per arm over the whole input: ``{"arm": ..., "units": n}`` rows, the
     counts the sample-ratio check compares with the configured share (a unit seen on several
-    days counts once). Rows without an arm are left out.
+    days counts once). It reads ``ArmOutcome`` rows.
 
-    >>> units = monitored.outcomes | CountUnitsPerArm()
+    >>> units = monitored.arm_outcomes | CountUnitsPerArm()
     """
 
     def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
         return (
             outcomes
-            | "WithArm" >> beam.Filter(lambda r: r.arm is not None)
-            | "ArmAndUnit" >> beam.Map(lambda r: (r.arm, _unit_day_key(r)[0][3]))
+            | "ArmAndUnit" >> beam.Map(_arm_and_unit)
             | "Distinct" >> beam.Distinct()
             | "CountPerArm" >> beam.combiners.Count.PerKey()
             | "ToRows" >> beam.MapTuple(lambda arm, n: {"arm": arm, "units": n})
