@@ -13,7 +13,8 @@ day:
    its ``arm``, ``model_id``, ``score`` and ``propensity`` (``DIR/logs/<day>/``);
 2. ``python -m pipelines.monitor`` reads every day's decisions and observations so far and
    compares the arms within each day with its sequential test (``DIR/monitor/dayN/``);
-3. ``python -m pipelines.promote`` moves the aliases on that verdict.
+3. ``python -m pipelines.promote`` moves the aliases on that verdict (``promote`` below says
+   how the demo hands it over).
 
 It stops on the day the aliases move, or after ``--days``, and ends with one line:
 ``rollout: promoted …``, ``rollout: rolled back …`` or ``rollout: no change …``.
@@ -103,6 +104,10 @@ class RolloutDemo:
     def logs(self, i: int) -> Path:
         return self.output / "logs" / self.day(i)
 
+    def at(self, i: int) -> str:
+        """The start of simulated day ``i`` (``i`` + 1: its end) as the registry writes times."""
+        return (self.start + timedelta(days=i)).isoformat(timespec="seconds")
+
     def monitor_dir(self, i: int) -> Path:
         return self.output / "monitor" / f"day{i + 1}"
 
@@ -143,11 +148,15 @@ def register_models(demo: RolloutDemo, blueprint: Blueprint) -> tuple[Model, Mod
         (version_dir / "ORACLE_SCORER.txt").write_text(record["note"] + "\n", encoding="utf-8")
         storage.write_json(registry.record_path(demo.serving_dir, record["version"]), record)
     production, challenger = records
-    registry.register(demo.serving_dir, production)
+    # Moved at the simulated start, so promote counts the challenger's days in simulated time.
+    at = demo.at(0)
+    registry.register(demo.serving_dir, production, at=at)
     registry.promote(
-        demo.serving_dir, "rollout demo: the model already in production when the demo starts"
+        demo.serving_dir,
+        "rollout demo: the model already in production when the demo starts",
+        at=at,
     )
-    registry.register(demo.serving_dir, challenger)
+    registry.register(demo.serving_dir, challenger, at=at)
     return Model(production, production_scorer), Model(challenger, challenger_scorer)
 
 
@@ -235,20 +244,36 @@ def monitor(demo: RolloutDemo, i: int) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def promote(demo: RolloutDemo, i: int, verdict: dict) -> str:
-    """``pipelines.promote`` on the day's verdict; returns the line it printed."""
-    path = demo.monitor_dir(i) / "verdict.json"
-    if isinstance(verdict.get("challenger"), list):
-        # The monitor names every model seen in each arm; promote takes the one challenger.
-        # One model served the challenger arm throughout here, so that list has one id.
-        # Its "sentence" is promote's "summary", the figures the history quotes.
-        (only,) = verdict["challenger"]
-        promotable = {**verdict, "challenger": only, "summary": verdict.get("sentence", "")}
-        path = demo.monitor_dir(i) / "promote-verdict.json"
-        path.write_text(json.dumps(promotable, indent=2), encoding="utf-8")
+def promote(demo: RolloutDemo, blueprint: Blueprint, i: int, verdict: dict) -> str:
+    """``pipelines.promote`` on the day's verdict; returns the line it printed.
+
+    It reads ``promote-verdict.json``, the monitor's verdict as promote takes it: the one
+    challenger id (the monitor lists every model seen in an arm; one served it here), the
+    readout's sentence as the ``summary`` the history quotes, and ``at`` the end of the
+    simulated day, so an inconclusive split ends after ``rollout.max_days`` simulated days.
+    """
+    challenger = verdict.get("challenger")
+    if isinstance(challenger, list):
+        (challenger,) = challenger
+    promotable = {
+        **verdict,
+        "challenger": challenger,
+        "summary": verdict.get("summary") or verdict.get("sentence", ""),
+        "at": demo.at(i + 1),
+    }
+    path = demo.monitor_dir(i) / "promote-verdict.json"
+    path.write_text(json.dumps(promotable, indent=2), encoding="utf-8")
     name = f"promote-day{i + 1}"
     status = run_module(
-        demo, name, "pipelines.promote", "--serving_dir", demo.serving_dir, "--verdict", str(path)
+        demo,
+        name,
+        "pipelines.promote",
+        "--serving_dir",
+        demo.serving_dir,
+        "--verdict",
+        str(path),
+        "--max_days",
+        str(blueprint.rollout.max_days),
     )
     # Exit 1 is an invalid experiment (nothing moved): reported, not a crash of the demo.
     _require(demo, name, status, allowed=(0, 1))
@@ -276,7 +301,7 @@ def run(demo: RolloutDemo) -> str:
             total = truth.setdefault(arm, [0, 0.0])
             total[0], total[1] = total[0] + n, total[1] + n * rate
         verdict = monitor(demo, i)
-        line = promote(demo, i, verdict) if verdict else "promote: not run (no verdict)"
+        line = promote(demo, blueprint, i, verdict) if verdict else "promote: not run (no verdict)"
         days.append({"day": demo.day(i), "verdict": verdict, "promote": line})
         said = verdict["verdict"] if verdict else "no verdict"
         print(

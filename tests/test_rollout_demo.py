@@ -102,6 +102,8 @@ def test_an_identical_challenger_changes_nothing(tmp_path):
     aliases = registry.read_aliases(str(tmp_path / "out" / "serving"))
     assert aliases.challenger == summary["challenger"]["model_id"]
     assert aliases.production == summary["production"]["model_id"]
+    # promote counts the split's age in simulated days
+    assert "inconclusive after 1.0 of 14 days" in summary["days"][0]["promote"]
 
 
 def test_the_demo_blueprint_sets_the_rollout_for_a_short_demo(tmp_path, blueprint_path):
