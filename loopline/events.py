@@ -83,6 +83,16 @@ class DecisionEvent:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
+    def with_choice(self, decision: Any, propensity: float, model_id: str | None) -> DecisionEvent:
+        """This event as logged once a policy chose: the decision, its propensity, the model.
+
+        >>> event.with_choice(1, 0.975, "notify-1").propensity
+        0.975
+        """
+        from dataclasses import replace  # here, to keep this method one self-contained hunk
+
+        return replace(self, decision=decision, model_id=model_id, propensity=float(propensity))
+
 
 @dataclass(frozen=True)
 class ObservationEvent:
