@@ -100,7 +100,7 @@ class EncodeDecisions(beam.DoFn):
     def setup(self) -> None:
         self._encode_failed = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, ENCODE_FAILED)
 
-    def process(self, batch: list[tuple[str, DecisionEvent | bytes]]):
+    def process(self, batch: Sequence[tuple[str, DecisionEvent | bytes]]):
         examples = self._encoder.encode_batch([value for _, value in batch])
         encoded = []
         for (decision_id, value), example in zip(batch, examples, strict=True):

@@ -11,7 +11,8 @@ The pushed model (DESIGN.md, "Model serving contract") is a TF SavedModel whose
     outputs.failed   # ScoringFailure: reason, step, detail, decision_id, payload
 
 Every step after the read handles a whole batch as ONE element: the encoding, one RunInference
-call (``BatchAsOneElement``), and the policy step. Formatting for a sink is its own step
+call (``BatchAsOneElement``), and the policy step; their batches are ``RowBatch``es, whose coder
+keeps Beam's size sampling cheap. Formatting for a sink is its own step
 (``transforms.score_output.WriteScores``).
 """
 
@@ -23,6 +24,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from loopline.policy import Policy, TopKPolicy
+from transforms.batch_coder import RowBatch
 from transforms.encoding import FAILED, DecisionEncoder, EncodeDecisions
 from transforms.model_handler import METRICS_NAMESPACE, BatchAsOneElement, SavedModelHandler
 from transforms.policy_step import ApplyPolicy, group_rows, key_by_group, utc_now
@@ -62,7 +64,7 @@ class ScoreBatches(beam.PTransform):
     def expand(self, batches: beam.PCollection) -> ScoringOutputs:
         encoded = batches | "EncodeDecisions" >> beam.ParDo(
             EncodeDecisions(self._encoder)
-        ).with_outputs(FAILED, main="encoded")
+        ).with_output_types(RowBatch).with_outputs(FAILED, main="encoded")
         results, dead = (
             encoded.encoded
             | "RunInference"
@@ -77,7 +79,9 @@ class ScoreBatches(beam.PTransform):
                 | "GroupForTopK" >> beam.GroupByKey()
                 | "GroupRows" >> beam.Map(group_rows)
             )
-        scored = results | "ApplyPolicy" >> beam.ParDo(ApplyPolicy(self._policy, self._clock))
+        scored = results | "ApplyPolicy" >> beam.ParDo(
+            ApplyPolicy(self._policy, self._clock)
+        ).with_output_types(RowBatch)
         failed = (
             encoded[FAILED],
             dead.failed_inferences | "InferenceFailures" >> beam.FlatMap(inference_failures),

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from loopline.blueprint import Blueprint
 from loopline.events import DECISION, DecisionEvent, Refusal
+from transforms.batch_coder import RowBatch
 from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
 from transforms.events import parse_one
 from transforms.scoring_failures import (
@@ -198,5 +199,5 @@ class ReadDecisionBatches(beam.PTransform):
             batches = raw | "Batch" >> beam.BatchElements(**batching)
         keyed = batches | "ParseDecisions" >> beam.ParDo(
             KeyBatch(self._blueprint, self._fmt)
-        ).with_outputs(FAILED, main="keyed")
+        ).with_output_types(RowBatch).with_outputs(FAILED, main="keyed")
         return DecisionBatches(keyed.keyed, keyed[FAILED])
