@@ -70,19 +70,11 @@ class WriteScores(beam.PTransform):
 
     def expand(self, scored: beam.PCollection) -> None:
         if self._output:
-            _ = (
-                scored
-                | "ScoreLines" >> beam.Map(score_lines)
-                | "WriteScoreLines"
-                >> beam.io.WriteToText(f"{self._output}/scores/part", file_name_suffix=".jsonl")
-            )
+            lines = scored | "ScoreLines" >> beam.Map(score_lines)
+            _ = lines | "WriteScoreLines" >> _json_lines(f"{self._output}/scores")
         if self._log_decisions:
-            _ = (
-                scored
-                | "DecisionLines" >> beam.FlatMap(decision_lines)
-                | "WriteDecisionLines"
-                >> beam.io.WriteToText(f"{self._output}/decisions/part", file_name_suffix=".jsonl")
-            )
+            events = scored | "DecisionLines" >> beam.FlatMap(decision_lines)
+            _ = events | "WriteDecisionLines" >> _json_lines(f"{self._output}/decisions")
         if self._table:
             _ = (
                 scored
@@ -105,9 +97,9 @@ class WriteFailures(beam.PTransform):
         self._output = output.rstrip("/")
 
     def expand(self, failed: beam.PCollection) -> None:
-        _ = (
-            failed
-            | "FailureLines" >> beam.Map(failure_json)
-            | "WriteFailureLines"
-            >> beam.io.WriteToText(f"{self._output}/failed/part", file_name_suffix=".jsonl")
-        )
+        lines = failed | "FailureLines" >> beam.Map(failure_json)
+        _ = lines | "WriteFailureLines" >> _json_lines(f"{self._output}/failed")
+
+
+def _json_lines(directory: str) -> beam.io.WriteToText:
+    return beam.io.WriteToText(f"{directory}/part", file_name_suffix=".jsonl")
