@@ -60,12 +60,12 @@ class ScoredDecision(NamedTuple):
         Equal to ``json.dumps(self.to_row(), sort_keys=True, separators=(",", ":"))`` (tests
         check it), at a fraction of the cost.
         """
+        decision_id, score, decision, propensity, explored, model_id, scored_at, _ = self
         return (
-            f'{{"decision":{int(self.decision)},"decision_id":{_json_str(self.decision_id)},'
-            f'"explored":{"true" if self.explored else "false"},'
-            f'"model_id":{_json_str(self.model_id)},'
-            f'"propensity":{_json_float(float(self.propensity))},'
-            f'"score":{_json_float(self.score)},"scored_at":{_json_str(self.scored_at)}}}'
+            f'{{"decision":{int(decision)},"decision_id":{_json_str(decision_id)},'
+            f'"explored":{"true" if explored else "false"},"model_id":{_json_str(model_id)},'
+            f'"propensity":{_json_float(float(propensity))},"score":{_json_float(score)},'
+            f'"scored_at":{_json_str(scored_at)}}}'
         )
 
     def to_decision_event(self) -> DecisionEvent | None:
@@ -96,16 +96,19 @@ def decide(policy: Policy, rows: Sequence[ScoredRow], scored_at: str) -> list[Sc
     else:
         choose = policy.choose
         choices = [choose(r.inference, decision_id) for decision_id, r in rows]
+    make = ScoredDecision._make  # a row per decision: skips __new__'s argument parsing
     return [
-        ScoredDecision(
-            decision_id,
-            result.inference,
-            choice.decision,
-            choice.propensity,
-            choice.explored,
-            result.model_id,
-            scored_at,
-            result.example.event,
+        make(
+            (
+                decision_id,
+                result.inference,
+                choice.decision,
+                choice.propensity,
+                choice.explored,
+                result.model_id,
+                scored_at,
+                result.example.event,
+            )
         )
         for (decision_id, result), choice in zip(rows, choices, strict=True)
     ]
