@@ -6,6 +6,7 @@ decision rows that is 512 pickled rows per sample, which was a quarter of bulk s
 ``BatchCoder`` pickles a batch whole and estimates its size from its first row.
 
     batches = rows | beam.ParDo(MakeBatches()).with_output_types(RowBatch)
+    results.element_type = RowBatch   # a transform's output whose type hint cannot be set
 """
 
 from __future__ import annotations

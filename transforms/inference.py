@@ -72,6 +72,7 @@ class ScoreBatches(beam.PTransform):
                 self._handler, metrics_namespace=METRICS_NAMESPACE
             ).with_exception_handling()
         )
+        results.element_type = RowBatch  # one list of results per batch (BatchAsOneElement)
         if isinstance(self._policy, TopKPolicy):
             results = (
                 results
