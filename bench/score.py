@@ -7,8 +7,9 @@ On the same JSON-lines file of decision events and the same model it measures
 * the fair ceiling ("plain loop, same work"): a plain Python loop over the same file that does
   exactly what the pipeline does per row, with the pipeline's own functions: read the lines,
   parse and validate (``transforms.events.parse_one``), encode and score in batches (the
-  handler's ``run_inference``: ``features_to_examples`` + one serving-signature call per batch),
-  apply the blueprint's policy, format the output line (``row_json``) and write it to a file.
+  encoder's ``encode_batch`` (``features_to_examples``) and the handler's ``run_inference`` (one
+  serving-signature call per batch), the policy step's ``decide``, the output lines
+  (``score_lines``) written to a file.
   Timed from model load to the closed output file, like the pipeline;
 * the encode + model loop: decisions already parsed in memory, the same batch encoding and one
   model call per batch, nothing else (no read, parse, policy or write): how fast the model side
@@ -45,18 +46,16 @@ os.environ.setdefault("LOOPLINE_PII_KEY", "bench-key-not-a-secret")
 from loopline.blueprint import load_blueprint  # noqa: E402
 from loopline.events import DECISION, Refusal  # noqa: E402
 from loopline.policy import policy_from_blueprint  # noqa: E402
+from loopline.scorer import LoadedModel  # noqa: E402
 from pipelines import bulk_score  # noqa: E402
 from tests.scoring_fixtures import export_scoring_model, make_decisions  # noqa: E402
+from transforms.encoding import DecisionEncoder, EncodedDecision, EncodeFailure  # noqa: E402
 from transforms.events import parse_one  # noqa: E402
 from transforms.examples import features_to_example, pii_key  # noqa: E402
-from transforms.inference import (  # noqa: E402
-    DecisionEncoder,
-    LoadedModel,
-    SavedModelHandler,
-    resolve_serving_model,
-    row_json,
-    utc_now,
-)
+from transforms.model_handler import SavedModelHandler  # noqa: E402
+from transforms.policy_step import decide, utc_now  # noqa: E402
+from transforms.score_output import score_lines  # noqa: E402
+from transforms.serving_model import resolve_serving_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"
@@ -82,12 +81,14 @@ def plain_loop(source: Path, serving: Path, blueprint, key, out: Path, batch_siz
     """The fair ceiling: the pipeline's per-row work in a plain loop, file to file.
 
     Same functions as the pipeline: ``parse_one`` (refusals formatted as failure lines), the
-    handler's ``run_inference`` (batch encoding + one signature call), the policy, ``row_json``,
-    and a written output file; the model load is inside the timing, as in the pipeline.
+    batch encoder, the handler's ``run_inference`` (one signature call), ``decide``,
+    ``score_lines``, and a written output file; the model load is inside the timing, as in the
+    pipeline.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     serving_model = resolve_serving_model(str(serving), blueprint.name)
-    handler = SavedModelHandler(serving_model, encoder=DecisionEncoder(blueprint, key))
+    handler = SavedModelHandler(serving_model)
+    encoder = DecisionEncoder(blueprint, key)
     model = handler.load_model()
     policy = policy_from_blueprint(blueprint)
     scored = 0
@@ -100,10 +101,10 @@ def plain_loop(source: Path, serving: Path, blueprint, key, out: Path, batch_siz
                 continue
             batch.append(event)
             if len(batch) == batch_size:
-                scored += _score_batch(batch, handler, model, policy, sink)
+                scored += _score_batch(batch, encoder, handler, model, policy, sink)
                 batch = []
         if batch:
-            scored += _score_batch(batch, handler, model, policy, sink)
+            scored += _score_batch(batch, encoder, handler, model, policy, sink)
     seconds = time.perf_counter() - start
     return {
         "batch_size": batch_size,
@@ -114,17 +115,19 @@ def plain_loop(source: Path, serving: Path, blueprint, key, out: Path, batch_siz
     }
 
 
-def _score_batch(batch, handler: SavedModelHandler, model, policy, sink) -> int:
-    scored_at = utc_now()
-    lines = []
-    for result in handler.run_inference(batch, model):
-        event = result.example
-        choice = policy.choose(result.inference, event.decision_id)
-        lines.append(
-            row_json(event.decision_id, result.inference, choice, result.model_id, scored_at)
-        )
-    sink.write("\n".join(lines) + "\n")
-    return len(lines)
+def _score_batch(batch, encoder, handler: SavedModelHandler, model, policy, sink) -> int:
+    encoded = [
+        (event.decision_id, EncodedDecision(example, event))
+        for event, example in zip(batch, encoder.encode_batch(batch), strict=True)
+        if not isinstance(example, EncodeFailure)
+    ]
+    results = handler.run_inference([row for _, row in encoded], model)
+    rows = [
+        (decision_id, result) for (decision_id, _), result in zip(encoded, results, strict=True)
+    ]
+    scored = decide(policy, rows, utc_now())
+    sink.write(score_lines(scored) + "\n")
+    return len(scored)
 
 
 def model_only(serialized, model: LoadedModel, batch_size: int) -> dict:
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         source = work / "decisions.jsonl"
         source.write_text("".join(e.to_json() + "\n" for e in events), encoding="utf-8")
         # Loaded through the handler, as the loop and the pipeline do, so that its one-time
-        # garbage-collector set-up (transforms.inference) happens here, before any timing.
+        # garbage-collector freeze (transforms.model_handler) happens here, before any timing.
         model = SavedModelHandler(resolve_serving_model(str(serving), blueprint.name)).load_model()
         extra = args.beam_args.split()
         serialized = [

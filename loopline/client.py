@@ -8,6 +8,9 @@ holding exactly the features it used. ``log_observations`` logs what happened af
     >>> client.get_decision("d-1", context).decision       # no scorer yet: the fallback
     1
     >>> client.log_observations("d-1", {"click": 1})
+
+A pushed model is scored with ``loopline.scorer.SavedModelScorer`` (TensorFlow is imported
+when it loads a model); nothing here imports Beam.
 """
 
 from __future__ import annotations
@@ -142,12 +145,7 @@ class DecisionClient:
             event_time_ms=event_time_ms,
             features=features,
             blueprint_version=self.blueprint.version,
-            decision=choice.decision,
-            model_id=model_id,
-            propensity=float(choice.propensity),
-            score=score,
-            arm=arm,
-        )
+        ).with_choice(choice.decision, choice.propensity, model_id, score=score, arm=arm)
         self.sink.write(event)
         self._count("decisions", "fallbacks" if score is None else None)
         return Decision(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -109,6 +109,29 @@ class DecisionEvent:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def with_choice(
+        self,
+        decision: Any,
+        propensity: float,
+        model_id: str | None,
+        score: float | None = None,
+        arm: str | None = None,
+    ) -> DecisionEvent:
+        """This event as logged once a policy chose: the decision, its propensity, the model,
+        the model's score and the rollout arm that served it (None: not a model's / no rollout).
+
+        >>> event.with_choice(1, 0.975, "notify-1", score=0.31).propensity
+        0.975
+        """
+        return replace(
+            self,
+            decision=decision,
+            model_id=model_id,
+            propensity=float(propensity),
+            score=score,
+            arm=arm,
+        )
 
 
 @dataclass(frozen=True)

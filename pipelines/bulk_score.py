@@ -13,60 +13,43 @@ or serialized ``tf.Example`` TFRecords (the join's examples), scores them with B
     OUTPUT/decisions/*.jsonl   with --log_decisions: the scored decisions as decision events
     OUTPUT/manifest.json       written last by a local run: counters, batch sizes, model_id
 
-and/or appends the score rows to ``--output_table``.
+and/or appends the score rows to ``--output_table``. Exits with status 2 and one line for a bad
+argument or a missing model, and with status 1 and one line when more than
+``--max_failed_fraction`` of the rows failed (the outputs are written all the same).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
 import logging
 import sys
 from dataclasses import dataclass
 
 import apache_beam as beam
-import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.blueprint import Blueprint, BlueprintError
-from loopline.events import DECISION, DecisionEvent, Refusal
 from loopline.policy import PolicyError, policy_from_blueprint
+from loopline.scorer import DEVICES
 from pipelines.blueprint_io import read_blueprint
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
-from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
-from transforms.events import parse_one
+from transforms.encoding import DecisionEncoder
 from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
-from transforms.inference import (
-    DEVICES,
-    ModelNotFound,
-    ScoreBatches,
-    ScoringFailure,
-    decision_model_handler,
-    resolve_serving_model,
-)
-from transforms.sources import ReadLineBatches
+from transforms.inference import ScoreBatches
+from transforms.model_handler import SavedModelHandler
+from transforms.score_output import WriteFailures, WriteScores
+from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
+from transforms.scoring_input import ReadDecisionBatches
+from transforms.serving_model import ModelNotFound, resolve_serving_model
 
 INPUT_FORMATS = ("auto", "json", "avro", "tfrecord")
-MISSING_DECISION_ID = "missing_decision_id"
-BAD_EXAMPLE = "bad_example"
 DEFAULT_MIN_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_SIZE = 2048
 
-SCORE_TABLE_SCHEMA = {
-    "fields": [
-        {"name": "decision_id", "type": "STRING", "mode": "REQUIRED"},
-        {"name": "score", "type": "FLOAT", "mode": "REQUIRED"},
-        {"name": "decision", "type": "INTEGER", "mode": "REQUIRED"},
-        {"name": "propensity", "type": "FLOAT", "mode": "REQUIRED"},
-        {"name": "explored", "type": "BOOLEAN", "mode": "NULLABLE"},
-        {"name": "model_id", "type": "STRING", "mode": "REQUIRED"},
-        {"name": "scored_at", "type": "TIMESTAMP", "mode": "REQUIRED"},
-    ]
-}
+DEFAULT_MAX_FAILED_FRACTION = 0.01
 
 
 def _flag(value: str | bool) -> bool:
@@ -159,6 +142,14 @@ class BulkScoreOptions(PipelineOptions):
         parser.add_argument(
             "--seed", type=int, default=None, help="Policy seed; default policy.seed."
         )
+        parser.add_argument(
+            "--max_failed_fraction",
+            type=float,
+            default=DEFAULT_MAX_FAILED_FRACTION,
+            help="Largest share of input rows that may fail (refused, not encodable, or in a "
+            "batch the model failed on) before the job exits non-zero "
+            f"(default {DEFAULT_MAX_FAILED_FRACTION}).",
+        )
 
 
 class ConfigError(ValueError):
@@ -229,6 +220,10 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
         raise ConfigError(
             f"--min_batch_size {options.min_batch_size} is larger than --max_batch_size {options.max_batch_size}"
         )
+    if not 0 <= options.max_failed_fraction <= 1:
+        raise ConfigError(
+            f"--max_failed_fraction must be in [0, 1], got {options.max_failed_fraction}"
+        )
     input_format = "record" if options.input_table else _input_format(options)
     if options.log_decisions and input_format == "tfrecord":
         raise ConfigError("--log_decisions needs decision events as input, not TFRecord examples")
@@ -248,98 +243,6 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
     return ScoringJob(options, blueprint, input_format, key), serving_model
 
 
-def _key_example(serialized: bytes) -> tuple[str, bytes] | ScoringFailure:
-    """A serialized tf.Example to ``(decision_id, bytes)`` using its ``decision_id`` feature."""
-    try:
-        example = tf.train.Example.FromString(serialized)
-    except Exception as e:  # noqa: BLE001 - a corrupt record is a dead letter
-        return ScoringFailure(
-            BAD_EXAMPLE, "KeyExamples", f"{type(e).__name__}: {e}", None, serialized.hex()
-        )
-    ids = example.features.feature["decision_id"].bytes_list.value
-    if len(ids) != 1:
-        return ScoringFailure(
-            MISSING_DECISION_ID,
-            "KeyExamples",
-            "the example has no single decision_id",
-            None,
-            serialized.hex(),
-        )
-    try:
-        return ids[0].decode("utf-8"), serialized
-    except UnicodeDecodeError as e:
-        return ScoringFailure(
-            BAD_EXAMPLE, "KeyExamples", f"decision_id is not UTF-8 ({e})", None, serialized.hex()
-        )
-
-
-def _refusal_to_failure(refusal: Refusal) -> ScoringFailure:
-    return ScoringFailure(refusal.reason, "ParseDecisions", refusal.detail, None, refusal.payload)
-
-
-def _bigquery_row(row: dict) -> dict:
-    """BigQuery keeps ``features`` as a JSON string column; decode it for the parser."""
-    features = row.get("features")
-    if isinstance(features, str):
-        # Undecodable JSON stays a string: the parser refuses it with the right reason.
-        with contextlib.suppress(ValueError):
-            row = {**row, "features": json.loads(features)}
-    return row
-
-
-def _to_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-class _KeyBatch(beam.DoFn):
-    """A batch of raw rows to ONE list of ``(decision_id, value)`` (none for an empty one); rows
-    that cannot be keyed leave one by one, tagged ``failed``, as ScoringFailures.
-
-    For decision events (JSON lines, Avro records, BigQuery rows; ``fmt`` says which) the value is
-    the ``DecisionEvent``, with ``transforms.events.parse_one``'s validation and ParseDecisions'
-    counters (``loopline.parse``); for TFRecords (``fmt="tfrecord"``) it is the serialized
-    example, keyed by its ``decision_id`` feature. Scoring needs no event-time timestamps, so
-    none are set (ParseDecisions sets them for the join's windows).
-
-        raw | beam.BatchElements() | beam.ParDo(_KeyBatch(blueprint, "json"))
-    """
-
-    def __init__(self, blueprint: Blueprint, fmt: str):
-        self._blueprint = blueprint
-        self._fmt = fmt
-
-    def setup(self) -> None:
-        self._parsed_counter = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_parsed")
-        self._rejected_total = beam.metrics.Metrics.counter(PARSE_NAMESPACE, "decisions_rejected")
-
-    def process(self, batch: list):
-        if self._fmt == "tfrecord":
-            keyed = [_key_example(raw) for raw in batch]
-        else:
-            keyed = [self._parse(raw) for raw in batch]
-        kept = [row for row in keyed if type(row) is tuple]
-        if len(kept) < len(keyed):
-            for row in keyed:
-                if type(row) is not tuple:
-                    yield beam.pvalue.TaggedOutput("failed", row)
-        if self._fmt != "tfrecord":
-            self._parsed_counter.inc(len(kept))
-        if kept:
-            yield kept
-
-    def _parse(self, raw) -> tuple[str, DecisionEvent] | ScoringFailure:
-        if self._fmt == "record":
-            raw = _bigquery_row(raw)
-        result = parse_one(raw, DECISION, self._fmt, self._blueprint)
-        if isinstance(result, Refusal):
-            self._rejected_total.inc()
-            beam.metrics.Metrics.counter(
-                PARSE_NAMESPACE, f"decisions_rejected_{result.reason}"
-            ).inc()
-            return _refusal_to_failure(result)
-        return result.decision_id, result
-
-
 def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
     """BatchElements' bounds: the given ones, else large defaults (256 to 2048) that keep the
     per-batch model call and Beam's per-batch costs small per row.
@@ -353,20 +256,16 @@ def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tupl
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> None:
-    """Adds the read -> batch -> parse+key -> RunInference -> policy+format -> write steps.
+    """Adds the read+batch+parse -> encode -> RunInference -> policy -> write steps.
 
-    Rows are batched right after the read (BatchElements with the batching options), so every
-    later step handles a whole batch as one element: parse+key per batch (refusals leave one by
-    one as dead letters), one RunInference call per batch (``ScoreBatches``), and one policy step
-    that formats the batch's output lines together. No shuffle except top-k's GroupByKey.
+    Rows are batched right after the read, so every later step handles a whole batch as one
+    element (``transforms.scoring_input``, ``transforms.inference``); formatting for the sinks
+    is the last step (``transforms.score_output``). No shuffle except top-k's GroupByKey.
     """
     options, blueprint = job.options, job.blueprint
-    failures = []
     min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
-    handler = decision_model_handler(
+    handler = SavedModelHandler(
         serving_model,
-        blueprint,
-        job.key,
         device=options.device,
         min_batch_size=min_batch,
         max_batch_size=max_batch,
@@ -375,68 +274,22 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         model_copies=options.model_copies,
         large_model=options.large_model,
     )
-    batching = handler.batch_elements_kwargs()
-    if job.input_format == "json":
-        chunks = pipeline | "ReadDecisions" >> ReadLineBatches(options.input, batch_lines=min_batch)
-        if options.max_batch_duration_secs is None:
-            # Chunks of min_batch lines, batched by their line count: no step sees single lines
-            # and every batch holds min_batch to max_batch rows (but the last of a file range).
-            batches = (
-                chunks
-                | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
-                | "JoinChunks" >> beam.Map(lambda cs: list(itertools.chain.from_iterable(cs)))
-            )
-        else:
-            # BatchElements then batches statefully and counts elements, not element_size_fn:
-            # lines must reach it one by one to keep batches within bounds.
-            batches = (
-                chunks
-                | "Lines" >> beam.FlatMap(lambda chunk: chunk)
-                | "Batch" >> beam.BatchElements(**batching)
-            )
-    else:
-        if job.input_format == "tfrecord":
-            raw = pipeline | "ReadExamples" >> beam.io.ReadFromTFRecord(options.input)
-        elif job.input_format == "record":
-            raw = pipeline | "ReadTable" >> beam.io.ReadFromBigQuery(table=options.input_table)
-        else:
-            raw = pipeline | "ReadAvro" >> beam.io.ReadFromAvro(options.input)
-        batches = raw | "Batch" >> beam.BatchElements(**batching)
-    batches = batches | "ParseDecisions" >> beam.ParDo(
-        _KeyBatch(blueprint, job.input_format)
-    ).with_outputs("failed", main="keyed")
-    failures.append(batches.failed)
-    policy = policy_from_blueprint(blueprint, options.seed)
-    scoring = batches.keyed | "ScoreDecisions" >> ScoreBatches(
-        handler, policy, log_decisions=options.log_decisions
+    read = pipeline | "ReadDecisions" >> ReadDecisionBatches(
+        job.input_format,
+        options.input,
+        blueprint,
+        handler.batch_elements_kwargs(),
+        table=options.input_table,
     )
-    failures.append(scoring.failed)
-    failed = failures | "AllFailures" >> beam.Flatten()
-
+    scoring = read.keyed | "ScoreDecisions" >> ScoreBatches(
+        handler, DecisionEncoder(blueprint, job.key), policy_from_blueprint(blueprint, options.seed)
+    )
+    _ = scoring.scored | "WriteScores" >> WriteScores(
+        options.output, options.output_table, options.log_decisions
+    )
     if options.output:
-        out = options.output.rstrip("/")
-        _ = scoring.scored | "WriteScores" >> beam.io.WriteToText(
-            f"{out}/scores/part", file_name_suffix=".jsonl"
-        )
-        _ = (
-            failed
-            | "FailuresToJson" >> beam.Map(lambda f: _to_json(f.to_dict()))
-            | "WriteFailed" >> beam.io.WriteToText(f"{out}/failed/part", file_name_suffix=".jsonl")
-        )
-        if options.log_decisions:
-            _ = scoring.logged | "WriteDecisions" >> beam.io.WriteToText(
-                f"{out}/decisions/part", file_name_suffix=".jsonl"
-            )
-    if options.output_table:
-        rows = scoring.scored | "ToRows" >> beam.FlatMap(
-            lambda lines: [json.loads(line) for line in lines.split("\n")]
-        )
-        _ = rows | "WriteScoresTable" >> beam.io.WriteToBigQuery(
-            options.output_table,
-            schema=SCORE_TABLE_SCHEMA,
-            create_disposition=beam.io.BigQueryDisposition.CREATE_IF_NEEDED,
-            write_disposition=beam.io.BigQueryDisposition.WRITE_APPEND,
-        )
+        failed = (read.failed, scoring.failed) | "AllFailures" >> beam.Flatten()
+        _ = failed | "WriteFailed" >> WriteFailures(options.output)
 
 
 def _metrics_summary(result) -> dict:
@@ -497,13 +350,37 @@ def run(argv: list[str] | None = None, save_main_session: bool = False):
         _write_manifest(job, serving_model, summary)
     counters = summary["counters"]
     logging.info("bulk_score %s: %s", serving_model.model_id, json.dumps(counters, sort_keys=True))
+    scored, refused, failed = row_counts(counters)
     print(
-        f"bulk_score: {serving_model.model_id}: "
-        f"{counters.get('loopline.score.decisions', 0)} scored, "
-        f"{counters.get('loopline.parse.decisions_rejected', 0)} refused, "
-        f"{counters.get('loopline.score.encode_failed', 0) + counters.get('loopline.score.inference_failed', 0)} failed"
+        f"bulk_score: {serving_model.model_id}: {scored} scored, {refused} refused, {failed} failed"
     )
+    check_failed_fraction(scored, refused + failed, scoring_options.max_failed_fraction)
     return result
+
+
+def row_counts(counters: dict) -> tuple[int, int, int]:
+    """Rows scored, refused (not parsed or keyed) and failed (encoding or the model) by a run."""
+    scored = counters.get("loopline.score.decisions", 0)
+    refused = counters.get("loopline.parse.decisions_rejected", 0) + sum(
+        counters.get(f"loopline.score.{reason}", 0) for reason in (BAD_EXAMPLE, MISSING_DECISION_ID)
+    )
+    failed = counters.get("loopline.score.encode_failed", 0) + counters.get(
+        "loopline.score.inference_failed", 0
+    )
+    return scored, refused, failed
+
+
+def check_failed_fraction(scored: int, failed: int, max_failed_fraction: float) -> None:
+    """Exits with status 1 and one line when more than ``max_failed_fraction`` of the rows
+    failed: the outputs are written, but a day of mostly dead letters must not pass for a run."""
+    total = scored + failed
+    if total and failed / total > max_failed_fraction:
+        print(
+            f"bulk_score: error: {failed} of {total} rows failed ({failed / total:.1%}), more "
+            f"than --max_failed_fraction {max_failed_fraction}; see the failed/ output",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """python -m pipelines.bulk_score end to end on the DirectRunner with real files and a real
-SavedModel: JSON lines, Avro and TFRecord inputs, dead letters, logged decisions, bad arguments."""
+SavedModel: JSON lines, Avro and TFRecord inputs, dead letters, logged decisions, workers in
+separate processes, the failed-rows threshold, bad arguments."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
 
 from loopline import avro
-from loopline.events import DecisionEvent, parse_decision_json
+from loopline.events import parse_decision_json
 from pipelines import bulk_score
 from tests.scoring_fixtures import (
     export_scoring_model,
@@ -17,7 +21,10 @@ from tests.scoring_fixtures import (
     write_decision_lines,
 )
 from transforms.examples import features_to_example
+from transforms.scoring_failures import BAD_EXAMPLE
+from transforms.scoring_input import key_example
 
+REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-not-a-secret"
 CORRUPT = ['{"decision_id": "broken"', '{"decision_id": "x1", "decision_type": "notify"}']
 
@@ -46,62 +53,130 @@ def _expected_scores(events, blueprint, version_dir) -> dict[str, float]:
     return {e.decision_id: float(s) for e, s in zip(events, scores, strict=True)}
 
 
-@pytest.mark.slow
-def test_json_lines_are_scored_exactly_with_dead_letters_and_logged_decisions(
-    tmp_path, serving_dir, blueprint, blueprint_path, pii_key
-):
-    events = make_decisions(blueprint, 150, seed=1)
-    source = write_decision_lines(tmp_path / "decisions.jsonl", events, CORRUPT)
-    out = tmp_path / "out"
-    bulk_score.run([
+def _json_run_args(source, serving_dir, blueprint_path, out) -> list[str]:
+    """150 decisions and 2 corrupt lines (1.3% failed, under the threshold given here)."""
+    return [
         "--input", str(source), "--model_dir", str(serving_dir),
         "--blueprint", str(blueprint_path), "--output", str(out), "--log_decisions",
-        "--min_batch_size", "8", "--max_batch_size", "32",
-    ])  # fmt: skip
+        "--min_batch_size", "8", "--max_batch_size", "32", "--max_failed_fraction", "0.05",
+    ]  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def json_run(tmp_path_factory, serving_dir, blueprint, blueprint_path):
+    """bulk_score on JSON lines with 2 corrupt lines and --log_decisions, run once in process."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOPLINE_PII_KEY", KEY)
+        work = tmp_path_factory.mktemp("json_run")
+        events = make_decisions(blueprint, 150, seed=1)
+        source = write_decision_lines(work / "decisions.jsonl", events, CORRUPT)
+        out = work / "out"
+        bulk_score.run(_json_run_args(source, serving_dir, blueprint_path, out))
+    return events, source, out
+
+
+@pytest.mark.slow
+def test_every_decision_is_scored_exactly_by_the_latest_version(json_run, serving_dir, blueprint):
+    events, _, out = json_run
     rows = _lines(out / "scores")
     expected = _expected_scores(events, blueprint, serving_dir / "1793538000")
     assert sorted(r["decision_id"] for r in rows) == sorted(expected)
     for row in rows:
         assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
         assert row["model_id"] == "notify-1793538000"
-        assert row["propensity"] in (pytest.approx(0.975), pytest.approx(0.025))
-        assert row["decision"] in (0, 1)
         assert row["scored_at"].endswith("Z")
 
-    failed = _lines(out / "failed")
+
+@pytest.mark.slow
+def test_score_rows_carry_the_blueprint_policys_choice(json_run):
+    # examples/notify.yaml: epsilon-greedy at epsilon 0.05.
+    for row in _lines(json_run[2] / "scores"):
+        assert row["propensity"] in (pytest.approx(0.975), pytest.approx(0.025))
+        assert row["decision"] in (0, 1)
+
+
+@pytest.mark.slow
+def test_corrupt_lines_are_dead_letters_with_their_reason_and_payload(json_run):
+    failed = _lines(json_run[2] / "failed")
     assert sorted(f["reason"] for f in failed) == ["bad_json", "missing_field"]
     assert {f["payload"] for f in failed} == set(CORRUPT)
 
-    logged = [
-        parse_decision_json(line, blueprint)
-        for line in (out / "decisions").glob("*.jsonl").__next__().read_text().splitlines()
-    ]
-    assert all(isinstance(e, DecisionEvent) for e in logged)
-    by_id = {r["decision_id"]: r for r in rows}
-    originals = {e.decision_id: e for e in events}
-    for event in logged:
-        row = by_id[event.decision_id]
-        assert (event.decision, event.propensity, event.model_id) == (
-            row["decision"],
-            row["propensity"],
-            row["model_id"],
-        )
-        assert (event.features, event.event_time_ms) == (
-            originals[event.decision_id].features,
-            originals[event.decision_id].event_time_ms,
-        )
-    assert len(logged) == 150
 
-    manifest = json.loads((out / "manifest.json").read_text())
+@pytest.mark.slow
+def test_logged_decisions_are_the_scored_events_with_their_choice(json_run, blueprint):
+    events, _, out = json_run
+    rows = {r["decision_id"]: r for r in _lines(out / "scores")}
+    logged = [parse_decision_json(json.dumps(d), blueprint) for d in _lines(out / "decisions")]
+    originals = {e.decision_id: e for e in events}
+    assert sorted(e.decision_id for e in logged) == sorted(originals)
+    for event in logged:
+        row = rows[event.decision_id]
+        assert event == originals[event.decision_id].with_choice(
+            row["decision"], row["propensity"], row["model_id"]
+        )
+
+
+@pytest.mark.slow
+def test_the_manifest_accounts_for_every_line_and_the_model(json_run):
+    manifest = json.loads((json_run[2] / "manifest.json").read_text())
+    counters = manifest["counters"]
+    assert counters["loopline.read.lines"] == 152
+    assert counters["loopline.score.decisions"] == 150
+    assert counters["loopline.parse.decisions_rejected"] == 2
+    assert manifest["model_id"] == "notify-1793538000"
+
+
+@pytest.mark.slow
+def test_model_batches_stay_within_the_batch_size_bounds(json_run):
+    manifest = json.loads((json_run[2] / "manifest.json").read_text())
     sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
     assert sizes["sum"] == 150 and sizes["max"] <= 32
-    # 152 lines, read in chunks of --min_batch_size (19 full ones), batched up to 32 lines.
-    lines = manifest["distributions"]["BatchElements.batch_size"]
-    assert lines["sum"] == 152 and lines["min"] >= 8 and lines["max"] <= 32
-    assert manifest["counters"]["loopline.read.lines"] == 152
-    assert manifest["model_id"] == "notify-1793538000"
-    assert manifest["counters"]["loopline.parse.decisions_rejected"] == 2
+
+
+@pytest.mark.slow
+def test_workers_in_separate_processes_score_as_the_in_process_run(
+    json_run, serving_dir, blueprint_path, tmp_path
+):
+    # As Dataflow and the Flex Template launcher run it: the module is __main__, and the DoFns
+    # run in other processes.
+    _, source, in_process = json_run
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "pipelines.bulk_score",
+        *_json_run_args(source, serving_dir, blueprint_path, out),
+        "--direct_running_mode", "multi_processing", "--direct_num_workers", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LOOPLINE_PII_KEY": KEY}
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def outcome(directory):
+        return {
+            r["decision_id"]: (round(r["score"], 6), r["decision"], r["propensity"], r["model_id"])
+            for r in _lines(directory / "scores")
+        }
+
+    assert outcome(out) == outcome(in_process)
+    assert sorted(f["reason"] for f in _lines(out / "failed")) == ["bad_json", "missing_field"]
+
+
+@pytest.mark.slow
+def test_more_failed_rows_than_allowed_exits_non_zero_with_one_line(
+    tmp_path, serving_dir, blueprint, blueprint_path, pii_key, capsys
+):
+    events = make_decisions(blueprint, 8, seed=3)
+    source = write_decision_lines(tmp_path / "decisions.jsonl", events, CORRUPT)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bulk_score.run([
+            "--input", str(source), "--model_dir", str(serving_dir),
+            "--blueprint", str(blueprint_path), "--output", str(out),
+            "--max_failed_fraction", "0.1",
+        ])  # fmt: skip
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bulk_score: error: 2 of 10 rows failed")
+    assert len(_lines(out / "scores")) == 8  # the outputs are written all the same
 
 
 @pytest.mark.slow
@@ -154,6 +229,8 @@ def test_avro_and_tfrecord_inputs_score_like_json_with_a_named_version(
         (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O"], "--blueprint is required"),
         (["--input", "{missing}/*.jsonl", "--model_dir", "{serving}", "--output", "O",
           "--blueprint", "{blueprint}"], "no files match --input"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O",
+          "--max_failed_fraction", "1.5"], "--max_failed_fraction must be in [0, 1]"),
     ],
 )  # fmt: skip
 def test_bad_arguments_exit_non_zero_with_one_line(
@@ -215,5 +292,18 @@ def test_stateful_batching_keeps_batches_within_bounds(
 def test_a_tfrecord_whose_decision_id_is_not_utf8_is_a_dead_letter():
     example = tf.train.Example()
     example.features.feature["decision_id"].bytes_list.value.append(b"\xff")
-    failure = bulk_score._key_example(example.SerializeToString())
-    assert failure.reason == bulk_score.BAD_EXAMPLE and "not UTF-8" in failure.detail
+    failure = key_example(example.SerializeToString())
+    assert failure.reason == BAD_EXAMPLE and "not UTF-8" in failure.detail
+
+
+@pytest.mark.parametrize(
+    "scored, failed, allowed, exits",
+    [(99, 1, 0.01, False), (98, 2, 0.01, True), (0, 5, 0.01, True), (0, 0, 0.0, False),
+     (50, 50, 0.5, False), (10, 0, 0.0, False)],
+)  # fmt: skip
+def test_the_failed_share_is_compared_with_max_failed_fraction(scored, failed, allowed, exits):
+    if exits:
+        with pytest.raises(SystemExit):
+            bulk_score.check_failed_fraction(scored, failed, allowed)
+    else:
+        bulk_score.check_failed_fraction(scored, failed, allowed)

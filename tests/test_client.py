@@ -1,7 +1,11 @@
 """The decision client, with the real policy and the real JSON-lines sink."""
 
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +22,7 @@ from loopline.events import (
 from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, policy_from_blueprint
 from loopline.sinks import JsonLinesSink
 
+REPO = Path(__file__).resolve().parent.parent
 NOW_S = 1_793_527_200.25  # 2026-11-01T10:00:00.250Z
 
 
@@ -250,14 +255,24 @@ def test_any_context_is_either_refused_or_logged_as_a_valid_event(
     assert all(isinstance(e, DecisionEvent) and e.features == ctx for e in events)
 
 
+def test_a_product_service_importing_the_client_and_scorer_does_not_import_beam_or_tensorflow():
+    script = (
+        "import sys, loopline.client, loopline.scorer\n"
+        "assert 'apache_beam' not in sys.modules, 'apache_beam imported'\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Rollout: production and challenger serve side by side, each unit in one arm
 
 import dataclasses  # noqa: E402 - this section's own imports
 import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 
 def named_scorer(score, model_id):

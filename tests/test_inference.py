@@ -1,32 +1,36 @@
-"""The RunInference model handler and ScoreDecisions: exact scores, model ids, batching bounds,
-dead letters for rows that cannot be encoded and for a model that throws."""
+"""Scoring with the pushed model: serving-model resolution, the RunInference handler, the pure
+policy step, ScoreDecisions / ScoreBatches (exact scores, model ids, batching bounds, dead
+letters for rows that cannot be encoded and for a model that throws) and WriteScores."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import PredictionResult
 
-from loopline.policy import Choice, EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
+from loopline.events import parse_decision_json
+from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
+from loopline.scorer import SavedModelScorer
 from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
+from transforms.encoding import DecisionEncoder, EncodedDecision
 from transforms.examples import features_to_example
-from transforms.inference import (
-    ENCODE_FAILED,
-    INFERENCE_FAILED,
-    ModelNotFound,
-    SavedModelHandler,
-    SavedModelScorer,
-    ScoreBatches,
-    ScoredDecision,
-    ScoreDecisions,
-    decision_model_handler,
-    resolve_serving_model,
-    row_json,
-)
+from transforms.inference import ScoreBatches, ScoreDecisions
+from transforms.model_handler import SavedModelHandler
+from transforms.policy_step import ScoredDecision, decide
+from transforms.score_output import WriteScores
+from transforms.scoring_failures import ENCODE_FAILED, INFERENCE_FAILED
+from transforms.serving_model import ModelNotFound, resolve_serving_model
 
 KEY = b"test-key-not-a-secret"
+REPO = Path(__file__).resolve().parent.parent
+SCORED_AT = "2026-11-01T12:00:00.000Z"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +48,18 @@ def throwing_model(tmp_path_factory, blueprint):
     return root
 
 
+@pytest.fixture(scope="module")
+def encoder(blueprint):
+    return DecisionEncoder(blueprint, KEY)
+
+
 def _serialized(events, blueprint):
     return [features_to_example(e.features, blueprint, KEY).SerializeToString() for e in events]
+
+
+def _model_scores(model_dir, events, blueprint) -> dict[str, float]:
+    scores = score_serialized(model_dir, _serialized(events, blueprint))
+    return {e.decision_id: float(s) for e, s in zip(events, scores, strict=True)}
 
 
 # The DirectRunner runs bundles in this process (on pickled copies of the DoFns), so outputs
@@ -58,14 +72,10 @@ def _collect(name: str):
     return lambda element: _COLLECTED[name].append(element)
 
 
-def _run(events, handler, policy):
-    """Runs ScoreDecisions on the DirectRunner; returns (scored, failed, metrics result)."""
+def _run(transform, elements):
+    """Runs a scoring transform on the DirectRunner; returns (scored lists, failed, result)."""
     pipeline = beam.Pipeline(runner="DirectRunner")
-    outputs = (
-        pipeline
-        | "Create" >> beam.Create([(e.decision_id, e) for e in events])
-        | "Score" >> ScoreDecisions(handler, policy)
-    )
+    outputs = pipeline | "Create" >> beam.Create(elements, reshuffle=False) | "Score" >> transform
     _ = outputs.scored | "CollectScored" >> beam.Map(_collect("scored"))
     _ = outputs.failed | "CollectFailed" >> beam.Map(_collect("failed"))
     result = pipeline.run()
@@ -73,9 +83,21 @@ def _run(events, handler, policy):
     return _COLLECTED.pop("scored"), _COLLECTED.pop("failed"), result
 
 
+def _score(events, handler, encoder, policy):
+    """ScoreDecisions over keyed events; returns (ScoredDecisions, failed, result)."""
+    batches, failed, result = _run(
+        ScoreDecisions(handler, encoder, policy), [(e.decision_id, e) for e in events]
+    )
+    return [s for batch in batches for s in batch], failed, result
+
+
 def _distribution(result, namespace, name):
     query = result.metrics().query(MetricsFilter().with_namespace(namespace).with_name(name))
     return query["distributions"][0].committed
+
+
+def _result(decision_id, score, event=None, model_id="notify-1"):
+    return decision_id, PredictionResult(EncodedDecision(b"", event), score, model_id)
 
 
 def test_resolve_serving_model_picks_the_largest_integer_version(tmp_path, blueprint):
@@ -97,95 +119,59 @@ def test_resolve_serving_model_refuses_missing_versions_and_other_blueprints(tmp
         resolve_serving_model(str(serving_dir), "churn")
 
 
-def test_scores_equal_the_models_own_outputs_with_the_model_id(serving_dir, blueprint):
-    events = make_decisions(blueprint, 120, seed=4)
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    handler = decision_model_handler(model, blueprint, KEY, min_batch_size=10, max_batch_size=25)
-    scored, failed, result = _run(events, handler, ThresholdPolicy(0.5))
-
-    assert failed == []
-    expected = score_serialized(model.path, _serialized(events, blueprint))
-    by_id = {s.decision_id: s for s in scored}
-    assert sorted(by_id) == [e.decision_id for e in events]
-    for event, want in zip(events, expected, strict=True):
-        got = by_id[event.decision_id]
-        # Batches differ from the reference call; float32 matmuls may differ in the last bit.
-        assert got.score == pytest.approx(float(want), rel=1e-6, abs=1e-7)
-        assert got.decision == int(got.score >= 0.5)
-        assert (got.model_id, got.propensity, got.event) == ("notify-1700000100", 1.0, event)
-
-    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
-    assert sizes.sum == 120
-    assert sizes.max <= 25
-    assert sizes.count >= 120 // 25
-
-
-def test_batch_size_bounds_are_honoured_exactly_when_fixed(serving_dir, blueprint):
-    events = make_decisions(blueprint, 64, seed=5)
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    handler = decision_model_handler(model, blueprint, KEY, min_batch_size=16, max_batch_size=16)
-    scored, _, result = _run(events, handler, ThresholdPolicy(0.5))
-    assert len(scored) == 64
-    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
-    assert (sizes.min, sizes.max, sizes.sum) == (16, 16, 64)
-
-
-def test_rows_that_cannot_be_encoded_reach_the_dead_letter_output(serving_dir, blueprint):
-    events = make_decisions(blueprint, 20, seed=6)
-    broken = replace(
-        events[3], features={k: v for k, v in events[3].features.items() if k != "country"}
-    )
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    handler = decision_model_handler(model, blueprint, KEY, max_batch_size=8)
-    scored, failed, _ = _run([*events[:3], broken, *events[4:]], handler, ThresholdPolicy())
-
-    assert len(scored) == 19
-    assert [(f.reason, f.decision_id, f.step) for f in failed] == [
-        (ENCODE_FAILED, broken.decision_id, "EncodeDecision")
+def test_decide_applies_a_row_policy_to_each_row():
+    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
+    rows = [_result(f"d-{i}", i / 10) for i in range(10)]
+    scored = decide(policy, rows, SCORED_AT)
+    choices = [policy.choose(result.inference, decision_id) for decision_id, result in rows]
+    assert [(s.decision_id, s.score) for s in scored] == [(d, r.inference) for d, r in rows]
+    assert [(s.decision, s.propensity, s.explored) for s in scored] == [
+        (c.decision, c.propensity, c.explored) for c in choices
     ]
-    assert "country" in failed[0].detail
-    assert broken.decision_id in failed[0].payload
+    assert {(s.model_id, s.scored_at) for s in scored} == {("notify-1", SCORED_AT)}
 
 
-def test_a_model_that_throws_sends_its_batches_to_dead_letters(throwing_model, blueprint):
-    events = make_decisions(blueprint, 60, seed=7)
-    poisoned = {e.decision_id for e in events if e.features["country"] == "BR"}
-    assert poisoned  # the seed gives some rows the model refuses
-    model = resolve_serving_model(str(throwing_model), blueprint.name)
-    handler = decision_model_handler(model, blueprint, KEY, min_batch_size=4, max_batch_size=4)
-    scored, failed, _ = _run(events, handler, ThresholdPolicy())
-
-    failed_ids = {f.decision_id for f in failed}
-    assert poisoned <= failed_ids
-    assert failed_ids.isdisjoint(s.decision_id for s in scored)
-    assert len(failed_ids) + len(scored) == 60
-    assert len(scored) > 0
-    assert {f.reason for f in failed} == {INFERENCE_FAILED}
-    assert all("model refuses country BR" in f.detail for f in failed)
+def test_decide_ranks_the_rows_of_a_top_k_group_together():
+    rows = [_result("a", 0.2), _result("b", 0.9), _result("c", 0.5), _result("d", 0.9)]
+    assert [s.decision for s in decide(TopKPolicy(k=2), rows, SCORED_AT)] == [0, 1, 0, 1]
 
 
-def test_epsilon_greedy_policy_is_applied_with_its_propensities(serving_dir, blueprint):
-    events = make_decisions(blueprint, 200, seed=8)
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    policy = EpsilonGreedyPolicy(0.5, epsilon=0.3, seed=3)
-    scored, _, _ = _run(events, decision_model_handler(model, blueprint, KEY), policy)
-    for s in scored:
-        assert (s.decision, s.propensity, s.explored) == tuple(
-            vars(policy.choose(s.score, s.decision_id)).values()
-        )
-    assert any(s.explored for s in scored)
+def test_decide_on_one_row_is_a_list_of_one(blueprint):
+    [event] = make_decisions(blueprint, 1)
+    [scored] = decide(ThresholdPolicy(0.5), [_result("d-1", 0.75, event)], SCORED_AT)
+    assert (scored.decision, scored.propensity, scored.event) == (1, 1.0, event)
 
 
-def test_top_k_is_exact_within_each_group(serving_dir, blueprint):
-    events = make_decisions(blueprint, 90, seed=9)
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    policy = TopKPolicy(k=2, group_feature="platform")
-    scored, _, _ = _run(events, decision_model_handler(model, blueprint, KEY), policy)
-    platform = {e.decision_id: e.features["platform"] for e in events}
-    for group in set(platform.values()):
-        members = [s for s in scored if platform[s.decision_id] == group]
-        top = sorted(members, key=lambda s: (-s.score, s.decision_id))[:2]
-        assert {s.decision_id for s in members if s.decision == 1} == {s.decision_id for s in top}
+def test_a_scored_decision_logs_its_event_with_the_choice(blueprint):
+    [event] = make_decisions(blueprint, 1)
+    scored = ScoredDecision("d-1", 0.1, 0, 0.025, True, "notify-7", SCORED_AT, event)
+    assert scored.to_decision_event() == replace(
+        event, decision=0, propensity=0.025, model_id="notify-7"
+    )
+
+
+@pytest.mark.parametrize(
+    "decision_id, score, decision, propensity, explored",
+    [
+        ("d-000001", 0.7310585975646973, 1, 0.975, False),
+        ('quote"and\\slash\u00e9\n', 1e-07, 0, 0.025, True),
+        ("d-2", 0.0, 0, 1.0, False),
+        ("d-3", math.nan, 1, 1.0, False),
+    ],
+)
+def test_to_json_is_exactly_the_json_of_the_output_row(
+    decision_id, score, decision, propensity, explored
+):
+    scored = ScoredDecision(
+        decision_id, score, decision, propensity, explored, "notify-1", SCORED_AT
+    )
+    assert scored.to_json() == json.dumps(scored.to_row(), sort_keys=True, separators=(",", ":"))
+
+
+def test_handler_counts_the_bytes_of_the_examples_it_scores(serving_dir, blueprint):
+    handler = SavedModelHandler(resolve_serving_model(str(serving_dir), blueprint.name))
+    batch = [EncodedDecision(b"abc", None), EncodedDecision(b"\x00" * 10, None)]
+    assert handler.get_num_bytes(batch) == 13
 
 
 def test_handler_exposes_batching_and_sharing_settings(serving_dir, blueprint):
@@ -213,6 +199,201 @@ def test_handler_exposes_batching_and_sharing_settings(serving_dir, blueprint):
         SavedModelHandler(model, device="TPU")
 
 
+def test_the_garbage_collector_is_frozen_by_loading_the_model_not_by_imports(serving_dir):
+    # In a fresh process: this one's heap must not be frozen by the test.
+    script = (
+        "import gc, sys\n"
+        "import transforms.inference, transforms.model_handler as h, transforms.serving_model as s\n"
+        "assert gc.get_freeze_count() == 0, 'frozen on import'\n"
+        "h.SavedModelHandler(s.resolve_serving_model(sys.argv[1], 'notify')).load_model()\n"
+        "assert gc.get_freeze_count() > 0, 'not frozen by load_model'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(serving_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_scores_equal_the_models_own_outputs_with_the_model_id(serving_dir, blueprint, encoder):
+    events = make_decisions(blueprint, 120, seed=4)
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    handler = SavedModelHandler(model, min_batch_size=10, max_batch_size=25)
+    scored, failed, result = _score(events, handler, encoder, ThresholdPolicy(0.5))
+
+    assert failed == []
+    expected = _model_scores(model.path, events, blueprint)
+    by_id = {s.decision_id: s for s in scored}
+    assert sorted(by_id) == sorted(expected)
+    for event in events:
+        got = by_id[event.decision_id]
+        # Batches differ from the reference call; float32 matmuls may differ in the last bit.
+        assert got.score == pytest.approx(expected[event.decision_id], rel=1e-6, abs=1e-7)
+        assert got.decision == int(got.score >= 0.5)
+        assert (got.model_id, got.propensity, got.event) == ("notify-1700000100", 1.0, event)
+    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
+    assert (sizes.sum, sizes.max <= 25) == (120, True)
+
+
+def test_batch_size_bounds_are_honoured_exactly_when_fixed(serving_dir, blueprint, encoder):
+    events = make_decisions(blueprint, 64, seed=5)
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    handler = SavedModelHandler(model, min_batch_size=16, max_batch_size=16)
+    scored, _, result = _score(events, handler, encoder, ThresholdPolicy(0.5))
+    assert len(scored) == 64
+    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
+    assert (sizes.min, sizes.max, sizes.sum) == (16, 16, 64)
+
+
+def test_rows_that_cannot_be_encoded_reach_the_dead_letter_output(serving_dir, blueprint, encoder):
+    events = make_decisions(blueprint, 20, seed=6)
+    broken = replace(
+        events[3], features={k: v for k, v in events[3].features.items() if k != "country"}
+    )
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    handler = SavedModelHandler(model, max_batch_size=8)
+    scored, failed, _ = _score(
+        [*events[:3], broken, *events[4:]], handler, encoder, ThresholdPolicy()
+    )
+
+    assert len(scored) == 19
+    assert [(f.reason, f.decision_id, f.step) for f in failed] == [
+        (ENCODE_FAILED, broken.decision_id, "EncodeDecisions")
+    ]
+    assert "country" in failed[0].detail
+    assert broken.decision_id in failed[0].payload
+
+
+def test_a_model_that_throws_sends_its_batches_to_dead_letters(throwing_model, blueprint, encoder):
+    events = make_decisions(blueprint, 60, seed=7)
+    poisoned = {e.decision_id for e in events if e.features["country"] == "BR"}
+    assert poisoned  # the seed gives some rows the model refuses
+    model = resolve_serving_model(str(throwing_model), blueprint.name)
+    handler = SavedModelHandler(model, min_batch_size=4, max_batch_size=4)
+    scored, failed, _ = _score(events, handler, encoder, ThresholdPolicy())
+
+    failed_ids = {f.decision_id for f in failed}
+    assert poisoned <= failed_ids
+    assert failed_ids.isdisjoint(s.decision_id for s in scored)
+    assert len(failed_ids) + len(scored) == 60
+    assert len(scored) > 0
+    assert {f.reason for f in failed} == {INFERENCE_FAILED}
+    assert all("model refuses country BR" in f.detail for f in failed)
+
+
+def test_epsilon_greedy_policy_is_applied_with_its_propensities(serving_dir, blueprint, encoder):
+    events = make_decisions(blueprint, 200, seed=8)
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    policy = EpsilonGreedyPolicy(0.5, epsilon=0.3, seed=3)
+    scored, _, _ = _score(events, SavedModelHandler(model), encoder, policy)
+    for s in scored:
+        assert (s.decision, s.propensity, s.explored) == tuple(
+            vars(policy.choose(s.score, s.decision_id)).values()
+        )
+    assert any(s.explored for s in scored)
+
+
+def test_top_k_is_exact_within_each_group(serving_dir, blueprint, encoder):
+    events = make_decisions(blueprint, 90, seed=9)
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    policy = TopKPolicy(k=2, group_feature="platform")
+    handler = SavedModelHandler(model, max_batch_size=16)
+    scored, _, _ = _score(events, handler, encoder, policy)
+    assert len(scored) == 90
+    platform = {e.decision_id: e.features["platform"] for e in events}
+    for group in set(platform.values()):
+        members = [s for s in scored if platform[s.decision_id] == group]
+        top = sorted(members, key=lambda s: (-s.score, s.decision_id))[:2]
+        assert {s.decision_id for s in members if s.decision == 1} == {s.decision_id for s in top}
+
+
+def _batches(events, size=10):
+    keyed = [(e.decision_id, e) for e in events]
+    return [keyed[i : i + size] for i in range(0, len(keyed), size)]
+
+
+def test_each_pre_formed_batch_is_one_model_call_and_one_scored_list(
+    serving_dir, blueprint, encoder
+):
+    events = make_decisions(blueprint, 45, seed=12)
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    transform = ScoreBatches(SavedModelHandler(model), encoder, ThresholdPolicy())
+    scored, failed, result = _run(transform, _batches(events))
+
+    assert failed == []
+    assert sorted(len(batch) for batch in scored) == [5, 10, 10, 10, 10]
+    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
+    assert (sizes.count, sizes.sum, sizes.max, sizes.min) == (5, 45, 10, 5)
+    want = _model_scores(model.path, events, blueprint)
+    for s in (s for batch in scored for s in batch):
+        assert s.score == pytest.approx(want[s.decision_id], rel=1e-6, abs=1e-7)
+
+
+def test_a_model_that_throws_fails_exactly_its_pre_formed_batches(
+    throwing_model, blueprint, encoder
+):
+    events = make_decisions(blueprint, 45, seed=12)
+    batches = _batches(events)
+    poisoned = [b for b in batches if any(e.features["country"] == "BR" for _, e in b)]
+    assert 0 < len(poisoned) < len(batches)
+    model = resolve_serving_model(str(throwing_model), blueprint.name)
+    transform = ScoreBatches(SavedModelHandler(model), encoder, ThresholdPolicy())
+    scored, failed, _ = _run(transform, batches)
+
+    assert {f.decision_id for f in failed if f.reason == INFERENCE_FAILED} == {
+        d for b in poisoned for d, _ in b
+    }
+    assert sum(map(len, scored)) + len(failed) == 45
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, serving_dir, blueprint, encoder):
+    """ScoreBatches then WriteScores(log_decisions=True) into a directory, run once."""
+    events = make_decisions(blueprint, 30, seed=11)
+    out = tmp_path_factory.mktemp("written")
+    model = resolve_serving_model(str(serving_dir), blueprint.name)
+    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    scored = (
+        pipeline
+        | beam.Create(_batches(events), reshuffle=False)
+        | ScoreBatches(SavedModelHandler(model), encoder, policy)
+    ).scored
+    _ = scored | WriteScores(str(out), log_decisions=True)
+    pipeline.run().wait_until_finish()
+    read = {
+        name: [json.loads(line) for f in (out / name).glob("*.jsonl") for line in f.open()]
+        for name in ("scores", "decisions")
+    }
+    return events, policy, read["scores"], read["decisions"]
+
+
+def test_written_score_lines_hold_each_scored_decision_once(written):
+    events, policy, rows, _ = written
+    assert sorted(r["decision_id"] for r in rows) == sorted(e.decision_id for e in events)
+    for row in rows:
+        choice = policy.choose(row["score"], row["decision_id"])
+        assert (row["decision"], row["propensity"], row["explored"]) == (
+            choice.decision,
+            choice.propensity,
+            choice.explored,
+        )
+
+
+def test_written_decision_events_carry_the_choice_and_the_original_features(written, blueprint):
+    events, _, rows, logged = written
+    by_id = {r["decision_id"]: r for r in rows}
+    originals = {e.decision_id: e for e in events}
+    assert sorted(by_id) == sorted(d["decision_id"] for d in logged)
+    for line in logged:
+        event = parse_decision_json(json.dumps(line), blueprint)
+        row = by_id[event.decision_id]
+        assert event == originals[event.decision_id].with_choice(
+            row["decision"], row["propensity"], row["model_id"]
+        )
+
+
 def test_saved_model_scorer_matches_the_model(serving_dir, blueprint):
     events = make_decisions(blueprint, 5, seed=10)
     scorer = SavedModelScorer(str(serving_dir), blueprint, KEY, version="1700000000")
@@ -220,129 +401,3 @@ def test_saved_model_scorer_matches_the_model(serving_dir, blueprint):
     expected = score_serialized(scorer.serving_model.path, _serialized(events, blueprint))
     for event, want in zip(events, expected, strict=True):
         assert scorer(event.features) == pytest.approx(float(want), rel=1e-6)
-
-
-@pytest.mark.parametrize(
-    "decision_id, score, choice",
-    [
-        ("d-000001", 0.7310585975646973, Choice(1, 0.975, False)),
-        ('quote"and\\slash\u00e9\n', 1e-07, Choice(0, 0.025, True)),
-        ("d-2", 0.0, Choice(0, 1.0, False)),
-        ("d-3", math.nan, Choice(1, 1.0, False)),
-    ],
-)
-def test_row_json_is_exactly_the_json_of_the_output_row(decision_id, score, choice):
-    scored = ScoredDecision(
-        decision_id, score, choice.decision, choice.propensity, choice.explored, "notify-1",
-        "2026-11-01T12:00:00.000Z",
-    )  # fmt: skip
-    want = json.dumps(scored.to_row(), sort_keys=True, separators=(",", ":"))
-    assert row_json(decision_id, score, choice, "notify-1", scored.scored_at) == want
-
-
-def test_json_rows_and_logged_decisions_come_from_the_fused_policy_step(serving_dir, blueprint):
-    events = make_decisions(blueprint, 40, seed=11)
-    broken = replace(events[0], features={**events[0].features, "country": None})
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
-    pipeline = beam.Pipeline(runner="DirectRunner")
-    outputs = (
-        pipeline
-        | beam.Create([(e.decision_id, e) for e in [broken, *events[1:]]])
-        | ScoreDecisions(
-            decision_model_handler(model, blueprint, KEY, min_batch_size=8, max_batch_size=8),
-            policy,
-            json_rows=True,
-            log_decisions=True,
-        )
-    )
-    _ = outputs.scored | "CollectScored" >> beam.Map(_collect("rows"))
-    _ = outputs.logged | "CollectLogged" >> beam.Map(_collect("logged"))
-    _ = outputs.failed | "CollectFailed" >> beam.Map(_collect("failed"))
-    pipeline.run().wait_until_finish()
-    rows = [json.loads(r) for r in _COLLECTED.pop("rows")]
-    logged = {d["decision_id"]: d for d in map(json.loads, _COLLECTED.pop("logged"))}
-    failed = _COLLECTED.pop("failed")
-
-    # The row with an unencodable feature fails alone; the rest of its batch is scored.
-    assert [(f.reason, f.decision_id) for f in failed] == [(ENCODE_FAILED, broken.decision_id)]
-    expected = score_serialized(model.path, _serialized(events[1:], blueprint))
-    want = {e.decision_id: float(s) for e, s in zip(events[1:], expected, strict=True)}
-    assert sorted(r["decision_id"] for r in rows) == sorted(want) == sorted(logged)
-    for row in rows:
-        assert row["score"] == pytest.approx(want[row["decision_id"]], rel=1e-6, abs=1e-7)
-        choice = policy.choose(row["score"], row["decision_id"])
-        assert (row["decision"], row["propensity"], row["explored"]) == (
-            choice.decision,
-            choice.propensity,
-            choice.explored,
-        )
-        event = logged[row["decision_id"]]
-        assert (event["decision"], event["propensity"], event["model_id"]) == (
-            row["decision"],
-            row["propensity"],
-            "notify-1700000100",
-        )
-
-
-def _run_batches(batches, handler, policy, name):
-    pipeline = beam.Pipeline(runner="DirectRunner")
-    outputs = (
-        pipeline
-        | f"Create{name}" >> beam.Create(batches, reshuffle=False)
-        | f"Score{name}" >> ScoreBatches(handler, policy, log_decisions=True)
-    )
-    _ = outputs.scored | "CollectScored" >> beam.Map(_collect("rows"))
-    _ = outputs.logged | "CollectLogged" >> beam.Map(_collect("logged"))
-    _ = outputs.failed | "CollectFailed" >> beam.Map(_collect("failed"))
-    result = pipeline.run()
-    result.wait_until_finish()
-    # Each scored/logged element is a whole batch's lines.
-    rows = [json.loads(line) for block in _COLLECTED.pop("rows") for line in block.split("\n")]
-    logged = [json.loads(line) for block in _COLLECTED.pop("logged") for line in block.split("\n")]
-    return rows, logged, _COLLECTED.pop("failed"), result
-
-
-def test_pre_batched_scoring_matches_row_scoring_with_per_row_and_per_batch_dead_letters(
-    serving_dir, throwing_model, blueprint
-):
-    events = make_decisions(blueprint, 45, seed=12)
-    broken = replace(events[0], features={**events[0].features, "country": None})
-    keyed = [(e.decision_id, e) for e in [broken, *events[1:]]]
-    batches = [keyed[i : i + 10] for i in range(0, len(keyed), 10)]
-    model = resolve_serving_model(str(serving_dir), blueprint.name)
-    policy = EpsilonGreedyPolicy(0.5, epsilon=0.5, seed=1)
-    rows, logged, failed, result = _run_batches(
-        batches, decision_model_handler(model, blueprint, KEY), policy, "Good"
-    )
-
-    assert [(f.reason, f.decision_id) for f in failed] == [(ENCODE_FAILED, broken.decision_id)]
-    expected = score_serialized(model.path, _serialized(events[1:], blueprint))
-    want = {e.decision_id: float(s) for e, s in zip(events[1:], expected, strict=True)}
-    assert sorted(r["decision_id"] for r in rows) == sorted(want)
-    for row in rows:
-        assert row["score"] == pytest.approx(want[row["decision_id"]], rel=1e-6, abs=1e-7)
-        choice = policy.choose(row["score"], row["decision_id"])
-        assert (row["decision"], row["propensity"], row["explored"], row["model_id"]) == (
-            choice.decision,
-            choice.propensity,
-            choice.explored,
-            "notify-1700000100",
-        )
-    assert {d["decision_id"]: (d["decision"], d["propensity"]) for d in logged} == {
-        r["decision_id"]: (r["decision"], r["propensity"]) for r in rows
-    }
-    # RunInference's metrics count rows: one model batch per pre-formed batch.
-    sizes = _distribution(result, "loopline.inference", "inference_request_batch_size")
-    assert (sizes.count, sizes.sum, sizes.max, sizes.min) == (5, 45, 10, 5)
-
-    # A model that throws fails exactly its batches (all their rows), row by row.
-    model = resolve_serving_model(str(throwing_model), blueprint.name)
-    poisoned_batches = [b for b in batches if any(e.features["country"] == "BR" for _, e in b)]
-    assert 0 < len(poisoned_batches) < len(batches)
-    rows, _, failed, _ = _run_batches(
-        batches, decision_model_handler(model, blueprint, KEY), ThresholdPolicy(), "Throwing"
-    )
-    inference_failed = {f.decision_id for f in failed if f.reason == INFERENCE_FAILED}
-    assert inference_failed == {d for b in poisoned_batches for d, _ in b}
-    assert len(rows) + len(failed) == 45
