@@ -46,6 +46,7 @@ os.environ.setdefault("LOOPLINE_PII_KEY", "bench-key-not-a-secret")
 from loopline.blueprint import load_blueprint  # noqa: E402
 from loopline.events import DECISION, Refusal  # noqa: E402
 from loopline.policy import policy_from_blueprint  # noqa: E402
+from loopline.registry import resolve_serving_model  # noqa: E402
 from loopline.scorer import LoadedModel  # noqa: E402
 from pipelines import bulk_score  # noqa: E402
 from tests.scoring_fixtures import export_scoring_model, make_decisions  # noqa: E402
@@ -55,7 +56,6 @@ from transforms.examples import features_to_example, pii_key  # noqa: E402
 from transforms.model_handler import SavedModelHandler  # noqa: E402
 from transforms.policy_step import decide, utc_now  # noqa: E402
 from transforms.score_output import score_lines  # noqa: E402
-from transforms.serving_model import resolve_serving_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"

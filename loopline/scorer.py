@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from loopline.blueprint import Blueprint
-from transforms.serving_model import ModelNotFound, resolve_serving_model
+from loopline.registry import ModelNotFound, resolve_serving_model
 
 if TYPE_CHECKING:
     import numpy as np

@@ -33,6 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.blueprint import Blueprint, BlueprintError
 from loopline.policy import PolicyError, policy_from_blueprint
+from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import DEVICES
 from pipelines.blueprint_io import read_blueprint
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
@@ -43,7 +44,6 @@ from transforms.model_handler import SavedModelHandler
 from transforms.score_output import WriteFailures, WriteScores
 from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
 from transforms.scoring_input import ReadDecisionBatches
-from transforms.serving_model import ModelNotFound, resolve_serving_model
 
 INPUT_FORMATS = ("auto", "json", "avro", "tfrecord")
 DEFAULT_MIN_BATCH_SIZE = 256
@@ -83,7 +83,11 @@ class BulkScoreOptions(PipelineOptions):
         parser.add_argument(
             "--model_dir", help="Serving dir the Pusher pushes versions to (or one version dir)."
         )
-        parser.add_argument("--model_version", help="Version to score with; default the latest.")
+        parser.add_argument(
+            "--model_version",
+            help="The model to score with: a registry alias (production, challenger), a model "
+            "id or a version; default the production alias (never the newest directory).",
+        )
         add_shared_argument(
             parser, "--blueprint", help="Blueprint YAML; default the one the model record names."
         )

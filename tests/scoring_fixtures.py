@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from loopline import registry
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent, format_event_time
 
@@ -119,8 +120,13 @@ class ScoringModel(tf.Module):
         return {"score": tf.sigmoid(tf.reshape(x, [-1]))}
 
 
-def export_scoring_model(blueprint: Blueprint, version_dir: str | Path, **kwargs) -> Path:
-    """Exports a ScoringModel to ``version_dir`` (SERVING_DIR/<version>) with its model record.
+def export_scoring_model(
+    blueprint: Blueprint, version_dir: str | Path, production: bool = True, **kwargs
+) -> Path:
+    """Exports a ScoringModel to ``version_dir`` (SERVING_DIR/<version>) with its model record,
+    registered in the serving dir's registry and, with ``production`` (the default), promoted
+    to production there, as a model that won its rollout would be: the last model exported
+    this way is what scoring resolves by default.
 
     Keyword arguments go to ScoringModel (hidden_units, buckets, embedding_dim, seed,
     fail_on_country).
@@ -128,14 +134,22 @@ def export_scoring_model(blueprint: Blueprint, version_dir: str | Path, **kwargs
     version_dir = Path(version_dir)
     model = ScoringModel(blueprint, **kwargs)
     tf.saved_model.save(model, str(version_dir), signatures={"serving_default": model.serve})
+    name = f"{blueprint.name}-{version_dir.name}"
     record = {
-        "model_id": f"{blueprint.name}-{version_dir.name}",
+        "model_id": name,
+        "name": name,
         "version": version_dir.name,
+        "blessed": True,
+        "pushed": True,
         "blueprint": blueprint.summary(),
         "parameters": model.parameter_count,
     }
     record_path = version_dir.parent / f"{version_dir.name}.record.json"
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    serving = str(version_dir.parent)
+    registry.register(serving, record, replace_challenger=True)
+    if production:
+        registry.promote(serving, "exported for a test", challenger=name)
     return version_dir
 
 

@@ -225,7 +225,7 @@ def test_avro_and_tfrecord_inputs_score_like_json_with_a_named_version(
         (["--input", "x.jsonl", "--model_dir", "{missing}", "--output", "O",
           "--blueprint", "{blueprint}"], "does not exist"),
         (["--input", "x.jsonl", "--model_dir", "{serving}", "--model_version", "7", "--output", "O",
-          "--blueprint", "{blueprint}"], "no version 7"),
+          "--blueprint", "{blueprint}"], "has no model or version 7"),
         (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O"], "--blueprint is required"),
         (["--input", "{missing}/*.jsonl", "--model_dir", "{serving}", "--output", "O",
           "--blueprint", "{blueprint}"], "no files match --input"),

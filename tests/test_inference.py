@@ -17,6 +17,7 @@ from apache_beam.ml.inference.base import PredictionResult
 
 from loopline.events import parse_decision_json
 from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
+from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import SavedModelScorer
 from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
 from transforms.encoding import DecisionEncoder, EncodedDecision
@@ -26,7 +27,6 @@ from transforms.model_handler import SavedModelHandler
 from transforms.policy_step import ScoredDecision, decide
 from transforms.score_output import WriteScores
 from transforms.scoring_failures import ENCODE_FAILED, INFERENCE_FAILED
-from transforms.serving_model import ModelNotFound, resolve_serving_model
 
 KEY = b"test-key-not-a-secret"
 REPO = Path(__file__).resolve().parent.parent
@@ -100,20 +100,24 @@ def _result(decision_id, score, event=None, model_id="notify-1"):
     return decision_id, PredictionResult(EncodedDecision(b"", event), score, model_id)
 
 
-def test_resolve_serving_model_picks_the_largest_integer_version(tmp_path, blueprint):
-    for name in ("9", "10", "latest", "11.tmp"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "saved_model.pb").write_bytes(b"")
+def test_scoring_resolves_the_production_alias_not_the_newest_version(tmp_path, blueprint):
+    export_scoring_model(blueprint, tmp_path / "9", seed=1)
+    export_scoring_model(blueprint, tmp_path / "10", seed=2, production=False)  # a challenger
     model = resolve_serving_model(str(tmp_path), "notify")
-    assert (model.version, model.model_id) == ("10", "notify-10")
-    assert resolve_serving_model(str(tmp_path), "notify", "9").model_id == "notify-9"
-    assert resolve_serving_model(str(tmp_path / "9"), "notify").model_id == "notify-9"
+    assert (model.version, model.model_id) == ("9", "notify-9")
+    assert resolve_serving_model(str(tmp_path), "notify", "challenger").version == "10"
+    assert resolve_serving_model(str(tmp_path), "notify", "notify-10").version == "10"
+    assert resolve_serving_model(str(tmp_path), "notify", "10").model_id == "notify-10"
+    assert resolve_serving_model(str(tmp_path / "10"), "notify").model_id == "notify-10"
 
 
-def test_resolve_serving_model_refuses_missing_versions_and_other_blueprints(tmp_path, serving_dir):
-    with pytest.raises(ModelNotFound, match="no pushed version"):
+def test_resolve_serving_model_refuses_missing_versions_and_other_blueprints(
+    tmp_path, serving_dir, blueprint
+):
+    export_scoring_model(blueprint, tmp_path / "1", production=False)  # only a challenger
+    with pytest.raises(ModelNotFound, match="has no production model"):
         resolve_serving_model(str(tmp_path), "notify")
-    with pytest.raises(ModelNotFound, match="no version 3"):
+    with pytest.raises(ModelNotFound, match="has no model or version 3"):
         resolve_serving_model(str(serving_dir), "notify", "3")
     with pytest.raises(ModelNotFound, match="trained for blueprint 'notify'"):
         resolve_serving_model(str(serving_dir), "churn")
@@ -146,7 +150,7 @@ def test_a_scored_decision_logs_its_event_with_the_choice(blueprint):
     [event] = make_decisions(blueprint, 1)
     scored = ScoredDecision("d-1", 0.1, 0, 0.025, True, "notify-7", SCORED_AT, event)
     assert scored.to_decision_event() == replace(
-        event, decision=0, propensity=0.025, model_id="notify-7"
+        event, decision=0, propensity=0.025, model_id="notify-7", score=0.1
     )
 
 
@@ -203,7 +207,7 @@ def test_the_garbage_collector_is_frozen_by_loading_the_model_not_by_imports(ser
     # In a fresh process: this one's heap must not be frozen by the test.
     script = (
         "import gc, sys\n"
-        "import transforms.inference, transforms.model_handler as h, transforms.serving_model as s\n"
+        "import transforms.inference, transforms.model_handler as h, loopline.registry as s\n"
         "assert gc.get_freeze_count() == 0, 'frozen on import'\n"
         "h.SavedModelHandler(s.resolve_serving_model(sys.argv[1], 'notify')).load_model()\n"
         "assert gc.get_freeze_count() > 0, 'not frozen by load_model'\n"
@@ -381,7 +385,9 @@ def test_written_score_lines_hold_each_scored_decision_once(written):
         )
 
 
-def test_written_decision_events_carry_the_choice_and_the_original_features(written, blueprint):
+def test_written_decision_events_carry_the_choice_the_score_and_the_original_features(
+    written, blueprint
+):
     events, _, rows, logged = written
     by_id = {r["decision_id"]: r for r in rows}
     originals = {e.decision_id: e for e in events}
@@ -390,7 +396,7 @@ def test_written_decision_events_carry_the_choice_and_the_original_features(writ
         event = parse_decision_json(json.dumps(line), blueprint)
         row = by_id[event.decision_id]
         assert event == originals[event.decision_id].with_choice(
-            row["decision"], row["propensity"], row["model_id"]
+            row["decision"], row["propensity"], row["model_id"], score=row["score"]
         )
 
 

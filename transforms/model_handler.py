@@ -18,9 +18,9 @@ from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from loopline.registry import ServingModel
 from loopline.scorer import DEVICES, LoadedModel
 from transforms.encoding import EncodedDecision
-from transforms.serving_model import ServingModel
 
 METRICS_NAMESPACE = "loopline.inference"
 

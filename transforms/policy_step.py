@@ -11,6 +11,7 @@ a list of rows (one row is a list of one).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -72,9 +73,9 @@ class ScoredDecision(NamedTuple):
         """The scored decision as the decision event it logs (None without a source event)."""
         if self.event is None:
             return None
-        return self.event.with_choice(
-            self.decision, self.propensity, self.model_id, score=self.score
-        )
+        # A score the model could not make finite is not logged (the event would be refused).
+        score = self.score if math.isfinite(self.score) else None
+        return self.event.with_choice(self.decision, self.propensity, self.model_id, score=score)
 
 
 def _json_float(value: float) -> str:
