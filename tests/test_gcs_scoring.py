@@ -1,9 +1,8 @@
 """pipelines.bulk_score and pipelines.monitor reading and writing gs:// (the GCS emulator).
 
 The same fixtures and checks as tests/test_bulk_score.py and tests/test_monitor.py, with every
-input, the blueprint and every output on gs://. The model directory stays on local disk here:
-model resolution (transforms/inference.py: resolve_serving_model) reads it with pathlib, so a
-gs:// --model_dir fails today ("model dir gs://... does not exist").
+input, the blueprint, the serving dir (the registry's aliases.json, the record and the
+SavedModel, which TensorFlow loads from gs://) and every output on gs://.
 """
 
 import json
@@ -41,12 +40,15 @@ def scored(gcs_emulator, tmp_path_factory, blueprint, blueprint_path):
     _upload(write_decision_lines(local / "decisions.jsonl", events, CORRUPT),
             f"{root}/in/decisions.jsonl")  # fmt: skip
     _upload(blueprint_path, f"{root}/in/notify.yaml")
+    for path in sorted(p for p in serving.rglob("*") if p.is_file()):
+        _upload(path, f"{root}/serving/{path.relative_to(serving)}")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOPLINE_PII_KEY", KEY)
         bulk_score.run([
-            "--input", f"{root}/in/decisions.jsonl", "--model_dir", str(serving),
+            "--input", f"{root}/in/decisions.jsonl", "--model_dir", f"{root}/serving",
             "--blueprint", f"{root}/in/notify.yaml", "--output", f"{root}/out",
             "--log_decisions", "--min_batch_size", "8", "--max_batch_size", "32",
+            "--max_failed_fraction", "0.05",
         ])  # fmt: skip
     expected = _expected_scores(events, blueprint, serving / "1793534400")
     return f"{root}/out", expected
