@@ -42,7 +42,7 @@ class Demo:
     start: datetime
     seed: int
     stage: int = 0
-    stages: int = 8
+    stages: int = 9
     summary: dict = field(default_factory=dict)
 
     @property
@@ -170,14 +170,18 @@ def train(demo: Demo, cycle: int, spans: int) -> dict:
     )
     records = sorted((demo.pipeline_root / "records").glob("*.json"), key=os.path.getmtime)
     record = json.loads(records[-1].read_text(encoding="utf-8"))
-    verdict = f"blessed, pushed {record['model_id']}" if record["blessed"] else "not blessed"
+    verdict = f"blessed, pushed {record['name']}" if record["blessed"] else "not blessed"
     demo.summary.setdefault("models", []).append(
         {
             "cycle": cycle,
             "model_id": record.get("model_id"),
+            "name": record.get("name"),
             "blessed": record["blessed"],
             "why": record.get("why"),
             "eval_auc": _overall_auc(record),
+            # Treatment-aware training judges the rows whose label is observable (sent).
+            "observable_auc": _slice_auc(record, _observable_slice(demo)),
+            "truth_observable_auc": observable_truth_auc(demo, spans),
         }
     )
     demo.done(started, f"{verdict}: {record.get('why')}")
@@ -197,6 +201,9 @@ def score_next_day(demo: Demo) -> tuple[str, Path]:
         start_ms=_epoch_ms(demo.start + timedelta(days=demo.days)),
     )
     scores = demo.workdir / "scores" / day
+    # A blessed push is only the challenger: no model has earned production yet, so the
+    # demo scores the day with the challenger by name to monitor it. In production the
+    # challenger serves the rollout's share of units (see the rollout stage).
     demo.run_module(
         "bulk_score",
         "pipelines.bulk_score",
@@ -204,6 +211,8 @@ def score_next_day(demo: Demo) -> tuple[str, Path]:
         str(requests / "decisions-*.jsonl"),
         "--model_dir",
         str(demo.serving_dir),
+        "--model_version",
+        "challenger",
         "--blueprint",
         demo.blueprint_path,
         "--output",
@@ -281,6 +290,78 @@ def second_cycle(demo: Demo, day: str, scores: Path, outcomes: Path) -> None:
     train(demo, cycle=2, spans=demo.days + 1)
 
 
+def rollout(demo: Demo) -> None:
+    """The rollout demo (pipelines.rollout_demo): a truly better challenger earns production
+    through the two-arm client, the monitor's daily readout and pipelines.promote."""
+    started = demo.step("roll out a challenger: both arms serve, the monitor decides, promote")
+    out = demo.workdir / "rollout"
+    demo.run_module(
+        "rollout",
+        "pipelines.demo",
+        "--rollout",
+        "better",
+        "--seed",
+        str(demo.seed),
+        "--output",
+        str(out),
+        "--decisions_per_day",
+        str(demo.decisions_per_day),
+    )
+    log = (demo.workdir / "stage-logs" / "rollout.log").read_text(encoding="utf-8")
+    line = next(line for line in reversed(log.splitlines()) if line.startswith("rollout:"))
+    demo.summary["rollout"] = line
+    demo.done(started, line)
+
+
+def _observable_slice(demo: Demo) -> str | None:
+    """The TFMA slice of the rows whose label is observable (``decision=1`` for notify)."""
+    conditions = demo.blueprint.label.observable_when
+    if len(conditions) != 1 or len(conditions[0][1]) != 1:
+        return None
+    column, (value,) = conditions[0]
+    return f"{column}={value}"
+
+
+def observable_truth_auc(demo: Demo, spans: int) -> float | None:
+    """The ground truth's AUC on the observable eval rows of the newest ``spans`` spans: what
+    the model's AUC on the same rows is compared with. The truth is the simulator's hidden
+    click probability; the labels are the examples' own."""
+    import tensorflow as tf
+
+    from loopline.metrics import auc
+    from loopline.spans import find_spans
+
+    p_click = {}
+    for path in (demo.workdir / "logs").glob("*/truth.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            p_click[row["decision_id"]] = row["p_click"]
+    label = demo.blueprint.label
+    scores, labels = [], []
+    for span in find_spans(str(demo.workdir / "data"), demo.blueprint.name, newest=spans):
+        files = span.example_files("eval")
+        for raw in tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator():
+            feature = tf.train.Example.FromString(raw).features.feature
+            row = {
+                name: (feature[name].int64_list.value or feature[name].bytes_list.value or [None])[
+                    0
+                ]
+                for name in ("decision", "arm", "model_id")
+                if name in feature
+            }
+            row = {k: v.decode() if isinstance(v, bytes) else v for k, v in row.items()}
+            decision_id = feature["decision_id"].bytes_list.value[0].decode()
+            if label.is_observable(row) and decision_id in p_click:
+                scores.append(p_click[decision_id])
+                labels.append(int(feature[label.name].int64_list.value[0]))
+    return auc(scores, labels) if scores else None
+
+
+def _slice_auc(record: dict, name: str | None) -> float | None:
+    metrics = (record.get("metrics") or {}).get(name) if name else None
+    return (metrics or {}).get("auc")
+
+
 def print_summary(demo: Demo, elapsed_s: float) -> None:
     s = demo.summary
     print("\n== Loopline demo summary ==")
@@ -292,8 +373,12 @@ def print_summary(demo: Demo, elapsed_s: float) -> None:
     for m in s.get("models", []):
         verdict = "BLESSED" if m["blessed"] else "not blessed"
         print(
-            f"model cycle {m['cycle']}:      {m['model_id'] or '-'}  {verdict}  "
+            f"model cycle {m['cycle']}:      {m['name'] or '-'}  {verdict}  "
             f"eval AUC {_fmt(m['eval_auc'])}  ({m['why']})"
+        )
+        print(
+            f"  on sent rows:     AUC {_fmt(m['observable_auc'])} vs ground truth "
+            f"{_fmt(m['truth_observable_auc'])} on the same rows"
         )
     print(f"scored next day:    {s.get('scored', 0)} decisions with RunInference + policy")
     live_auc = _live_auc(s.get("live", {}))
@@ -303,6 +388,7 @@ def print_summary(demo: Demo, elapsed_s: float) -> None:
     for problem in s.get("live", {}).get("problems", []):
         print(f"monitor flag:       {problem}")
     print(f"report:             {s.get('report')}")
+    print(f"{s.get('rollout', 'rollout: not run')}")
     print(
         f"took:               {elapsed_s / 60:.1f} min; stage logs in {demo.workdir / 'stage-logs'}"
     )
@@ -385,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = simulate_outcomes(demo, day, scores)
     monitor(demo, day, scores, outcomes)
     second_cycle(demo, day, scores, outcomes)
+    rollout(demo)
     print_summary(demo, time.monotonic() - began)
     return 0
 

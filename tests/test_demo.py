@@ -32,8 +32,8 @@ def test_demo_runs_the_whole_loop_and_writes_the_report(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    for stage in range(1, 9):
-        assert f"[{stage}/8]" in out
+    for stage in range(1, 10):
+        assert f"[{stage}/9]" in out
     assert "== Loopline demo summary ==" in out
 
     summary = json.loads((workdir / "summary.json").read_text())
@@ -58,3 +58,7 @@ def test_demo_runs_the_whole_loop_and_writes_the_report(tmp_path):
     # Scoring exits cleanly: no TensorFlow finalizer errors at interpreter shutdown.
     scoring_log = (workdir / "stage-logs" / "bulk_score.log").read_text()
     assert "scored" in scoring_log and "Exception ignored" not in scoring_log
+    # The rollout stage: a truly better challenger earns production.
+    assert summary["rollout"].startswith("rollout: promoted ")
+    # Treatment-aware training is judged on the sent rows, next to the truth on those rows.
+    assert first["observable_auc"] is not None and first["truth_observable_auc"] is not None
