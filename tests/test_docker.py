@@ -264,3 +264,12 @@ def test_cloudbuild_compiles_the_vertex_training_spec_the_dag_runs(tmp_path):
         assert "europe-west4-docker.pkg.dev/p/loopline/loopline:v7" in text
         assert "--runner=DataflowRunner" in text
         assert str(bucket / "serving" / name) in text
+
+
+def test_cloudbuild_deploys_the_promote_job_the_dag_executes():
+    steps = {s["id"]: s for s in yaml.safe_load((REPO / "cloudbuild.yaml").read_text())["steps"]}
+    args = steps["job-promote"]["args"]
+    assert args[:4] == ["run", "jobs", "deploy", "loopline-promote-${_TAG}"]
+    assert args[args.index("--command") + 1] == "python,-m,pipelines.promote"
+    factory = (REPO / "dags" / "loopline_dags" / "factory.py").read_text()
+    assert "loopline-promote-{{ var.value.loopline_release }}" in factory
