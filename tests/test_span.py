@@ -22,16 +22,10 @@ from transforms.join import (
     JoinedDecision,
     UnmatchedObservation,
 )
-from transforms.span import (
-    COUNT_NAMES,
-    MANIFEST,
-    SpanInputs,
-    SpanStats,
-    WriteSpan,
-    alternative_windows_ms,
-    build_manifest,
-    is_eval,
-)
+from transforms.manifest import COUNT_NAMES, MANIFEST, alternative_windows_ms, build_manifest
+from transforms.span import SpanInputs, WriteSpan
+from transforms.span_stats import SpanStats
+from transforms.split import is_eval
 
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 MINUTE = 60_000
