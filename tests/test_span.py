@@ -22,8 +22,15 @@ from transforms.join import (
     JoinedDecision,
     UnmatchedObservation,
 )
-from transforms.manifest import COUNT_NAMES, MANIFEST, alternative_windows_ms, build_manifest
+from transforms.manifest import (
+    COUNT_NAMES,
+    MANIFEST,
+    alternative_windows_ms,
+    build_manifest,
+    listed_files,
+)
 from transforms.span import SpanInputs, WriteSpan
+from transforms.span_commit import span_files
 from transforms.span_stats import SpanStats
 from transforms.split import is_eval
 
@@ -281,57 +288,85 @@ def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
     assert manifest["observations_used"] == 3 and manifest["observations_orphan"] == 1
 
 
-def test_streaming_writes_files_and_a_manifest_per_output_window(tmp_path):
-    """TestStream: two hours of joined decisions -> two hourly windows, each with its manifest."""
+HOUR = 3_600_000
+_STREAM_TAGS = list(SpanInputs._fields)
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory) -> Path:
+    """TestStream: two hours of joined decisions and dead letters, hourly output windows, two
+    shards per window."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.window import TimestampedValue
 
-    hour = 3_600_000
     stream = TestStream()
-    stream.add_elements(
-        [
-            TimestampedValue(
-                _joined(i, delays=(MINUTE,) if i % 2 else ()), (T0 + i * MINUTE) / 1000
-            )
-            for i in range(3)
-        ]  # fmt: skip
-        + [TimestampedValue(_joined(10 + i), (T0 + hour + i * MINUTE) / 1000) for i in range(2)],
-        tag="joined",
-    )
+    first_hour = [
+        TimestampedValue(_joined(i, delays=(MINUTE,) if i % 2 else ()), (T0 + i * MINUTE) / 1000)
+        for i in range(3)
+    ]
+    second_hour = [
+        TimestampedValue(_joined(10 + i), (T0 + HOUR + i * MINUTE) / 1000) for i in range(2)
+    ]
+    stream.add_elements(first_hour + second_hour, tag="joined")
     stream.add_elements(
         [TimestampedValue(UnmatchedObservation(ORPHAN, _observation(9, T0)), T0 / 1000)],
         tag="unmatched",
     )
     stream.add_elements(
-        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + hour) / 1000)],
+        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + HOUR) / 1000)],
         tag="rejected_decisions",
     )
-    tags = ["joined", "unmatched", "duplicate_decisions", "duplicate_observations",
-            "rejected_decisions", "rejected_observations"]  # fmt: skip
-    for tag in tags:
+    for tag in _STREAM_TAGS:
         stream.advance_watermark_to_infinity(tag=tag)
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
-    out = str(tmp_path / "stream")
+    out = tmp_path_factory.mktemp("stream")
     with TestPipeline(options=options) as p:
         pcolls = p | stream
-        SpanInputs(**{tag: pcolls[tag] for tag in tags}) | WriteSpan(
-            out, PLAIN, output_window_ms=hour
+        SpanInputs(**{tag: pcolls[tag] for tag in _STREAM_TAGS}) | WriteSpan(
+            str(out), PLAIN, num_shards=2, output_window_ms=HOUR
         )
-    manifests = sorted((tmp_path / "stream" / "manifests").glob("manifest-*.json"))
-    assert len(manifests) == 2
-    first, second = (json.loads(m.read_text()) for m in manifests)
-    assert first["output_window"]["start"] == "2026-11-01T12:00:00.000Z"
-    assert (
-        first["examples_written"],
-        first["examples_observed"],
-        first["observations_orphan"],
-    ) == (3, 1, 1)
+    return out
+
+
+def _window_spans(root: Path) -> dict[str, dict]:
+    return {m.parent.name: json.loads(m.read_text()) for m in sorted(root.glob(f"*/{MANIFEST}"))}
+
+
+def test_streaming_writes_one_span_per_output_window_named_by_its_start(streamed):
+    spans = _window_spans(streamed)
+    assert list(spans) == ["2026-11-01T120000.000Z", "2026-11-01T130000.000Z"]
+    assert spans["2026-11-01T120000.000Z"]["output_window"] == {
+        "start": "2026-11-01T12:00:00.000Z",
+        "end": "2026-11-01T13:00:00.000Z",
+    }
+    assert not any(":" in p.name for p in streamed.rglob("*"))
+
+
+def test_each_window_span_has_the_standard_layout_and_reconciles(streamed):
+    spans = _window_spans(streamed)
+    first, second = spans.values()
+    counts = ("examples_written", "examples_observed", "observations_orphan")
+    assert tuple(first[k] for k in counts) == (3, 1, 1)
     assert (second["examples_written"], second["rejected_decisions"]) == (2, 1)
     assert first["reconciles"] and second["reconciles"]
-    examples = _read_examples(str(tmp_path / "stream/examples/*/*.tfrecord.gz"))
-    assert len(examples) == 5
-    listed = sorted(f for m in (first, second) for files in m["files"].values() for f in files)
-    assert listed and all(Path(f).exists() for f in listed)
-    assert len([f for f in listed if f.endswith(".tfrecord.gz")]) >= 2
+    for name in spans:
+        examples = _read_examples(str(streamed / name / "examples/*/*.tfrecord.gz"))
+        assert len(examples) == spans[name]["examples_written"]
+
+
+def test_each_window_manifest_lists_exactly_its_files_with_record_counts(streamed):
+    for name, manifest in _window_spans(streamed).items():
+        assert listed_files(manifest) == span_files(str(streamed / name))
+        examples = sum(
+            n for path, n in manifest["records_per_file"].items() if ".tfrecord.gz" in path
+        )
+        assert examples == manifest["examples_written"]
+    assert not [p for p in streamed.rglob("*") if p.is_file() and ".temp" in str(p)]
+
+
+def test_num_shards_is_honoured_per_window(streamed):
+    for name, manifest in _window_spans(streamed).items():
+        for output in ("train", "eval", "unmatched_observations", "rejected"):
+            assert len(manifest["files"][output]) == 2, (name, output)

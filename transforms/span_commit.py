@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -191,7 +192,10 @@ def _check_claim(claim_dir: str, run_id: str, span_dir: str) -> None:
 
 def write_json_atomically(path: str, data: dict) -> None:
     """Writes JSON under a temporary name and renames it, so readers never see half a file."""
-    tmp = path + ".tmp"
+    # Named like temp debris, so a writer killed between create and rename leaves what the next
+    # claim removes.
+    directory, name = FileSystems.split(path)
+    tmp = FileSystems.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{name}")
     with FileSystems.create(tmp, mime_type="application/json") as f:
         f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8") + b"\n")
     _delete_quietly([path])
