@@ -107,32 +107,49 @@ def _lines(pattern: str) -> list[dict]:
     ]
 
 
-def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
-    manifest = _run_span(tmp_path, _small_span())
-    span = tmp_path / "span"
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict]:
+    """The span of ``_small_span``, written once: (span directory, manifest)."""
+    root = tmp_path_factory.mktemp("small")
+    return root / "span", _run_span(root, _small_span())
 
+
+def _example_ids(examples: list[tf.train.Example]) -> set[str]:
+    return {e.features.feature["decision_id"].bytes_list.value[0].decode() for e in examples}
+
+
+def test_examples_are_split_by_the_stable_hash(small):
+    span, _ = small
     train = _read_examples(str(span / "examples/train/*.tfrecord.gz"))
     eval_ = _read_examples(str(span / "examples/eval/*.tfrecord.gz"))
-    ids = {
-        split: {e.features.feature["decision_id"].bytes_list.value[0].decode() for e in examples}
-        for split, examples in (("train", train), ("eval", eval_))
-    }
-    assert ids["train"] | ids["eval"] == {"d-1", "d-2", "d-3"}
-    for split, split_ids in ids.items():
-        assert all(is_eval(i, PLAIN.eval_fraction) == (split == "eval") for i in split_ids)
+    assert _example_ids(train) | _example_ids(eval_) == {"d-1", "d-2", "d-3"}
+    assert all(not is_eval(i, PLAIN.eval_fraction) for i in _example_ids(train))
+    assert all(is_eval(i, PLAIN.eval_fraction) for i in _example_ids(eval_))
+
+
+def test_examples_carry_their_labels(small):
+    span, _ = small
+    examples = _read_examples(str(span / "examples/*/*.tfrecord.gz"))
     labels = {
         e.features.feature["decision_id"].bytes_list.value[0]: e.features.feature[
             "y"
         ].int64_list.value[0]
-        for e in train + eval_
+        for e in examples
     }
     assert labels == {b"d-1": 1, b"d-2": 1, b"d-3": 0}
 
+
+def test_unmatched_observations_are_written_with_their_reason(small):
+    span, _ = small
     unmatched = _lines(str(span / "unmatched_observations/*.jsonl"))
     assert sorted((u["reason"], u["event"]["decision_id"]) for u in unmatched) == [
         ("orphan", "d-9"),
         ("out_of_window", "d-2"),
     ]
+
+
+def test_dead_letters_are_written_with_reason_source_and_payload(small):
+    span, _ = small
     rejected = _lines(str(span / "rejected/*.jsonl"))
     assert sorted(rejected, key=lambda r: r["source"]) == [
         {
@@ -144,6 +161,13 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         {"reason": "bad_time", "detail": "no time", "source": "observation", "payload": '{"x":1}'},
     ]
 
+
+def test_manifest_counts_reconcile(small):
+    span, manifest = small
+    split = {
+        name: len(_read_examples(str(span / f"examples/{name}/*.tfrecord.gz")))
+        for name in ("train", "eval")
+    }
     assert {k: manifest[k] for k in COUNT_NAMES} == {
         "decisions_in": 5,
         "examples_written": 3,
@@ -157,14 +181,18 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         "observations_orphan": 1,
         "duplicate_observations": 1,
         "rejected_observations": 1,
-        "examples_train": len(train),
-        "examples_eval": len(eval_),
+        "examples_train": split["train"],
+        "examples_eval": split["eval"],
     }
     assert manifest["reconciles"] is True
     assert manifest["rejected_by_reason"] == {
         "decision": {"bad_json": 1},
         "observation": {"bad_time": 1},
     }
+
+
+def test_manifest_records_blueprint_windows_and_event_time_range(small):
+    _, manifest = small
     assert manifest["blueprint"] == PLAIN.summary()
     assert manifest["window"]["label_window"] == "1h"
     assert manifest["window"]["backward_slack_ms"] == 2 * MINUTE
@@ -172,6 +200,10 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         "min": "2026-11-01T11:59:00.000Z",
         "max": "2026-11-01T13:30:00.000Z",
     }
+
+
+def test_manifest_label_delays_and_alternative_windows(small):
+    _, manifest = small
     # Delays -1m, 1m, 3m: nearest rank p50 is the 2nd, p90 and p99 the 3rd.
     assert manifest["label_delay"]["p50_ms"] == MINUTE
     assert manifest["label_delay"]["p99_ms"] == 3 * MINUTE
@@ -184,15 +216,20 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
     assert set(windows) == {"15m", "30m", "1h", "2h", "4h", "1d"}
 
 
-def test_manifest_is_written_after_every_other_file(tmp_path):
-    manifest = _run_span(tmp_path, _small_span())
-    span = tmp_path / "span"
+def test_manifest_is_written_after_every_other_file(small):
+    span, manifest = small
     written = [p for p in span.rglob("*") if p.is_file() and p.name != MANIFEST]
-    assert written and not [p for p in written if p.name.endswith(".tmp")]
+    assert written and not [p for p in written if ".tmp" in p.name or ".temp" in str(p)]
     manifest_time = os.stat(span / MANIFEST).st_mtime_ns
     assert all(os.stat(p).st_mtime_ns <= manifest_time for p in written)
-    listed = sorted(f for files in manifest["files"].values() for f in files)
-    assert listed == sorted(str(p) for p in written)
+
+
+def test_manifest_lists_every_file_with_its_record_count(small):
+    span, manifest = small
+    assert listed_files(manifest) == span_files(str(span))
+    records = manifest["records_per_file"]
+    assert sum(n for p, n in records.items() if "/examples/" in p) == 3
+    assert sum(n for p, n in records.items() if "/rejected/" in p) == 2
 
 
 def test_reconciliation_fails_when_an_input_is_lost(tmp_path):

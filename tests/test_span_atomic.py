@@ -20,6 +20,8 @@ import tensorflow as tf
 from loopline.blueprint import load_blueprint
 from loopline.simulate import FaultRates, Simulator
 from pipelines.join_decisions import run
+from tests.fake_object_store import PREFIX as FAKE_GCS
+from tests.fake_object_store import FakeObjectStore
 from transforms.manifest import MANIFEST, listed_files
 from transforms.span_commit import (
     CLAIM,
@@ -189,3 +191,31 @@ def test_two_concurrent_writers_never_mix_files(logs, tmp_path):
     manifest = json.loads((span / MANIFEST).read_text())
     assert listed_files(manifest) == span_files(str(span))
     assert _records(span) == manifest["examples_written"]
+
+
+@pytest.fixture
+def object_store():
+    """An empty in-process object store behind ``fake-gcs://`` (tests/fake_object_store.py)."""
+    FakeObjectStore.objects = {}
+    yield FakeObjectStore.objects
+    FakeObjectStore.objects = {}
+
+
+def test_the_join_rewrites_a_span_on_an_object_store_atomically(
+    logs, object_store, tmp_path, pii_key
+):
+    span = f"{FAKE_GCS}bucket/notify/2026-11-01"
+    stale = f"{span}/examples/train/part-00007-of-00009.tfrecord.gz"
+    object_store[stale] = b"left by an older run with 9 shards"
+    object_store[f"{span}/examples/eval/beam-temp-part-1/x"] = b"debris of a killed sink"
+    object_store[f"{span}/{MANIFEST}"] = b'{"files": {}}'
+    manifest = run(_args(logs, span, "--num_shards", "2"))
+    assert listed_files(manifest) == span_files(span)
+    assert stale not in object_store
+    assert json.loads(object_store[f"{span}/{MANIFEST}"]) == manifest
+    local = []
+    for path in manifest["files"]["train"] + manifest["files"]["eval"]:
+        local.append(tmp_path / path.rsplit("/", 1)[1].replace("part", path.split("/")[-2]))
+        local[-1].write_bytes(object_store[path])
+    records = tf.data.TFRecordDataset([str(p) for p in local], compression_type="GZIP")
+    assert sum(1 for _ in records) == manifest["examples_written"]

@@ -15,7 +15,9 @@ features never reach an example, pseudonymised ones arrive as keyed HMAC-SHA256 
 ``features_to_examples`` is the same encoding for a batch, column by column: the values go into
 an Arrow record batch and tfx_bsl's C++ encoder writes the examples, about four times faster per
 row than building each proto in Python. It parses to the same tf.Example as
-``features_to_example`` (the order of the features on the wire may differ).
+``features_to_example`` (the order of the features on the wire may differ). The join's examples
+(``joined_to_example``: features, label, the join's columns and the decision's provenance) have
+the same pair: ``joined_to_examples`` encodes a batch of joined decisions.
 """
 
 from __future__ import annotations
