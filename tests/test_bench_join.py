@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.join import main
+from bench.join import main, median_run
 
 
 @pytest.mark.slow
@@ -29,3 +29,9 @@ def test_bench_runs_all_three_contenders_on_the_same_logs(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "join_over_identity" in printed and "events/s" in printed
+
+
+def test_repeated_runs_report_the_median_run_with_every_time():
+    runs = [{"seconds": 3.0, "n": 1}, {"seconds": 1.0, "n": 2}, {"seconds": 2.0, "n": 3}]
+    assert median_run(runs) == {"seconds": 2.0, "n": 3, "all_seconds": [3.0, 1.0, 2.0]}
+    assert median_run(runs[:2])["seconds"] == 1.0  # the lower middle of an even count
