@@ -16,7 +16,7 @@ so a span directory with a manifest holds exactly the files it lists.
 Batch writes one span in ``OUTPUT``. Streaming (``output_window_ms``) writes one complete span
 per fixed event-time window, in ``OUTPUT/<window start>`` (RFC 3339 without ``:``, e.g.
 ``2026-11-01T120000.000Z``), each with its own manifest; ``pipelines.train`` reads either.
-Both run the same ``expand`` over a layout (``_BatchLayout`` / ``_WindowedLayout``) that says
+Both run the same ``expand`` over a layout (``transforms.span_layout``) that says
 how inputs are windowed, how files are sharded and when a span is committed.
 
     >>> parsed_decisions = raw_decisions | ParseDecisions(blueprint)
@@ -29,41 +29,31 @@ how inputs are windowed, how files are sharded and when a span is committed.
 from __future__ import annotations
 
 import json
-import random
 import uuid
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import window as beam_window
 from apache_beam.utils.windowed_value import WindowedValue
 
 from loopline.blueprint import Blueprint
-from loopline.events import Refusal, format_event_time
+from loopline.events import Refusal
 from transforms.examples import PiiKeyMissing, joined_to_example, joined_to_examples
 from transforms.join import JoinedDecision, JoinOutputs, session_gap_ms
-from transforms.late_panes import CatchUpLatePanes, DelayTimestamps
 from transforms.manifest import (
     COUNT_NAMES,
     COUNTER_NAMESPACE,
     EXAMPLES_EVAL_COUNTER,
     EXAMPLES_TRAIN_COUNTER,
     MANIFEST,
-    MANIFESTS_WRITTEN_COUNTER,
-    build_manifest,
 )
-from transforms.span_commit import (
-    TempFile,
-    claim_span,
-    commit_span,
-    remove_tree,
-    temp_dir,
-)
-from transforms.span_files import JSON_LINES, TFRECORD_GZIP, FileFormat, open_span_file
-from transforms.span_stats import SpanStats, SpanStatsFn, adders, merged
+from transforms.span_commit import temp_dir
+from transforms.span_files import JSON_LINES, TFRECORD_GZIP
+from transforms.span_layout import BatchLayout, ManifestSpec, WindowedLayout
+from transforms.span_stats import SpanStats, SpanStatsFn, adders
+from transforms.span_writers import WriteSpanOutput
 from transforms.split import EVAL, TRAIN, is_eval
 
 # Re-exported for tests this change does not own (tests/test_join_pipeline.py,
@@ -206,269 +196,6 @@ def _refusal_json(refusal: Refusal) -> str:
     return json.dumps(refusal.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def _window_label(window: Any) -> str:
-    """A window's start as a path segment: RFC 3339 without ':' ("global" for the global one)."""
-    if isinstance(window, beam_window.GlobalWindow):
-        return "global"
-    return format_event_time(window.start.micros // 1000).replace(":", "")
-
-
-def _temp_path(temp_root: str, window: Any, output: str) -> str:
-    return FileSystems.join(temp_root, _window_label(window), output, uuid.uuid4().hex)
-
-
-class _WriteBundleFiles(beam.DoFn):
-    """Batch without a shard count: one temp file per bundle (no shuffle), like Beam's sinks."""
-
-    def __init__(self, output: str, temp_root: str, file_format: FileFormat):
-        self.output = output
-        self.temp_root = temp_root
-        self.format = file_format
-
-    def start_bundle(self) -> None:
-        self._writer = None
-
-    def process(self, record: Any, claim: Any = None) -> Iterable[Any]:
-        if self._writer is None:
-            path = _temp_path(self.temp_root, beam_window.GlobalWindow(), self.output)
-            self._writer = open_span_file(path, self.format)
-        self._writer.write(record)
-        return ()
-
-    def finish_bundle(self) -> Iterable[Any]:
-        if self._writer is not None:
-            self._writer.close()
-            temp = TempFile(self.output, self._writer.path, self._writer.records, None)
-            self._writer = None
-            yield beam_window.GlobalWindows.windowed_value(temp)
-
-
-class _AssignShard(beam.DoFn):
-    """``(shard, record)`` round robin from a random start, so shards fill evenly."""
-
-    def __init__(self, num_shards: int):
-        self.num_shards = num_shards
-
-    def start_bundle(self) -> None:
-        self._next = random.randrange(self.num_shards)
-
-    def process(self, record: Any) -> Iterable[tuple[int, Any]]:
-        self._next = (self._next + 1) % self.num_shards
-        yield self._next, record
-
-
-class _WriteShardFile(beam.DoFn):
-    """One temp file per shard (and window) of a ``GroupByKey`` on the shard."""
-
-    def __init__(self, output: str, temp_root: str, file_format: FileFormat):
-        self.output = output
-        self.temp_root = temp_root
-        self.format = file_format
-
-    def process(
-        self,
-        element: tuple[int, Iterable[Any]],
-        window: Any = beam.DoFn.WindowParam,
-        claim: Any = None,
-    ) -> Iterable[TempFile]:
-        shard, records = element
-        with open_span_file(_temp_path(self.temp_root, window, self.output), self.format) as f:
-            f.write_all(records)
-        yield TempFile(self.output, f.path, f.records, shard)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layouts: one span in the global window (batch), or one span per output window (streaming)
-
-
-class _ManifestSpec(NamedTuple):
-    """What a manifest records besides the stats and files: how the span was joined."""
-
-    blueprint: Blueprint
-    allowed_lateness_ms: int
-    counted_inputs: frozenset
-
-    def build(self, stats: SpanStats, files: dict) -> dict:
-        return build_manifest(
-            stats, self.blueprint, self.allowed_lateness_ms, files, self.counted_inputs
-        )
-
-
-class _ClaimSpan(beam.DoFn):
-    """Claims the span for this run and clears what earlier runs left (span_commit, step 1)."""
-
-    def __init__(self, span_dir: str):
-        self.span_dir = span_dir
-
-    def process(self, run_id: str) -> Iterable[str]:
-        claim_span(self.span_dir, run_id)
-        yield run_id
-
-
-class _CommitSpan(beam.DoFn):
-    """Batch: moves the files into place and writes the manifest once every input is counted."""
-
-    def __init__(self, layout: _BatchLayout, run_id: str, spec: _ManifestSpec):
-        self.layout = layout
-        self.run_id = run_id
-        self.spec = spec
-
-    def process(self, _: Any, stats: list, files: list, claim: str) -> Iterable[dict]:
-        total = merged(stats)
-        span_dir = self.layout.output_dir
-        manifest = commit_span(
-            span_dir,
-            span_dir,
-            self.run_id,
-            files,
-            self.layout.num_shards,
-            lambda written: self.spec.build(total, written),
-        )
-        remove_tree(temp_dir(span_dir, self.run_id))
-        Metrics.counter(COUNTER_NAMESPACE, MANIFESTS_WRITTEN_COUNTER).inc()
-        yield manifest
-
-
-class _CommitWindowSpan(beam.DoFn):
-    """Streaming: one complete span per output window, committed once its files are written."""
-
-    def __init__(self, layout: _WindowedLayout, run_id: str, spec: _ManifestSpec):
-        self.layout = layout
-        self.run_id = run_id
-        self.spec = spec
-
-    def process(
-        self, element: tuple[Any, Iterable[tuple[str, Any]]], window: Any = beam.DoFn.WindowParam
-    ) -> Iterable[dict]:
-        items = list(element[1])
-        if not items:
-            # The DirectRunner may fire an empty final pane after the window's on-time one; it
-            # must not overwrite that window's span with an empty one.
-            return
-        stats = merged(value for kind, value in items if kind == "stats")
-        files = [value for kind, value in items if kind == "file"]
-        span_dir = FileSystems.join(self.layout.output_dir, _window_label(window))
-        output_window = {
-            "start": format_event_time(window.start.micros // 1000),
-            "end": format_event_time(window.end.micros // 1000),
-        }
-
-        def manifest_of(written: dict) -> dict:
-            manifest = self.spec.build(stats, written)
-            manifest["output_window"] = output_window
-            return manifest
-
-        claim_span(span_dir, self.run_id)
-        manifest = commit_span(
-            span_dir, span_dir, self.run_id, files, self.layout.num_shards, manifest_of
-        )
-        temp_root = temp_dir(self.layout.output_dir, self.run_id)
-        remove_tree(FileSystems.join(temp_root, _window_label(window)))
-        Metrics.counter(COUNTER_NAMESPACE, MANIFESTS_WRITTEN_COUNTER).inc()
-        yield manifest
-
-
-class _BatchLayout:
-    """One span in ``output_dir``: inputs in the global window, claimed before any file is
-    written (a side input of every writer) and committed once everything is counted."""
-
-    counted_inputs = frozenset({"decisions_in", "observations_in"})
-
-    def __init__(self, output_dir: str, num_shards: int | None):
-        self.output_dir = output_dir
-        self.num_shards = num_shards
-
-    def join_output(self, name: str, pcoll: Any) -> Any:
-        if isinstance(pcoll.windowing.windowfn, beam_window.GlobalWindows):
-            return pcoll  # already global: no per-element step
-        return pcoll | f"Rewindow[{name}]" >> beam.WindowInto(beam_window.GlobalWindows())
-
-    dead_letters = join_output
-
-    def claim(self, pipeline: Any, run_id: str) -> dict:
-        claimed = (
-            pipeline
-            | "ClaimRun" >> beam.Create([run_id])
-            | "ClaimSpan" >> beam.ParDo(_ClaimSpan(self.output_dir))
-        )
-        return {"claim": beam.pvalue.AsSingleton(claimed)}
-
-    def combine(self, name: str, pcoll: Any, fn: beam.CombineFn) -> Any:
-        return pcoll | f"Count[{name}]" >> beam.CombineGlobally(fn)
-
-    def commit(
-        self, pipeline: Any, stats: Any, files: Any, gate: dict, run_id: str, spec: _ManifestSpec
-    ) -> Any:
-        return (
-            pipeline
-            | "CommitTrigger" >> beam.Create([None])
-            | "CommitSpan"
-            >> beam.ParDo(
-                _CommitSpan(self, run_id, spec),
-                stats=beam.pvalue.AsList(stats),
-                files=beam.pvalue.AsList(files),
-                **gate,
-            )
-        )
-
-
-class _WindowedLayout:
-    """One span per fixed event-time window of ``window_ms``, in ``output_dir/<start>``.
-
-    Raw inputs are not counted per window: a decision is written in the window where its
-    session closes, not where it was read, so a window's ``decisions_in`` / ``observations_in``
-    are the sums of its outputs (summed over all windows they equal what was read).
-    """
-
-    counted_inputs = frozenset()
-
-    def __init__(
-        self, output_dir: str, num_shards: int | None, window_ms: int, late_join_ms: int,
-        late_dead_letter_ms: int,
-    ):  # fmt: skip
-        self.output_dir = output_dir
-        self.num_shards = num_shards or 1
-        self.window = beam_window.FixedWindows(beam_window.Duration(micros=window_ms * 1000))
-        self.late_join_ms = late_join_ms
-        self.late_dead_letter_ms = late_dead_letter_ms
-
-    def _windowed(self, name: str, pcoll: Any) -> Any:
-        return pcoll | f"OutputWindow[{name}]" >> beam.WindowInto(self.window)
-
-    def join_output(self, name: str, pcoll: Any) -> Any:
-        caught_up = pcoll | f"CatchUpLatePanes[{name}]" >> beam.ParDo(
-            CatchUpLatePanes(self.late_join_ms)
-        )
-        return self._windowed(name, caught_up)
-
-    def dead_letters(self, name: str, pcoll: Any) -> Any:
-        delayed = pcoll | f"DelayDeadLetters[{name}]" >> beam.ParDo(
-            DelayTimestamps(self.late_dead_letter_ms)
-        )
-        return self._windowed(name, delayed)
-
-    def claim(self, pipeline: Any, run_id: str) -> dict:
-        return {}  # each window's span is claimed when it is committed
-
-    def combine(self, name: str, pcoll: Any, fn: beam.CombineFn) -> Any:
-        return pcoll | f"Count[{name}]" >> beam.CombineGlobally(fn).without_defaults()
-
-    def commit(
-        self, pipeline: Any, stats: Any, files: Any, gate: dict, run_id: str, spec: _ManifestSpec
-    ) -> Any:
-        tagged = (
-            stats | "TagStats" >> beam.Map(lambda s: ("stats", s)),
-            files | "TagFiles" >> beam.Map(lambda f: ("file", f)),
-        )
-        return (
-            tagged
-            | "FlattenWindowOutputs" >> beam.Flatten()
-            | "KeyByWindow" >> beam.Map(lambda item: (None, item))
-            | "GroupWindowOutputs" >> beam.GroupByKey()
-            | "CommitWindowSpans" >> beam.ParDo(_CommitWindowSpan(self, run_id, spec))
-        )
-
-
 class WriteSpan(beam.PTransform):
     """Writes a span (examples, unmatched observations, dead letters) and then its manifest.
 
@@ -514,13 +241,13 @@ class WriteSpan(beam.PTransform):
         self.allowed_lateness_ms = allowed_lateness_ms
         self.run_id = uuid.uuid4().hex[:16]
         if output_window_ms is None:
-            self.layout: Any = _BatchLayout(output_dir, num_shards)
+            self.layout: Any = BatchLayout(output_dir, num_shards)
         else:
             # What the join emits after a decision's session fired comes in a late pane, behind
             # the watermark: moved forward by the join's lateness (its session gap) it is on
             # time for the current output window. A dead letter keeps its message's event time:
             # moved by the allowed lateness it is on time whenever its message was.
-            self.layout = _WindowedLayout(
+            self.layout = WindowedLayout(
                 output_dir,
                 num_shards,
                 output_window_ms,
@@ -563,7 +290,11 @@ class WriteSpan(beam.PTransform):
         formats = {TRAIN: TFRECORD_GZIP, EVAL: TFRECORD_GZIP}
         temp_root = temp_dir(self.output_dir, self.run_id)
         files = [
-            self._write(output, pcoll, formats.get(output, JSON_LINES), temp_root, gate)
+            pcoll
+            | f"Write[{output}]"
+            >> WriteSpanOutput(
+                output, formats.get(output, JSON_LINES), temp_root, layout.num_shards, gate
+            )
             for output, pcoll in records.items()
         ] | "FlattenFiles" >> beam.Flatten()
 
@@ -583,22 +314,6 @@ class WriteSpan(beam.PTransform):
                     | f"ToStats[{name}]" >> beam.Map(SpanStats.of_count, name)
                 )
         all_stats = stats | "FlattenStats" >> beam.Flatten()
-        spec = _ManifestSpec(bp, self.allowed_lateness_ms, layout.counted_inputs)
+        spec = ManifestSpec(bp, self.allowed_lateness_ms, layout.counted_inputs)
         manifests = layout.commit(pipeline, all_stats, files, gate, self.run_id, spec)
         return SpanResult(manifests)
-
-    def _write(
-        self, output: str, records: Any, file_format: FileFormat, temp_root: str, gate: dict
-    ) -> Any:
-        shards = self.layout.num_shards
-        if shards is None:
-            return records | f"Write[{output}]" >> beam.ParDo(
-                _WriteBundleFiles(output, temp_root, file_format), **gate
-            )
-        return (
-            records
-            | f"AssignShards[{output}]" >> beam.ParDo(_AssignShard(shards))
-            | f"GroupShards[{output}]" >> beam.GroupByKey()
-            | f"Write[{output}]"
-            >> beam.ParDo(_WriteShardFile(output, temp_root, file_format), **gate)
-        )
