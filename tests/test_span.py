@@ -227,9 +227,11 @@ def test_manifest_is_written_after_every_other_file(small):
 def test_manifest_lists_every_file_with_its_record_count(small):
     span, manifest = small
     assert listed_files(manifest) == span_files(str(span))
-    records = manifest["records_per_file"]
-    assert sum(n for p, n in records.items() if "/examples/" in p) == 3
-    assert sum(n for p, n in records.items() if "/rejected/" in p) == 2
+    for path, records in manifest["records_per_file"].items():
+        if path.endswith(".tfrecord.gz"):
+            assert len(_read_examples(path)) == records, path
+        else:
+            assert len(Path(path).read_text().splitlines()) == records, path
 
 
 def test_reconciliation_fails_when_an_input_is_lost(tmp_path):
