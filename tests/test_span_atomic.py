@@ -74,6 +74,14 @@ def test_claim_removes_old_manifest_outputs_and_temp_debris(tmp_path):
     assert claimant(str(span)) == "run-a"
 
 
+def _listing(written: dict) -> dict:
+    """A manifest of just the files: paths per output, records per path."""
+    return {
+        "files": {output: [path for path, _ in files] for output, files in written.items()},
+        "records": {path: n for files in written.values() for path, n in files},
+    }
+
+
 def test_commit_writes_manifest_listing_every_file_with_its_records(tmp_path):
     span = str(tmp_path / "span")
     claim_span(span, "run-a")
@@ -82,9 +90,7 @@ def test_commit_writes_manifest_listing_every_file_with_its_records(tmp_path):
         TempFile("rejected", str(_write(temp / "r1", '{"a":1}\n{"a":2}\n')), 2, None),
         TempFile("rejected", str(_write(temp / "r2", '{"a":3}\n')), 1, None),
     ]
-    manifest = commit_span(span, span, "run-a", files, None, lambda written: {"files": {
-        k: [p for p, _ in v] for k, v in written.items()}, "records": dict(
-        p for v in written.values() for p in v)})  # fmt: skip
+    manifest = commit_span(span, "run-a", files, None, _listing)
     assert listed_files(manifest) == span_files(span)
     assert sorted(manifest["records"].values()) == [0, 0, 0, 1, 2]  # empty train/eval/unmatched
     assert not (tmp_path / "span" / CLAIM).exists()
@@ -96,7 +102,7 @@ def test_commit_refuses_when_another_run_claimed_the_span_since(tmp_path):
     temp = _write(Path(temp_dir(span, "run-a")) / "r1", "{}\n")
     claim_span(span, "run-b")
     with pytest.raises(SpanClaimLost, match="run-b") as refused:
-        commit_span(span, span, "run-a", [TempFile("rejected", str(temp), 1, None)], None, dict)
+        commit_span(span, "run-a", [TempFile("rejected", str(temp), 1, None)], None, dict)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "span" / MANIFEST).exists()
     assert not list((tmp_path / "span").glob("rejected/*"))

@@ -7,8 +7,8 @@ protocol, every step through Beam's ``FileSystems`` (so a span may be local or `
    removes the old ``manifest.json`` (from here on readers see an incomplete span), then the old
    outputs (``examples/``, ``unmatched_observations/``, ``rejected/``) and temp debris
    (``beam-temp-*``, ``.temp*``, also other writers' temp files);
-2. the job writes its files under ``CLAIM_DIR/.temp-<run id>/``, a hidden directory no reader
-   globs (``examples/train/*.tfrecord.gz`` does not reach it);
+2. the job writes its files under ``.temp-<run id>/`` (in the span; for streaming in the output
+   root), a hidden directory no reader globs (``examples/train/*.tfrecord.gz`` does not reach it);
 3. **commit** (``commit_span``): if the claim still holds this run's id, remove any manifest and
    any file that is not this run's, rename the temp files to ``part-NNNNN-of-MMMMM<suffix>``,
    check the claim again, write ``manifest.json`` (under a temporary name, then renamed) listing
@@ -21,14 +21,17 @@ the winner's commit. The two can therefore not mix files. There is no compare-an
 ``FileSystems``, so this narrows the race rather than closing it: a writer that claims in the
 milliseconds between the other's last claim check and its manifest rename deletes files that
 manifest lists; it then removes that manifest when it commits itself (or, killed first, leaves
-a span that fails the manifest == files check that ``span_matches_manifest`` makes).
+a span whose manifest and ``span_files`` disagree).
+
+A batch job claims its span when it starts, before any file is written; a streaming job claims
+each output window's span right before committing it (``transforms.span_layout``).
 
 * Local disk: the claim is an ordinary file, overwritten in place; renames within the span are
   atomic (same filesystem), so a reader sees the manifest whole or not at all.
 * GCS: the claim is an object; an object write is atomic (readers see the old or the new
   object, never a mix) and later writes win. A rename is copy + delete, so a commit's renames
-  are not atomic, but they happen while no manifest exists; the manifest's own rename makes
-  it appear whole.
+  are not atomic, but they happen while no manifest exists; the manifest's own rename (a copy
+  of a finished object) makes it appear whole.
 
 A job killed at any point leaves either no manifest (it had not committed: the next run's claim
 removes what it left) or a committed span whose manifest lists exactly its files (and perhaps a
@@ -70,9 +73,9 @@ class TempFile(NamedTuple):
     shard: int | None  # the shard index when the output has a fixed number of shards
 
 
-def temp_dir(claim_dir: str, run_id: str) -> str:
-    """Where run ``run_id`` writes its files before the commit."""
-    return FileSystems.join(claim_dir, TEMP_PREFIX + run_id)
+def temp_dir(directory: str, run_id: str) -> str:
+    """Where run ``run_id`` writes its files under ``directory`` before the commit."""
+    return FileSystems.join(directory, TEMP_PREFIX + run_id)
 
 
 def claimant(span_dir: str) -> str | None:
@@ -119,24 +122,21 @@ def remove_tree(directory: str) -> None:
 
 def commit_span(
     span_dir: str,
-    claim_dir: str,
     run_id: str,
     temp_files: Iterable[TempFile],
     num_shards: int | None,
     manifest_of: Callable[[dict[str, list[tuple[str, int]]]], dict],
-    release: bool = True,
 ) -> dict:
     """Step 3: moves ``temp_files`` into place and writes the manifest; returns it.
 
     ``manifest_of`` builds the manifest from the final ``(path, records)`` per output. Each
     output gets ``num_shards`` files (empty ones for shards no record went to), or at least one
-    when ``num_shards`` is None. ``release`` removes the claim afterwards (a batch job's claim
-    is the span's; a streaming job keeps its claim across windows). Raises ``SpanClaimLost``
-    when another run holds the claim.
+    when ``num_shards`` is None. The claim is released once the manifest is written. Raises
+    ``SpanClaimLost`` when another run holds the claim.
     """
-    _check_claim(claim_dir, run_id, span_dir)
+    _check_claim(span_dir, run_id)
     _delete_quietly([FileSystems.join(span_dir, MANIFEST)])
-    clear_outputs(span_dir, keep_prefix=temp_dir(claim_dir, run_id))
+    clear_outputs(span_dir, keep_prefix=temp_dir(span_dir, run_id))
     by_output: dict[str, list[TempFile]] = {output: [] for output in OUTPUTS}
     for temp in temp_files:
         by_output[temp.output].append(temp)
@@ -169,20 +169,19 @@ def commit_span(
         _make_dirs(FileSystems.join(span_dir, *directory))
     if sources:
         FileSystems.rename(sources, destinations)
-    _check_claim(claim_dir, run_id, span_dir)
+    _check_claim(span_dir, run_id)
     manifest = manifest_of(files)
     manifest_path = FileSystems.join(span_dir, MANIFEST)
     write_json_atomically(manifest_path, manifest)
-    if claimant(claim_dir) != run_id:
+    if claimant(span_dir) != run_id:
         _delete_quietly([manifest_path])
-        _check_claim(claim_dir, run_id, span_dir)
-    if release:
-        _delete_quietly([FileSystems.join(claim_dir, CLAIM)])
+        _check_claim(span_dir, run_id)
+    _delete_quietly([FileSystems.join(span_dir, CLAIM)])
     return manifest
 
 
-def _check_claim(claim_dir: str, run_id: str, span_dir: str) -> None:
-    holder = claimant(claim_dir)
+def _check_claim(span_dir: str, run_id: str) -> None:
+    holder = claimant(span_dir)
     if holder != run_id:
         raise SpanClaimLost(
             f"span {span_dir} is claimed by run {holder or '(none)'}, not by this run {run_id}: "

@@ -71,7 +71,6 @@ class CommitSpan(beam.DoFn):
         span_dir = self.layout.output_dir
         manifest = commit_span(
             span_dir,
-            span_dir,
             self.run_id,
             files,
             self.layout.num_shards,
@@ -112,9 +111,7 @@ class CommitWindowSpan(beam.DoFn):
             return manifest
 
         claim_span(span_dir, self.run_id)
-        manifest = commit_span(
-            span_dir, span_dir, self.run_id, files, self.layout.num_shards, manifest_of
-        )
+        manifest = commit_span(span_dir, self.run_id, files, self.layout.num_shards, manifest_of)
         temp_root = temp_dir(self.layout.output_dir, self.run_id)
         remove_tree(FileSystems.join(temp_root, window_label(window)))
         Metrics.counter(COUNTER_NAMESPACE, MANIFESTS_WRITTEN_COUNTER).inc()
