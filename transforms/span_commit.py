@@ -132,8 +132,30 @@ def commit_span(
     ``manifest_of`` builds the manifest from the final ``(path, records)`` per output. Each
     output gets ``num_shards`` files (empty ones for shards no record went to), or at least one
     when ``num_shards`` is None. The claim is released once the manifest is written. Raises
-    ``SpanClaimLost`` when another run holds the claim.
+    ``SpanClaimLost`` when another run holds the claim, also when that run's clearing made a
+    step fail, after removing this run's temp files (they must not outlive it in a span the
+    other run commits).
     """
+    temps = list(temp_files)
+    try:
+        return _commit(span_dir, run_id, temps, num_shards, manifest_of)
+    except (SpanClaimLost, BeamIOError, OSError) as e:
+        if claimant(span_dir) == run_id:
+            raise  # a failure of this run's own, not a lost claim
+        _delete_quietly([temp.path for temp in temps])
+        if isinstance(e, SpanClaimLost):
+            raise
+        _check_claim(span_dir, run_id)
+        raise
+
+
+def _commit(
+    span_dir: str,
+    run_id: str,
+    temp_files: list[TempFile],
+    num_shards: int | None,
+    manifest_of: Callable[[dict[str, list[tuple[str, int]]]], dict],
+) -> dict:
     _check_claim(span_dir, run_id)
     _delete_quietly([FileSystems.join(span_dir, MANIFEST)])
     clear_outputs(span_dir, keep_prefix=temp_dir(span_dir, run_id))
