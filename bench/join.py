@@ -15,7 +15,8 @@ its peak memory is its own:
   exact repeated observations, filter to the label window, aggregate, left join, write Parquet),
   the single-machine reference.
 
-Prints events/s for each, the join/identity and join/duckdb time ratios and peak RSS, and
+Prints events/s for each, the join/identity and join/duckdb time ratios (wall-clock, and for
+join/identity CPU time too, which a busy machine distorts less) and peak RSS, and
 writes them to ``bench-out/join.json``. ``--repeat N`` runs the contenders N times in turn and
 reports each one's median run (the ratios are of the medians), for machines that are not quiet. Times are wall-clock seconds of the work itself
 (imports excluded), measured in one run on one machine: ratios, not absolute claims.
@@ -217,6 +218,13 @@ def warm_up_logs(logs: Path, warm: Path, lines: int = 200) -> Path:
     return warm
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (worker processes), user + system."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 def child(mode: str, logs: Path, out: Path, extra: list[str]) -> None:
     """Runs one contender and prints one JSON line: seconds, peak RSS and what it wrote."""
     os.environ.setdefault("LOOPLINE_PII_KEY", "bench-key-not-a-secret")
@@ -225,12 +233,13 @@ def child(mode: str, logs: Path, out: Path, extra: list[str]) -> None:
     # Imports and the runner's first-use costs are not the work being compared: a warm-up run
     # on a few hundred lines pays them untimed.
     runner(warm_up_logs(logs, out.parent / "warm-up-logs"), out.parent / f"warm-up-{mode}", extra)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     info = runner(logs, out, extra)
     seconds = time.perf_counter() - started
+    cpu_seconds = _cpu_seconds() - cpu_started
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": round(max(own, workers), 1),
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_mb": round(max(own, workers), 1),
                       "worker_peak_rss_mb": round(workers, 1), **info}))  # fmt: skip
 
 
@@ -296,10 +305,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     for result in results.values():
         result["events_per_s"] = round(events / result["seconds"])
         result["seconds"] = round(result["seconds"], 2)
+        result["cpu_seconds"] = round(result["cpu_seconds"], 2)
     ratios = {}
     if "join" in results and "identity" in results:
         ratios["join_over_identity"] = round(
             results["join"]["seconds"] / results["identity"]["seconds"], 2
+        )
+        # CPU time is what a shared machine distorts least (wall-clock waits for other jobs).
+        ratios["join_over_identity_cpu"] = round(
+            results["join"]["cpu_seconds"] / results["identity"]["cpu_seconds"], 2
         )
     if "join" in results and "duckdb" in results:
         ratios["join_over_duckdb"] = round(
@@ -319,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"bench.join: {counts['decisions']:,} decisions, {events:,} events, {' '.join(extra)}")
     for mode, r in results.items():
-        print(f"  {mode:<9} {r['seconds']:>8.2f} s  {r['events_per_s']:>9,} events/s  "
+        print(f"  {mode:<9} {r['seconds']:>8.2f} s ({r['cpu_seconds']:.2f} s CPU)  "
+              f"{r['events_per_s']:>9,} events/s  "
               f"peak RSS {r['peak_rss_mb']:>7.1f} MB")  # fmt: skip
     for name, value in ratios.items():
         print(f"  {name:<20} {value:.2f}x")

@@ -18,6 +18,7 @@ def test_bench_runs_all_three_contenders_on_the_same_logs(tmp_path, capsys):
     assert summary["decisions"] == 2000 and summary["events"] > 2000
     for result in results.values():
         assert result["seconds"] > 0 and result["peak_rss_mb"] > 0 and result["events_per_s"] > 0
+        assert result["cpu_seconds"] > 0
     join, duckdb = results["join"], results["duckdb"]
     assert join["reconciles"] is True and join["examples"] == 2000
     # DuckDB's reference join is laxer about malformed decisions (it does not type-check
@@ -26,6 +27,9 @@ def test_bench_runs_all_three_contenders_on_the_same_logs(tmp_path, capsys):
     assert abs(duckdb["observed"] - join["observed"]) <= join["rejected_decisions"]
     assert summary["ratios"]["join_over_identity"] == pytest.approx(
         join["seconds"] / results["identity"]["seconds"], rel=0.02
+    )
+    assert summary["ratios"]["join_over_identity_cpu"] == pytest.approx(
+        join["cpu_seconds"] / results["identity"]["cpu_seconds"], rel=0.02
     )
     printed = capsys.readouterr().out
     assert "join_over_identity" in printed and "events/s" in printed

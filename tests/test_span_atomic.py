@@ -208,7 +208,7 @@ def test_two_concurrent_writers_never_mix_files(logs, tmp_path):
     assert _consistent(span), span_files(str(span))
     if (span / MANIFEST).exists():
         assert _records(span) == json.loads((span / MANIFEST).read_text())["examples_written"]
-    else:  # the winner's claim was released by the loser between its last check and its end
+    else:  # one finished and, releasing its claim, removed the other's newer one: it refused
         assert refused
 
 
