@@ -1,14 +1,17 @@
 """Training reads only the example files a span's manifest lists (pipelines/train.py)."""
 
+import json
 from pathlib import Path
 
-from loopline.spans import Span
+from loopline.spans import Span, read_span
 from pipelines.train import example_source
+from transforms.span_files import TFRECORD_GZIP, open_span_file
 
 
 def _write(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+    with open_span_file(str(path), TFRECORD_GZIP) as f:
+        f.write(b"one record")
     return path
 
 
@@ -20,7 +23,8 @@ def _span(root: Path, stray: bool) -> tuple[Span, list[Path]]:
     if stray:  # e.g. left by an older writer with another shard count
         _write(root / "examples/train/part-00002-of-00003.tfrecord.gz")
     manifest = {"files": {"train": [str(listed[0])], "eval": [str(listed[1])]}}
-    return Span(path=root, manifest=manifest), listed
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return read_span(root), listed
 
 
 def _read_files(input_base: str) -> list[Path]:
