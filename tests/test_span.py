@@ -179,6 +179,7 @@ def test_manifest_counts_reconcile(small):
         "observations_used": 3,
         "observations_out_of_window": 1,
         "observations_orphan": 1,
+        "observations_late": 0,
         "duplicate_observations": 1,
         "rejected_observations": 1,
         "examples_train": split["train"],
@@ -214,6 +215,15 @@ def test_manifest_label_delays_and_alternative_windows(small):
     assert windows["2h"]["share_counted"] == pytest.approx(1.0)
     assert windows["15m"]["observations_counted"] == 3
     assert set(windows) == {"15m", "30m", "1h", "2h", "4h", "1d"}
+
+
+def test_late_observations_are_counted_on_their_own_and_reconcile(tmp_path):
+    parts = {name: [] for name in SpanInputs._fields}
+    parts["unmatched"] = [UnmatchedObservation("late_observation", _observation(1, T0))]
+    parts["raw_observations"] = ["line"]
+    manifest = _run_span(tmp_path, parts)
+    assert manifest["observations_late"] == 1 and manifest["observations_orphan"] == 0
+    assert manifest["reconciles"] is True
 
 
 def test_manifest_is_written_after_every_other_file(small):

@@ -40,6 +40,7 @@ INPUT_PARTS = {
         "observations_used",
         "observations_out_of_window",
         "observations_orphan",
+        "observations_late",
         "duplicate_observations",
         "rejected_observations",
     ),
@@ -63,11 +64,19 @@ COUNT_NAMES = (
     "observations_used",
     "observations_out_of_window",
     "observations_orphan",
+    "observations_late",
     "duplicate_observations",
     "rejected_observations",
     "examples_train",
     "examples_eval",
 )
+# The count of each reason an observation lands in unmatched_observations/ (DESIGN.md, "Join
+# semantics"; late_observation only in streaming, for a decision already emitted).
+UNMATCHED_COUNTS = {
+    "orphan": "observations_orphan",
+    "out_of_window": "observations_out_of_window",
+    "late_observation": "observations_late",
+}
 # Counts of elements the accounting does not know (a join status or unmatched reason that is
 # neither of DESIGN.md's): any of them makes the span fail reconciliation.
 UNKNOWN_KINDS = ("unknown_join_status", "unknown_unmatched_reason")

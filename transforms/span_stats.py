@@ -21,8 +21,8 @@ import apache_beam as beam
 
 from loopline.blueprint import Blueprint
 from loopline.events import Refusal
-from transforms.join import DEFAULT, OBSERVED, ORPHAN, OUT_OF_WINDOW, JoinedDecision
-from transforms.manifest import alternative_windows_ms
+from transforms.join import DEFAULT, OBSERVED, JoinedDecision
+from transforms.manifest import UNMATCHED_COUNTS, alternative_windows_ms
 from transforms.split import is_eval
 
 # Distinct label delays kept exactly; beyond it delays are kept to the second.
@@ -158,13 +158,8 @@ class AddJoined:
 
 
 def add_unmatched(stats: SpanStats, unmatched: Any) -> None:
-    """An UnmatchedObservation: orphan or out of window."""
-    if unmatched.reason == ORPHAN:
-        stats.counts["observations_orphan"] += 1
-    elif unmatched.reason == OUT_OF_WINDOW:
-        stats.counts["observations_out_of_window"] += 1
-    else:
-        stats.counts["unknown_unmatched_reason"] += 1
+    """An UnmatchedObservation, counted by its reason (``UNMATCHED_COUNTS``)."""
+    stats.counts[UNMATCHED_COUNTS.get(unmatched.reason, "unknown_unmatched_reason")] += 1
     stats.see_time(unmatched.event.event_time_ms)
 
 
