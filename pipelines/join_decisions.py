@@ -33,8 +33,10 @@ from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations
 from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
+from transforms.manifest import COUNT_NAMES, MANIFEST
 from transforms.sources import FILE_FORMATS, ReadEvents
-from transforms.span import COUNT_NAMES, MANIFEST, SpanInputs, WriteSpan, write_json_atomically
+from transforms.span import SpanInputs, WriteSpan
+from transforms.span_commit import write_json_atomically
 from transforms.streaming import assign_event_time
 
 PROG = "join_decisions"

@@ -38,7 +38,7 @@ import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path, PurePosixPath  # noqa: E402
 
 import tensorflow_model_analysis as tfma  # noqa: E402
 from tensorflow.core.example import example_pb2  # noqa: E402
@@ -106,21 +106,43 @@ class ExampleSource:
 
 
 def example_source(spans: list[Span], pipeline_root: str) -> ExampleSource:
-    """One span is read in place; several are staged (symlinked) into one tree under the
-    pipeline root, so one ImportExampleGen reads them all while keeping the train/eval split."""
-    if len(spans) == 1:
+    """Where ImportExampleGen reads exactly the example files the spans' manifests list.
+
+    One span whose split directories hold just those files is read in place; otherwise
+    (several spans, or a span holding files its manifest does not list) the listed files are
+    staged (symlinked) into one tree under the pipeline root, keyed by the spans and their
+    listings, so one ImportExampleGen reads them all while keeping the train/eval split."""
+    listed = {(i, split): manifest_files(span, split) for i, span in enumerate(spans)
+              for split in ("train", "eval")}  # fmt: skip
+    if len(spans) == 1 and all(
+        files == spans[0].split_files(split) for (_, split), files in listed.items()
+    ):
         return ExampleSource(str(spans[0].path), tuple(spans))
-    key = hashlib.sha256("\n".join(str(s.path.resolve()) for s in spans).encode()).hexdigest()
+    identity = "\n".join(
+        f"{spans[i].path.resolve()}|{split}|{f.name}" for (i, split), files in listed.items()
+        for f in files
+    )  # fmt: skip
+    key = hashlib.sha256(identity.encode()).hexdigest()
     staged = Path(pipeline_root) / "staged_spans" / key[:16]
-    for i, span in enumerate(spans):
-        for split in ("train", "eval"):
-            target = staged / "examples" / split
-            target.mkdir(parents=True, exist_ok=True)
-            for f in span.split_files(split):
-                link = target / f"span{i:03d}-{span.date or span.path.name}-{f.name}"
-                if not link.exists():
-                    link.symlink_to(f.resolve())
+    for (i, split), files in listed.items():
+        span = spans[i]
+        target = staged / "examples" / split
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            link = target / f"span{i:03d}-{span.date or span.path.name}-{f.name}"
+            if not link.exists():
+                link.symlink_to(f.resolve())
     return ExampleSource(str(staged), tuple(spans))
+
+
+def manifest_files(span: Span, split: str) -> list[Path]:
+    """The example files of one split that the span's manifest lists, found by name in the
+    span's own directory (so a copied or moved span still reads). A manifest written before
+    spans listed their files (no ``files``) falls back to every file of the split."""
+    listed = span.manifest.get("files", {}).get(split)
+    if listed is None:
+        return span.split_files(split)
+    return sorted(span.path / "examples" / split / PurePosixPath(p).name for p in listed)
 
 
 def runtime_example_source(default: str) -> ExampleSource:

@@ -15,6 +15,7 @@ from transforms.examples import (
     features_to_example,
     features_to_examples,
     joined_to_example,
+    joined_to_examples,
     pii_key,
     pseudonymise,
 )
@@ -165,10 +166,42 @@ def test_joined_example_without_optionals_uses_blueprint_version(blueprint, pii_
         _joined(_decision(), label=0, status=DEFAULT), blueprint, pii_key.encode()
     )
     feature = example.features.feature
-    assert "model_id" not in feature and "propensity" not in feature
     assert feature["blueprint_version"].bytes_list.value == [blueprint.version.encode()]
     assert feature["join_status"].bytes_list.value == [b"default"]
     assert feature["clicked"].int64_list.value == [0]
+
+
+_PROVENANCE_SPEC = {
+    "decision": tf.io.FixedLenFeature([], tf.int64),
+    "propensity": tf.io.FixedLenFeature([], tf.float32),
+    "arm": tf.io.FixedLenFeature([], tf.string),
+    "model_id": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def test_joined_example_carries_decision_provenance_typed(blueprint, pii_key):
+    decision = _decision(decision=1, model_id="notify-00017", propensity=0.8)
+    example = joined_to_example(_joined(decision), blueprint, pii_key.encode())
+    parsed = _parse(example, _PROVENANCE_SPEC)
+    assert parsed["decision"].numpy() == 1
+    assert parsed["propensity"].numpy() == pytest.approx(0.8)
+    assert parsed["model_id"].numpy() == b"notify-00017"
+    assert parsed["arm"].numpy() == b""
+
+
+def test_absent_provenance_is_written_as_explicit_sentinels(blueprint, pii_key):
+    example = joined_to_example(_joined(_decision()), blueprint, pii_key.encode())
+    parsed = _parse(example, _PROVENANCE_SPEC)
+    assert (parsed["decision"].numpy(), parsed["propensity"].numpy()) == (-1, -1.0)
+    assert (parsed["arm"].numpy(), parsed["model_id"].numpy()) == (b"", b"")
+
+
+def test_a_decision_that_is_not_an_integer_is_written_as_absent(blueprint, pii_key):
+    for value in ("send", 1.5, 2**70):
+        example = joined_to_example(_joined(_decision(decision=value)), blueprint, b"k")
+        assert example.features.feature["decision"].int64_list.value == [-1]
+    example = joined_to_example(_joined(_decision(decision=True)), blueprint, b"k")
+    assert example.features.feature["decision"].int64_list.value == [1]
 
 
 def test_missing_feature_names_it(blueprint, pii_key):
@@ -265,3 +298,49 @@ def test_batch_encoding_refuses_what_it_would_encode_differently(blueprint, pii_
     for row in (lazy, {**FEATURES, "hour_of_day": True}, {**FEATURES, "hour_of_day": Hundred(5)}):
         with pytest.raises((TypeError, ValueError)):
             features_to_examples([FEATURES, row], blueprint, key)
+
+
+def _joined_decisions(blueprint):
+    """JoinedDecisions the join can emit: valid features, any label, provenance or none."""
+    decision = st.builds(
+        DecisionEvent,
+        decision_id=st.text(min_size=1, max_size=8),
+        decision_type=st.just(blueprint.name),
+        event_time_ms=st.integers(0, 2**50),
+        features=_valid_rows(blueprint),
+        blueprint_version=st.none() | st.text(max_size=4),
+        decision=st.none() | st.integers(-(2**64), 2**64) | st.booleans() | st.text(max_size=3),
+        model_id=st.none() | st.text(max_size=8),
+        propensity=st.none() | st.floats(0, 1),
+    )
+    return st.builds(
+        JoinedDecision,
+        decision=decision,
+        label=st.integers(0, 5),
+        join_status=st.sampled_from([OBSERVED, DEFAULT]),
+        observations_used=st.just(0),
+        label_delays_ms=st.just(()),
+        observation_offsets_ms=st.just(()),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_joined_batch_encoding_parses_to_the_per_row_examples(blueprint, data):
+    key = b"batch-key"
+    joined = data.draw(st.lists(_joined_decisions(blueprint), min_size=1, max_size=5))
+    batch = joined_to_examples(joined, blueprint, key)
+    assert [tf.train.Example.FromString(b) for b in batch] == [
+        joined_to_example(j, blueprint, key) for j in joined
+    ]
+
+
+def test_joined_batch_encoding_writes_a_float_label_as_float():
+    plain = parse_blueprint(
+        "name: plain\nversion: 2\nfeatures: [{name: s, type: string}]\n"
+        "label: {name: y, observation: v, aggregation: mean, window: 1h, default: 0.5}\n"
+    )
+    joined = JoinedDecision(DecisionEvent("d-1", "plain", 5, {"s": "x"}), 1, OBSERVED, 1, (), ())
+    (encoded,) = joined_to_examples([joined], plain, None)
+    assert tf.train.Example.FromString(encoded) == joined_to_example(joined, plain, None)
+    assert tf.train.Example.FromString(encoded).features.feature["y"].float_list.value == [1.0]

@@ -22,16 +22,17 @@ from transforms.join import (
     JoinedDecision,
     UnmatchedObservation,
 )
-from transforms.span import (
+from transforms.manifest import (
     COUNT_NAMES,
     MANIFEST,
-    SpanInputs,
-    SpanStats,
-    WriteSpan,
     alternative_windows_ms,
     build_manifest,
-    is_eval,
+    listed_files,
 )
+from transforms.span import SpanInputs, WriteSpan
+from transforms.span_commit import span_files
+from transforms.span_stats import SpanStats
+from transforms.split import is_eval
 
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 MINUTE = 60_000
@@ -106,32 +107,49 @@ def _lines(pattern: str) -> list[dict]:
     ]
 
 
-def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
-    manifest = _run_span(tmp_path, _small_span())
-    span = tmp_path / "span"
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, dict]:
+    """The span of ``_small_span``, written once: (span directory, manifest)."""
+    root = tmp_path_factory.mktemp("small")
+    return root / "span", _run_span(root, _small_span())
 
+
+def _example_ids(examples: list[tf.train.Example]) -> set[str]:
+    return {e.features.feature["decision_id"].bytes_list.value[0].decode() for e in examples}
+
+
+def test_examples_are_split_by_the_stable_hash(small):
+    span, _ = small
     train = _read_examples(str(span / "examples/train/*.tfrecord.gz"))
     eval_ = _read_examples(str(span / "examples/eval/*.tfrecord.gz"))
-    ids = {
-        split: {e.features.feature["decision_id"].bytes_list.value[0].decode() for e in examples}
-        for split, examples in (("train", train), ("eval", eval_))
-    }
-    assert ids["train"] | ids["eval"] == {"d-1", "d-2", "d-3"}
-    for split, split_ids in ids.items():
-        assert all(is_eval(i, PLAIN.eval_fraction) == (split == "eval") for i in split_ids)
+    assert _example_ids(train) | _example_ids(eval_) == {"d-1", "d-2", "d-3"}
+    assert all(not is_eval(i, PLAIN.eval_fraction) for i in _example_ids(train))
+    assert all(is_eval(i, PLAIN.eval_fraction) for i in _example_ids(eval_))
+
+
+def test_examples_carry_their_labels(small):
+    span, _ = small
+    examples = _read_examples(str(span / "examples/*/*.tfrecord.gz"))
     labels = {
         e.features.feature["decision_id"].bytes_list.value[0]: e.features.feature[
             "y"
         ].int64_list.value[0]
-        for e in train + eval_
+        for e in examples
     }
     assert labels == {b"d-1": 1, b"d-2": 1, b"d-3": 0}
 
+
+def test_unmatched_observations_are_written_with_their_reason(small):
+    span, _ = small
     unmatched = _lines(str(span / "unmatched_observations/*.jsonl"))
     assert sorted((u["reason"], u["event"]["decision_id"]) for u in unmatched) == [
         ("orphan", "d-9"),
         ("out_of_window", "d-2"),
     ]
+
+
+def test_dead_letters_are_written_with_reason_source_and_payload(small):
+    span, _ = small
     rejected = _lines(str(span / "rejected/*.jsonl"))
     assert sorted(rejected, key=lambda r: r["source"]) == [
         {
@@ -143,6 +161,13 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         {"reason": "bad_time", "detail": "no time", "source": "observation", "payload": '{"x":1}'},
     ]
 
+
+def test_manifest_counts_reconcile(small):
+    span, manifest = small
+    split = {
+        name: len(_read_examples(str(span / f"examples/{name}/*.tfrecord.gz")))
+        for name in ("train", "eval")
+    }
     assert {k: manifest[k] for k in COUNT_NAMES} == {
         "decisions_in": 5,
         "examples_written": 3,
@@ -154,16 +179,21 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         "observations_used": 3,
         "observations_out_of_window": 1,
         "observations_orphan": 1,
+        "observations_late": 0,
         "duplicate_observations": 1,
         "rejected_observations": 1,
-        "examples_train": len(train),
-        "examples_eval": len(eval_),
+        "examples_train": split["train"],
+        "examples_eval": split["eval"],
     }
     assert manifest["reconciles"] is True
     assert manifest["rejected_by_reason"] == {
         "decision": {"bad_json": 1},
         "observation": {"bad_time": 1},
     }
+
+
+def test_manifest_records_blueprint_windows_and_event_time_range(small):
+    _, manifest = small
     assert manifest["blueprint"] == PLAIN.summary()
     assert manifest["window"]["label_window"] == "1h"
     assert manifest["window"]["backward_slack_ms"] == 2 * MINUTE
@@ -171,6 +201,10 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
         "min": "2026-11-01T11:59:00.000Z",
         "max": "2026-11-01T13:30:00.000Z",
     }
+
+
+def test_manifest_label_delays_and_alternative_windows(small):
+    _, manifest = small
     # Delays -1m, 1m, 3m: nearest rank p50 is the 2nd, p90 and p99 the 3rd.
     assert manifest["label_delay"]["p50_ms"] == MINUTE
     assert manifest["label_delay"]["p99_ms"] == 3 * MINUTE
@@ -183,15 +217,31 @@ def test_span_layout_examples_dead_letters_and_reconciled_manifest(tmp_path):
     assert set(windows) == {"15m", "30m", "1h", "2h", "4h", "1d"}
 
 
-def test_manifest_is_written_after_every_other_file(tmp_path):
-    manifest = _run_span(tmp_path, _small_span())
-    span = tmp_path / "span"
+def test_late_observations_are_counted_on_their_own_and_reconcile(tmp_path):
+    parts = {name: [] for name in SpanInputs._fields}
+    parts["unmatched"] = [UnmatchedObservation("late_observation", _observation(1, T0))]
+    parts["raw_observations"] = ["line"]
+    manifest = _run_span(tmp_path, parts)
+    assert manifest["observations_late"] == 1 and manifest["observations_orphan"] == 0
+    assert manifest["reconciles"] is True
+
+
+def test_manifest_is_written_after_every_other_file(small):
+    span, manifest = small
     written = [p for p in span.rglob("*") if p.is_file() and p.name != MANIFEST]
-    assert written and not [p for p in written if p.name.endswith(".tmp")]
+    assert written and not [p for p in written if ".tmp" in p.name or ".temp" in str(p)]
     manifest_time = os.stat(span / MANIFEST).st_mtime_ns
     assert all(os.stat(p).st_mtime_ns <= manifest_time for p in written)
-    listed = sorted(f for files in manifest["files"].values() for f in files)
-    assert listed == sorted(str(p) for p in written)
+
+
+def test_manifest_lists_every_file_with_its_record_count(small):
+    span, manifest = small
+    assert listed_files(manifest) == span_files(str(span))
+    for path, records in manifest["records_per_file"].items():
+        if path.endswith(".tfrecord.gz"):
+            assert len(_read_examples(path)) == records, path
+        else:
+            assert len(Path(path).read_text().splitlines()) == records, path
 
 
 def test_reconciliation_fails_when_an_input_is_lost(tmp_path):
@@ -287,57 +337,85 @@ def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
     assert manifest["observations_used"] == 3 and manifest["observations_orphan"] == 1
 
 
-def test_streaming_writes_files_and_a_manifest_per_output_window(tmp_path):
-    """TestStream: two hours of joined decisions -> two hourly windows, each with its manifest."""
+HOUR = 3_600_000
+_STREAM_TAGS = list(SpanInputs._fields)
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory) -> Path:
+    """TestStream: two hours of joined decisions and dead letters, hourly output windows, two
+    shards per window."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.window import TimestampedValue
 
-    hour = 3_600_000
     stream = TestStream()
-    stream.add_elements(
-        [
-            TimestampedValue(
-                _joined(i, delays=(MINUTE,) if i % 2 else ()), (T0 + i * MINUTE) / 1000
-            )
-            for i in range(3)
-        ]  # fmt: skip
-        + [TimestampedValue(_joined(10 + i), (T0 + hour + i * MINUTE) / 1000) for i in range(2)],
-        tag="joined",
-    )
+    first_hour = [
+        TimestampedValue(_joined(i, delays=(MINUTE,) if i % 2 else ()), (T0 + i * MINUTE) / 1000)
+        for i in range(3)
+    ]
+    second_hour = [
+        TimestampedValue(_joined(10 + i), (T0 + HOUR + i * MINUTE) / 1000) for i in range(2)
+    ]
+    stream.add_elements(first_hour + second_hour, tag="joined")
     stream.add_elements(
         [TimestampedValue(UnmatchedObservation(ORPHAN, _observation(9, T0)), T0 / 1000)],
         tag="unmatched",
     )
     stream.add_elements(
-        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + hour) / 1000)],
+        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + HOUR) / 1000)],
         tag="rejected_decisions",
     )
-    tags = ["joined", "unmatched", "duplicate_decisions", "duplicate_observations",
-            "rejected_decisions", "rejected_observations"]  # fmt: skip
-    for tag in tags:
+    for tag in _STREAM_TAGS:
         stream.advance_watermark_to_infinity(tag=tag)
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
-    out = str(tmp_path / "stream")
+    out = tmp_path_factory.mktemp("stream")
     with TestPipeline(options=options) as p:
         pcolls = p | stream
-        SpanInputs(**{tag: pcolls[tag] for tag in tags}) | WriteSpan(
-            out, PLAIN, output_window_ms=hour
+        SpanInputs(**{tag: pcolls[tag] for tag in _STREAM_TAGS}) | WriteSpan(
+            str(out), PLAIN, num_shards=2, output_window_ms=HOUR
         )
-    manifests = sorted((tmp_path / "stream" / "manifests").glob("manifest-*.json"))
-    assert len(manifests) == 2
-    first, second = (json.loads(m.read_text()) for m in manifests)
-    assert first["output_window"]["start"] == "2026-11-01T12:00:00.000Z"
-    assert (
-        first["examples_written"],
-        first["examples_observed"],
-        first["observations_orphan"],
-    ) == (3, 1, 1)
+    return out
+
+
+def _window_spans(root: Path) -> dict[str, dict]:
+    return {m.parent.name: json.loads(m.read_text()) for m in sorted(root.glob(f"*/{MANIFEST}"))}
+
+
+def test_streaming_writes_one_span_per_output_window_named_by_its_start(streamed):
+    spans = _window_spans(streamed)
+    assert list(spans) == ["2026-11-01T120000.000Z", "2026-11-01T130000.000Z"]
+    assert spans["2026-11-01T120000.000Z"]["output_window"] == {
+        "start": "2026-11-01T12:00:00.000Z",
+        "end": "2026-11-01T13:00:00.000Z",
+    }
+    assert not any(":" in p.name for p in streamed.rglob("*"))
+
+
+def test_each_window_span_has_the_standard_layout_and_reconciles(streamed):
+    spans = _window_spans(streamed)
+    first, second = spans.values()
+    counts = ("examples_written", "examples_observed", "observations_orphan")
+    assert tuple(first[k] for k in counts) == (3, 1, 1)
     assert (second["examples_written"], second["rejected_decisions"]) == (2, 1)
     assert first["reconciles"] and second["reconciles"]
-    examples = _read_examples(str(tmp_path / "stream/examples/*/*.tfrecord.gz"))
-    assert len(examples) == 5
-    listed = sorted(f for m in (first, second) for files in m["files"].values() for f in files)
-    assert listed and all(Path(f).exists() for f in listed)
-    assert len([f for f in listed if f.endswith(".tfrecord.gz")]) >= 2
+    for name in spans:
+        examples = _read_examples(str(streamed / name / "examples/*/*.tfrecord.gz"))
+        assert len(examples) == spans[name]["examples_written"]
+
+
+def test_each_window_manifest_lists_exactly_its_files_with_record_counts(streamed):
+    for name, manifest in _window_spans(streamed).items():
+        assert listed_files(manifest) == span_files(str(streamed / name))
+        examples = sum(
+            n for path, n in manifest["records_per_file"].items() if ".tfrecord.gz" in path
+        )
+        assert examples == manifest["examples_written"]
+    assert not [p for p in streamed.rglob("*") if p.is_file() and ".temp" in str(p)]
+
+
+def test_num_shards_is_honoured_per_window(streamed):
+    for name, manifest in _window_spans(streamed).items():
+        for output in ("train", "eval", "unmatched_observations", "rejected"):
+            assert len(manifest["files"][output]) == 2, (name, output)

@@ -15,7 +15,9 @@ features never reach an example, pseudonymised ones arrive as keyed HMAC-SHA256 
 ``features_to_examples`` is the same encoding for a batch, column by column: the values go into
 an Arrow record batch and tfx_bsl's C++ encoder writes the examples, about four times faster per
 row than building each proto in Python. It parses to the same tf.Example as
-``features_to_example`` (the order of the features on the wire may differ).
+``features_to_example`` (the order of the features on the wire may differ). The join's examples
+(``joined_to_example``: features, label, the join's columns and the decision's provenance) have
+the same pair: ``joined_to_examples`` encodes a batch of joined decisions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import tensorflow as tf
 from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from loopline.blueprint import Blueprint
+from loopline.events import DecisionEvent
 from transforms.join import JoinedDecision
 
 
@@ -162,6 +165,13 @@ def features_to_examples(
     """
     if not rows:
         return []
+    names, arrays = _feature_columns(rows, blueprint, key)
+    return _encode(names, arrays)
+
+
+def _feature_columns(
+    rows: Sequence[Mapping[str, Any]], blueprint: Blueprint, key: bytes | None
+) -> tuple[list[str], list[pa.Array]]:
     names, arrays = [], []
     for name, base, is_list, hashed in _plan(blueprint):
         values = [row.get(name) for row in rows]
@@ -177,17 +187,53 @@ def features_to_examples(
             if key is None:
                 raise PiiKeyMissing(f"feature {name!r} must be pseudonymised but no key was given")
             lists = [[pseudonymise(v, key) for v in value] for value in lists]
-        array = pa.array(lists, type=_ARROW_TYPES[base])
-        if base == "float":
-            array = array.cast(_FLOAT32_LIST, safe=False)
-        if array.null_count or array.flatten().null_count:
-            raise ValueError(f"feature {name!r} has a missing value")
         names.append(name)
-        arrays.append(array)
+        arrays.append(_list_array(lists, base, name))
+    return names, arrays
+
+
+def _list_array(lists: list[list[Any]], base: str, name: str) -> pa.Array:
+    array = pa.array(lists, type=_ARROW_TYPES[base])
+    if base == "float":
+        array = array.cast(_FLOAT32_LIST, safe=False)
+    if array.null_count or array.flatten().null_count:
+        raise ValueError(f"feature {name!r} has a missing value")
+    return array
+
+
+def _encode(names: list[str], arrays: list[pa.Array]) -> list[bytes]:
     encoder = getattr(_ENCODERS, "encoder", None)
     if encoder is None:
         encoder = _ENCODERS.encoder = RecordBatchToExamplesEncoder()
     return encoder.encode(pa.RecordBatch.from_arrays(arrays, names))
+
+
+# Decision provenance in every example, typed, with these values when the decision did not
+# carry one (see joined_to_example).
+NO_DECISION = -1
+NO_PROPENSITY = -1.0
+NO_ARM = ""
+NO_MODEL_ID = ""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def provenance(decision: DecisionEvent) -> tuple[int, float, str, str]:
+    """``(decision, propensity, arm, model_id)`` of a decision, absent ones as the sentinels."""
+    value = decision.decision
+    if isinstance(value, bool):
+        value = int(value)
+    if not (isinstance(value, int) and _INT64[0] <= value <= _INT64[1]):
+        value = NO_DECISION
+    propensity = NO_PROPENSITY if decision.propensity is None else float(decision.propensity)
+    # ``arm`` is read when the event type carries it (decisions made during a rollout).
+    arm = getattr(decision, "arm", None)
+    model_id = decision.model_id
+    return (
+        value,
+        propensity,
+        NO_ARM if arm is None else str(arm),
+        NO_MODEL_ID if model_id is None else str(model_id),
+    )
 
 
 def joined_to_example(
@@ -196,8 +242,18 @@ def joined_to_example(
     """A joined decision as a training example: its features, the label and the join's columns.
 
     The label sits under ``blueprint.label.name`` (int64 or float by ``label.type``), next to
-    ``decision_id``, ``decision_time_ms``, ``join_status``, ``blueprint_version`` (the event's,
-    else the blueprint's) and ``model_id`` / ``propensity`` when the decision carried them.
+    ``decision_id`` (bytes), ``decision_time_ms`` (int64), ``join_status`` (bytes),
+    ``blueprint_version`` (bytes: the event's, else the blueprint's) and the decision's
+    provenance, present in every example with one type whatever the decision carried:
+
+    * ``decision`` (int64): the action taken; ``-1`` (``NO_DECISION``) when the event had none
+      or one that is not an integer (decisions are 0/1 or an arm's index, never negative);
+    * ``propensity`` (float): the logging policy's probability of that action; ``-1.0``
+      (``NO_PROPENSITY``) when absent (a real propensity is in [0, 1]);
+    * ``arm`` (bytes): ``production`` / ``challenger`` during a rollout; empty when absent;
+    * ``model_id`` (bytes): the model that scored the decision; empty when absent.
+
+    ``joined_to_examples`` encodes many at once and parses to the same examples.
     """
     decision = joined.decision
     example = tf.train.Example()
@@ -210,15 +266,58 @@ def joined_to_example(
     feature["decision_id"].bytes_list.value.append(decision.decision_id.encode("utf-8"))
     feature["decision_time_ms"].int64_list.value.append(decision.event_time_ms)
     feature["join_status"].bytes_list.value.append(joined.join_status.encode("utf-8"))
+    feature["blueprint_version"].bytes_list.value.append(_version(decision, blueprint))
+    value, propensity, arm, model_id = provenance(decision)
+    feature["decision"].int64_list.value.append(value)
+    feature["propensity"].float_list.value.append(propensity)
+    feature["arm"].bytes_list.value.append(arm.encode("utf-8"))
+    feature["model_id"].bytes_list.value.append(model_id.encode("utf-8"))
+    return example
+
+
+def joined_to_examples(
+    joined: Sequence[JoinedDecision], blueprint: Blueprint, key: bytes | None
+) -> list[bytes]:
+    """Serialized ``joined_to_example`` for many joined decisions at once, column by column.
+
+    Strict like ``features_to_examples``: a row the columnar path cannot take raises for the
+    whole batch; ``joined_to_example`` row by row then says which row and why.
+    """
+    if not joined:
+        return []
+    decisions = [j.decision for j in joined]
+    names, arrays = _feature_columns([d.features for d in decisions], blueprint, key)
+    label = blueprint.label
+    cast = int if label.type == "int" else float
+    columns = {
+        label.name: ([[cast(j.label)] for j in joined], label.type),
+        "decision_id": ([[d.decision_id] for d in decisions], "string"),
+        "decision_time_ms": ([[d.event_time_ms] for d in decisions], "int"),
+        "join_status": ([[j.join_status] for j in joined], "string"),
+        "blueprint_version": ([[_version(d, blueprint)] for d in decisions], "string"),
+    }
+    provenances = [provenance(d) for d in decisions]
+    for i, (name, base) in enumerate(_PROVENANCE_COLUMNS):
+        columns[name] = ([[p[i]] for p in provenances], base)
+    for name, (lists, base) in columns.items():
+        names.append(name)
+        arrays.append(_list_array(lists, base, name))
+    return _encode(names, arrays)
+
+
+_PROVENANCE_COLUMNS = (
+    ("decision", "int"),
+    ("propensity", "float"),
+    ("arm", "string"),
+    ("model_id", "string"),
+)
+
+
+def _version(decision: DecisionEvent, blueprint: Blueprint) -> bytes:
     version = (
         decision.blueprint_version if decision.blueprint_version is not None else blueprint.version
     )
-    feature["blueprint_version"].bytes_list.value.append(str(version).encode("utf-8"))
-    if decision.model_id is not None:
-        feature["model_id"].bytes_list.value.append(decision.model_id.encode("utf-8"))
-    if decision.propensity is not None:
-        feature["propensity"].float_list.value.append(float(decision.propensity))
-    return example
+    return str(version).encode("utf-8")
 
 
 # Per blueprint, the encoding plan: (name, base type, is_list, pseudonymised) for each example
