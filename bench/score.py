@@ -153,16 +153,14 @@ def pipeline(source: Path, serving: Path, work: Path, batch_size: int, extra: li
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     manifest = json.loads((out / "manifest.json").read_text())
-    scored = manifest["counters"].get("loopline.score.decisions", 0)
+    scored = manifest["counters"].get("score.decisions", 0)
     return {
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
         "cpu_seconds": round(cpu_seconds, 3),
         "rows_per_s": round(scored / seconds),
         "scored": scored,
-        "batch_sizes_seen": manifest["distributions"][
-            "loopline.inference.inference_request_batch_size"
-        ],
+        "batch_sizes_seen": manifest["distributions"]["inference.inference_request_batch_size"],
     }
 
 

@@ -36,6 +36,7 @@ from loopline.policy import PolicyError, policy_from_blueprint
 from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import DEVICES
 from pipelines.blueprint_io import read_blueprint
+from pipelines.launch import COUNTER_PREFIX, counter_summary
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.encoding import DecisionEncoder
 from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
@@ -297,17 +298,15 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
 
 
 def _metrics_summary(result) -> dict:
-    metrics = result.metrics().query(MetricsFilter())
-    counters = {}
-    for counter in metrics["counters"]:
-        name = f"{counter.key.metric.namespace}.{counter.key.metric.name}"
-        counters[name] = counters.get(name, 0) + (counter.committed or 0)
+    """Counters as every Loopline manifest spells them (``score.decisions``), and the
+    distributions (batch sizes) the same way."""
     distributions = {}
-    for dist in metrics["distributions"]:
+    for dist in result.metrics().query(MetricsFilter())["distributions"]:
         value = dist.committed
-        if value is None or not value.count:
+        namespace = dist.key.metric.namespace
+        if value is None or not value.count or not namespace.startswith(COUNTER_PREFIX):
             continue
-        name = f"{dist.key.metric.namespace}.{dist.key.metric.name}"
+        name = f"{namespace.removeprefix(COUNTER_PREFIX)}.{dist.key.metric.name}"
         distributions[name] = {
             "count": value.count,
             "sum": value.sum,
@@ -315,7 +314,7 @@ def _metrics_summary(result) -> dict:
             "max": value.max,
             "mean": value.mean,
         }
-    return {"counters": counters, "distributions": distributions}
+    return {"counters": counter_summary(result), "distributions": distributions}
 
 
 def _write_manifest(job: ScoringJob, serving_model, summary: dict) -> None:
@@ -364,13 +363,11 @@ def run(argv: list[str] | None = None, save_main_session: bool = False):
 
 def row_counts(counters: dict) -> tuple[int, int, int]:
     """Rows scored, refused (not parsed or keyed) and failed (encoding or the model) by a run."""
-    scored = counters.get("loopline.score.decisions", 0)
-    refused = counters.get("loopline.parse.decisions_rejected", 0) + sum(
-        counters.get(f"loopline.score.{reason}", 0) for reason in (BAD_EXAMPLE, MISSING_DECISION_ID)
+    scored = counters.get("score.decisions", 0)
+    refused = counters.get("parse.decisions_rejected", 0) + sum(
+        counters.get(f"score.{reason}", 0) for reason in (BAD_EXAMPLE, MISSING_DECISION_ID)
     )
-    failed = counters.get("loopline.score.encode_failed", 0) + counters.get(
-        "loopline.score.inference_failed", 0
-    )
+    failed = counters.get("score.encode_failed", 0) + counters.get("score.inference_failed", 0)
     return scored, refused, failed
 
 

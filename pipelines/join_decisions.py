@@ -28,15 +28,17 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
 from loopline.events import DECISION, OBSERVATION
+from loopline.privacy import PayloadPrivacy
 from pipelines.blueprint_io import read_blueprint
+from pipelines.launch import UsageError, counter_summary, parse_options
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
-from transforms.events import ParseDecisions, ParseObservations
+from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
 from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
 from transforms.manifest import COUNT_NAMES, MANIFEST
-from transforms.sources import FILE_FORMATS, ReadEvents
+from transforms.sources import FILE_FORMATS, NoFilesMatched, ReadEvents
 from transforms.span import SpanInputs, WriteSpan
-from transforms.span_commit import write_json_atomically
+from transforms.span_commit import SpanClaimLost, write_json_atomically
 from transforms.streaming import assign_event_time
 
 PROG = "join_decisions"
@@ -81,6 +83,12 @@ class JoinDecisionsOptions(PipelineOptions):
             help="files per split of examples; default: chosen by the runner for the data size",
         )
         parser.add_argument(
+            "--quarantine",
+            default=None,
+            help="batch: directory for the raw payloads of refused events; give it its own "
+            "access control (default: none, and rejected/ holds redacted payloads only)",
+        )
+        parser.add_argument(
             "--output_window",
             default="1h",
             help="streaming: event-time window of each batch of output files and its manifest",
@@ -98,6 +106,14 @@ class JoinConfig:
         except PiiKeyMissing as e:
             raise _usage(str(e)) from None
         self.output = _required(options.output, "--output")
+        self.quarantine = options.quarantine or None
+        if self.quarantine and streaming:
+            raise _usage("--quarantine is for batch jobs; a streaming job keeps no raw payloads")
+        # Refused payloads are redacted where they are refused: no raw identifier of the
+        # blueprint's privacy section reaches rejected/ (raw bytes only in --quarantine).
+        self.privacy = PayloadPrivacy.from_blueprint(
+            self.blueprint, self.key, quarantine=bool(self.quarantine)
+        )
         self.allowed_lateness_ms = _duration(options.allowed_lateness, "--allowed_lateness")
         self.output_window_ms = _duration(options.output_window, "--output_window")
         if self.output_window_ms <= 0:
@@ -205,11 +221,15 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
         decision_messages = timed_decisions.messages
         observation_messages = timed_observations.messages
     decisions = decision_messages | "ParseDecisions" >> ParseDecisions(
-        bp, format=config.decisions.parse_format
+        bp, format=config.decisions.parse_format, privacy=config.privacy
     )
     observations = observation_messages | "ParseObservations" >> ParseObservations(
-        bp, format=config.observations.parse_format
+        bp, format=config.observations.parse_format, privacy=config.privacy
     )
+    if config.quarantine:
+        _ = (decisions.quarantined, observations.quarantined) | "WriteQuarantine" >> (
+            WriteQuarantine(config.quarantine)
+        )
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
         bp, allowed_lateness_ms=config.allowed_lateness_ms
     )
@@ -240,43 +260,39 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
     )
 
 
-def counters(result: Any) -> dict[str, int]:
-    """``namespace/name -> value`` of the run's Beam counters in Loopline's namespaces."""
-    out = {}
-    for counter in result.metrics().query()["counters"]:
-        name = counter.key.metric
-        if not name.namespace.startswith("loopline."):
-            continue
-        value = counter.committed if counter.committed is not None else counter.attempted
-        key = f"{name.namespace}/{name.name}"
-        out[key] = out.get(key, 0) + (value or 0)
-    return dict(sorted(out.items()))
-
-
 def run(argv: Sequence[str] | None = None) -> dict | None:
     """Validates the arguments, runs the join and (batch) returns the span's manifest."""
-    options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
-    join_options = options.view_as(JoinDecisionsOptions)
+    try:
+        # Unknown or misspelt flags are refused, not dropped by Beam with a warning.
+        options, join_options = parse_options(argv, JoinDecisionsOptions, PROG)
+    except UsageError as e:
+        raise _usage(str(e)) from None
     if join_options.decisions_subscription or join_options.observations_subscription:
         # Pub/Sub makes it a streaming job; a Flex Template launch cannot pass --streaming.
         options.view_as(StandardOptions).streaming = True
     streaming = options.view_as(StandardOptions).streaming
     config = JoinConfig(join_options, streaming)
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, config)
-    result = pipeline.run()
-    if streaming:
-        # A local runner executes in daemon threads: returning would end the job with the
-        # process. A remote job (Dataflow) keeps running after the launcher returns.
-        if _runs_locally(options):
-            result.wait_until_finish()
-        return None
-    result.wait_until_finish()
+    try:
+        build(pipeline, config)
+    except NoFilesMatched as e:
+        raise _usage(str(e)) from None
+    try:
+        result = pipeline.run()
+        if streaming:
+            # A local runner executes in daemon threads: returning would end the job with
+            # the process. A remote job (Dataflow) keeps running after the launcher returns.
+            if _runs_locally(options):
+                result.wait_until_finish()
+            return None
+        result.wait_until_finish()
+    except SpanClaimLost as e:  # another run claimed the span: this one wrote nothing there
+        raise _usage(str(e)) from None
     manifest_path = FileSystems.join(config.output, MANIFEST)
     with FileSystems.open(manifest_path) as f:
         manifest = json.loads(f.read())
     # Counter values exist only once the run is over: they join the finished manifest.
-    manifest["counters"] = counters(result)
+    manifest["counters"] = counter_summary(result)
     write_json_atomically(manifest_path, manifest)
     _print_summary(manifest, manifest_path)
     return manifest

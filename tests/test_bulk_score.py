@@ -120,16 +120,16 @@ def test_logged_decisions_are_the_scored_events_with_their_choice(json_run, blue
 def test_the_manifest_accounts_for_every_line_and_the_model(json_run):
     manifest = json.loads((json_run[2] / "manifest.json").read_text())
     counters = manifest["counters"]
-    assert counters["loopline.read.lines"] == 152
-    assert counters["loopline.score.decisions"] == 150
-    assert counters["loopline.parse.decisions_rejected"] == 2
+    assert counters["read.lines"] == 152
+    assert counters["score.decisions"] == 150
+    assert counters["parse.decisions_rejected"] == 2
     assert manifest["model_id"] == "notify-1793538000"
 
 
 @pytest.mark.slow
 def test_model_batches_stay_within_the_batch_size_bounds(json_run):
     manifest = json.loads((json_run[2] / "manifest.json").read_text())
-    sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
+    sizes = manifest["distributions"]["inference.inference_request_batch_size"]
     assert sizes["sum"] == 150 and sizes["max"] <= 32
 
 
@@ -285,7 +285,7 @@ def test_stateful_batching_keeps_batches_within_bounds(
         e.decision_id for e in events
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    sizes = manifest["distributions"]["loopline.inference.inference_request_batch_size"]
+    sizes = manifest["distributions"]["inference.inference_request_batch_size"]
     assert sizes["max"] <= 32
 
 

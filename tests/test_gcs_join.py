@@ -87,8 +87,13 @@ def _gcs_files(prefix: str) -> list[str]:
     return sorted(m.path.removeprefix(f"{prefix}/") for m in found)
 
 
-def _examples(files: list[str]) -> list[bytes]:
-    return sorted(r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+def _examples(files: list[str]) -> dict[bytes, tf.train.Example]:
+    """The examples by decision_id (a map's wire order is not part of an example's meaning)."""
+    examples = (
+        tf.train.Example.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(files, compression_type="GZIP")
+    )
+    return {e.features.feature["decision_id"].bytes_list.value[0]: e for e in examples}
 
 
 def test_join_on_gcs_writes_a_manifest_that_reconciles(gcs_span, logs):

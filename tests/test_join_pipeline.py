@@ -139,7 +139,7 @@ def test_join_writes_the_design_layout_with_a_reconciled_manifest(span, logs):
     assert manifest["rejected_decisions"] + manifest["rejected_observations"] > 0
     assert manifest["observations_orphan"] > 0 and manifest["duplicate_decisions"] > 0
     assert manifest["blueprint"]["name"] == "notify"
-    assert manifest["counters"]["loopline.write_span/examples_train"] == manifest["examples_train"]
+    assert manifest["counters"]["write_span.examples_train"] == manifest["examples_train"]
     rejected = [json.loads(line) for line in _raw_lines(str(output / "rejected/*.jsonl"))]
     assert len(rejected) == manifest["rejected_decisions"] + manifest["rejected_observations"]
     assert all(set(r) == {"reason", "detail", "source", "payload"} for r in rejected)

@@ -220,7 +220,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict, Path]:
 
 
 def _window_manifests(stream: Path) -> list[dict]:
-    paths = sorted((stream / "manifests").glob("manifest-*.json"))
+    paths = sorted(stream.glob("*/manifest.json"))  # one span per output window
     return [json.loads(p.read_text()) for p in paths]
 
 
@@ -269,7 +269,7 @@ def test_malformed_messages_land_in_rejected(runs):
     _, _, stream = runs
     rejected = [
         json.loads(line)
-        for path in sorted(glob.glob(str(stream / "rejected/*.jsonl")))
+        for path in sorted(glob.glob(str(stream / "*/rejected/*.jsonl")))
         for line in Path(path).read_text().splitlines()
     ]
     assert sorted((r["source"], r["reason"], r["payload"]) for r in rejected) == sorted(
@@ -316,7 +316,7 @@ def test_an_observation_beyond_the_horizon_lands_as_orphan_and_is_counted(tmp_pa
         )  # fmt: skip
     unmatched = [
         json.loads(line)
-        for path in sorted(glob.glob(str(tmp_path / "unmatched_observations/*.jsonl")))
+        for path in sorted(glob.glob(str(tmp_path / "*/unmatched_observations/*.jsonl")))
         for line in Path(path).read_text().splitlines()
     ]
     assert unmatched == [{"reason": "orphan", "event": _observation("d1", T0 + 50 * MINUTE, 0)}]

@@ -313,14 +313,14 @@ def test_build_manifest_prices_alternative_windows_against_an_independent_count(
 
 
 def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
-    """The README's "join as a library" code, executed verbatim: own source, label_fn, own
-    sink, WriteSpan."""
+    """docs/library.md's "join as a library" code, executed verbatim: own source, label_fn,
+    own sink, WriteSpan."""
     repo = Path(__file__).resolve().parent.parent
-    text = (repo / "README.md").read_text().split("## The join as a library", 1)[1]
+    text = (repo / "docs" / "library.md").read_text().split("# The join as a library", 1)[1]
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "examples").symlink_to(repo / "examples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "join_api_doc"})
+    exec(compile(code, "docs/library.md", "exec"), {"__name__": "join_api_doc"})
 
     examples = _read_examples(str(tmp_path / "my-examples/part*"), compression="")
     labels = {
