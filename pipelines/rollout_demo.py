@@ -247,20 +247,10 @@ def monitor(demo: RolloutDemo, i: int) -> dict | None:
 def promote(demo: RolloutDemo, blueprint: Blueprint, i: int, verdict: dict) -> str:
     """``pipelines.promote`` on the day's verdict; returns the line it printed.
 
-    It reads ``promote-verdict.json``, the monitor's verdict as promote takes it: the one
-    challenger id (the monitor lists every model seen in an arm; one served it here), the
-    readout's sentence as the ``summary`` the history quotes, and ``at`` the end of the
+    It reads ``promote-verdict.json``: the monitor's verdict with ``at`` moved to the end of the
     simulated day, so an inconclusive split ends after ``rollout.max_days`` simulated days.
     """
-    challenger = verdict.get("challenger")
-    if isinstance(challenger, list):
-        (challenger,) = challenger
-    promotable = {
-        **verdict,
-        "challenger": challenger,
-        "summary": verdict.get("summary") or verdict.get("sentence", ""),
-        "at": demo.at(i + 1),
-    }
+    promotable = {**verdict, "at": demo.at(i + 1)}
     path = demo.monitor_dir(i) / "promote-verdict.json"
     path.write_text(json.dumps(promotable, indent=2), encoding="utf-8")
     name = f"promote-day{i + 1}"
@@ -348,7 +338,7 @@ def _last_line(
         f"true click rate per decision: production {rates.get('production', 0):.4f}, "
         f"challenger {rates.get('challenger', 0):.4f}"
     )
-    said = f"{verdict['verdict']}: {verdict['sentence']}" if verdict else "no verdict"
+    said = f"{verdict['verdict']}: {verdict['summary']}" if verdict else "no verdict"
     after = f"after {days} day{'s' if days != 1 else ''}"
     if aliases.challenger == challenger.model_id:
         return (
