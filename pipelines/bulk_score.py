@@ -33,6 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.blueprint import Blueprint, BlueprintError
 from loopline.policy import PolicyError, policy_from_blueprint
+from loopline.privacy import PayloadPrivacy
 from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import DEVICES
 from pipelines.blueprint_io import read_blueprint
@@ -294,7 +295,8 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
     )
     if options.output:
         failed = (read.failed, scoring.failed) | "AllFailures" >> beam.Flatten()
-        _ = failed | "WriteFailed" >> WriteFailures(options.output)
+        privacy = PayloadPrivacy.from_blueprint(blueprint, job.key)
+        _ = failed | "WriteFailed" >> WriteFailures(options.output, privacy)
 
 
 def _metrics_summary(result) -> dict:

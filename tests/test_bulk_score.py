@@ -307,3 +307,25 @@ def test_the_failed_share_is_compared_with_max_failed_fraction(scored, failed, a
             bulk_score.check_failed_fraction(scored, failed, allowed)
     else:
         bulk_score.check_failed_fraction(scored, failed, allowed)
+
+
+def test_failed_rows_keep_no_raw_identifier(tmp_path, serving_dir, blueprint, blueprint_path):
+    """A refused decision in failed/ keeps its shape with the blueprint's privacy applied:
+    user_id pseudonymised, email dropped; a line that is not JSON keeps only its digest."""
+    events = make_decisions(blueprint, 20, seed=3)
+    refused = json.loads(events[0].to_json())
+    refused.pop("event_time")  # missing_field: refused, with its features
+    refused["decision_id"] = "refused-1"
+    user, email = refused["features"]["user_id"], refused["features"]["email"]
+    broken = '{"decision_id": "cut", "features": {"user_id": "' + user + '"'
+    source = write_decision_lines(tmp_path / "d.jsonl", events, [json.dumps(refused), broken])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOPLINE_PII_KEY", KEY)
+        args = _json_run_args(source, serving_dir, blueprint_path, tmp_path / "out")
+        bulk_score.run([*args[:-1], "0.2"])
+    written = "".join(p.read_text() for p in (tmp_path / "out" / "failed").glob("*.jsonl"))
+    assert user not in written and email not in written
+    failures = {f["reason"]: f["payload"] for f in _lines(tmp_path / "out" / "failed")}
+    assert failures["missing_field"]["decision_id"] == "refused-1"
+    assert "email" not in failures["missing_field"]["features"]
+    assert set(failures["bad_json"]) == {"sha256", "length"}

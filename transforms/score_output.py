@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 
+from loopline.privacy import PayloadPrivacy
 from transforms.policy_step import ScoredDecision
 from transforms.scoring_failures import ScoringFailure
 
@@ -47,6 +48,10 @@ def decision_lines(scored: Sequence[ScoredDecision]) -> Iterable[str]:
 
 def table_rows(scored: Sequence[ScoredDecision]) -> list[dict]:
     return [s.to_row() for s in scored]
+
+
+def _redacted(failure: ScoringFailure, privacy: PayloadPrivacy) -> ScoringFailure:
+    return failure._replace(payload=privacy.redact(failure.payload))
 
 
 def failure_json(failure: ScoringFailure) -> str:
@@ -90,13 +95,21 @@ class WriteScores(beam.PTransform):
 
 
 class WriteFailures(beam.PTransform):
-    """Writes ScoringFailures as JSON lines under ``output/failed``."""
+    """Writes ScoringFailures as JSON lines under ``output/failed``.
 
-    def __init__(self, output: str):
+    With ``privacy`` (the blueprint's, with its key) each payload is redacted first: a JSON
+    event keeps its shape with dropped fields removed and pseudonymised ones HMAC'd, anything
+    else becomes its SHA-256 and length (``loopline.privacy.redact_payload``).
+    """
+
+    def __init__(self, output: str, privacy: PayloadPrivacy | None = None):
         super().__init__()
         self._output = output.rstrip("/")
+        self._privacy = privacy
 
     def expand(self, failed: beam.PCollection) -> None:
+        if self._privacy is not None:
+            failed = failed | "RedactPayloads" >> beam.Map(_redacted, self._privacy)
         lines = failed | "FailureLines" >> beam.Map(failure_json)
         _ = lines | "WriteFailureLines" >> _json_lines(f"{self._output}/failed")
 

@@ -30,7 +30,7 @@ class ScoringFailure(NamedTuple):
     step: str
     detail: str
     decision_id: str | None
-    payload: str
+    payload: str | dict  # the raw row, or its redacted form once written (WriteFailures)
 
     def to_dict(self) -> dict:
         return self._asdict()
