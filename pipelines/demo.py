@@ -304,8 +304,6 @@ def rollout(demo: Demo) -> None:
         str(demo.seed),
         "--output",
         str(out),
-        "--decisions_per_day",
-        str(demo.decisions_per_day),
     )
     log = (demo.workdir / "stage-logs" / "rollout.log").read_text(encoding="utf-8")
     line = next(line for line in reversed(log.splitlines()) if line.startswith("rollout:"))

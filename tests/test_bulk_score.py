@@ -112,7 +112,7 @@ def test_logged_decisions_are_the_scored_events_with_their_choice(json_run, blue
     for event in logged:
         row = rows[event.decision_id]
         assert event == originals[event.decision_id].with_choice(
-            row["decision"], row["propensity"], row["model_id"]
+            row["decision"], row["propensity"], row["model_id"], score=row["score"]
         )
 
 

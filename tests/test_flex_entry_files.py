@@ -119,12 +119,20 @@ def manifest_of(span: Path | str) -> dict:
         kind: sorted(path.removeprefix(prefix) for path in paths)
         for kind, paths in manifest["files"].items()
     }
+    manifest["records_per_file"] = {
+        path.removeprefix(prefix): n for path, n in manifest.get("records_per_file", {}).items()
+    }
     return manifest
 
 
-def records(files: list[Path]) -> list[bytes]:
-    """Every record of gzip TFRecord files, sorted (shards are filled in no fixed order)."""
-    return sorted(r.numpy() for r in tf.data.TFRecordDataset([str(f) for f in files], "GZIP"))
+def records(files: list[Path]) -> dict[bytes, tf.train.Example]:
+    """Every example of gzip TFRecord files by decision_id (shards are filled in no fixed
+    order, and an example's feature map has no fixed wire order)."""
+    examples = (
+        tf.train.Example.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset([str(f) for f in files], "GZIP")
+    )
+    return {e.features.feature["decision_id"].bytes_list.value[0]: e for e in examples}
 
 
 def lines(files: list[Path]) -> list[str]:
