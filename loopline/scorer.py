@@ -4,7 +4,7 @@ client's features-to-score scorer.
 TensorFlow (and the example encoding) is imported when a model is loaded, not when this module
 is: a product service that imports ``loopline`` pays for TensorFlow only if it scores with it.
 
-    scorer = SavedModelScorer("serving/notify", blueprint)     # latest version
+    scorer = SavedModelScorer("serving/notify", blueprint)     # the production alias
     score = scorer({"tenure_days": 120, ...})                  # float in [0, 1]
     scorer.model_id                                            # 'notify-1793534400'
 """
@@ -111,7 +111,7 @@ class LoadedModel:
 class SavedModelScorer:
     """A pushed model as a plain callable, features dict -> score, for the decision client.
 
-        scorer = SavedModelScorer("serving/notify", blueprint)     # latest version
+        scorer = SavedModelScorer("serving/notify", blueprint)     # the production alias
         client = DecisionClient(blueprint, sink, scorer)
 
     ``key`` is the pseudonymisation key (``transforms.examples.pii_key(blueprint)``). The
