@@ -40,6 +40,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from loopline.blueprint import Blueprint
 from loopline.events import Refusal
+from loopline.privacy import apply_privacy
 from transforms.examples import PiiKeyMissing, joined_to_example, joined_to_examples
 from transforms.join import JoinedDecision, JoinOutputs, session_gap_ms
 from transforms.manifest import (
@@ -188,8 +189,11 @@ class EncodeExamples(beam.DoFn):
                 yield value
 
 
-def _unmatched_json(unmatched: Any) -> str:
-    return json.dumps(unmatched.to_dict(), sort_keys=True, separators=(",", ":"))
+def _unmatched_json(unmatched: Any, blueprint: Blueprint, key: bytes | None) -> str:
+    # An observation may carry fields the blueprint keeps private: they never leave raw.
+    record = unmatched.to_dict()
+    record["event"]["observations"] = apply_privacy(record["event"]["observations"], blueprint, key)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
 def _refusal_json(refusal: Refusal) -> str:
@@ -282,7 +286,7 @@ class WriteSpan(beam.PTransform):
             TRAIN: encoded[TRAIN],
             EVAL: encoded[EVAL],
             "unmatched_observations": parts["unmatched"]
-            | "UnmatchedToJson" >> beam.Map(_unmatched_json),
+            | "UnmatchedToJson" >> beam.Map(_unmatched_json, bp, self.key),
             "rejected": (parts["rejected_decisions"], parts["rejected_observations"])
             | "FlattenRejected" >> beam.Flatten()
             | "RejectedToJson" >> beam.Map(_refusal_json),
