@@ -295,7 +295,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
     )
     if options.output:
         failed = (read.failed, scoring.failed) | "AllFailures" >> beam.Flatten()
-        privacy = PayloadPrivacy.from_blueprint(blueprint, job.key)
+        # Without a key (TFRecord input: the join already pseudonymised it) there is nothing
+        # raw to redact; a failed example is kept as its hex.
+        privacy = PayloadPrivacy.from_blueprint(blueprint, job.key) if job.key else None
         _ = failed | "WriteFailed" >> WriteFailures(options.output, privacy)
 
 
