@@ -119,9 +119,12 @@ def manifest_of(span: Path | str) -> dict:
         kind: sorted(path.removeprefix(prefix) for path in paths)
         for kind, paths in manifest["files"].items()
     }
-    manifest["records_per_file"] = {
-        path.removeprefix(prefix): n for path, n in manifest.get("records_per_file", {}).items()
-    }
+    # Which shard a record lands in is the runner's choice: compare the records per directory.
+    per_directory: dict[str, int] = {}
+    for path, n in manifest.pop("records_per_file", {}).items():
+        directory = path.removeprefix(prefix).rsplit("/", 1)[0]
+        per_directory[directory] = per_directory.get(directory, 0) + n
+    manifest["records_per_directory"] = per_directory
     return manifest
 
 
