@@ -14,10 +14,9 @@ import pytest
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from loopline.blueprint import load_blueprint
-from loopline.simulate import FaultRates, Simulator
 from pipelines.join_decisions import run
 from tests.conftest import EXAMPLE_BLUEPRINT
+from tests.join_fixtures import simulate_logs
 from transforms.span import COUNT_NAMES, MANIFEST
 
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
@@ -27,13 +26,7 @@ SPLITS = ("train", "eval")
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
-    """Simulated logs with faults in every category, so every output has something."""
-    out = tmp_path_factory.mktemp("logs")
-    faults = FaultRates(duplicate=0.05, orphan=0.05, malformed=0.03)
-    Simulator(load_blueprint(EXAMPLE_BLUEPRINT), seed=5, faults=faults).run(
-        out, decisions=300, days=1, start_ms=START_MS
-    )
-    return out
+    return simulate_logs(tmp_path_factory.mktemp("logs"), seed=5, decisions=300)
 
 
 def _upload(local: Path, url: str) -> None:

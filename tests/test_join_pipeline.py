@@ -13,8 +13,8 @@ import tensorflow as tf
 from loopline import avro
 from loopline.blueprint import load_blueprint
 from loopline.events import parse_decision_json, parse_observation_json
-from loopline.simulate import FaultRates, Simulator
 from pipelines.join_decisions import run
+from tests.join_fixtures import join_args, simulate_logs
 from transforms.sources import ReadEvents, bigquery_row_to_record
 from transforms.span import COUNT_NAMES, MANIFEST
 
@@ -26,23 +26,10 @@ KEY = "pipeline-test-key"
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
-    """Simulated logs with more faults than the defaults, so every output has something."""
-    out = tmp_path_factory.mktemp("logs")
-    faults = FaultRates(duplicate=0.05, orphan=0.05, malformed=0.03)
-    Simulator(load_blueprint(BLUEPRINT), seed=3, faults=faults).run(
-        out, decisions=400, days=1, start_ms=START_MS
-    )
-    return out
+    return simulate_logs(tmp_path_factory.mktemp("logs"), seed=3, decisions=400)
 
 
-def _args(logs: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--decisions", str(logs / "decisions-*.jsonl"),
-        "--observations", str(logs / "observations-*.jsonl"),
-        "--blueprint", str(BLUEPRINT),
-        "--output", str(output),
-        *extra,
-    ]  # fmt: skip
+_args = join_args
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from loopline.blueprint import load_blueprint
-from loopline.simulate import FaultRates, Simulator
 from pipelines.join_decisions import run
 from tests.fake_object_store import PREFIX as FAKE_GCS
 from tests.fake_object_store import FakeObjectStore
+from tests.join_fixtures import join_args, simulate_logs
 from transforms.manifest import MANIFEST, listed_files
 from transforms.span_commit import (
     CLAIM,
@@ -125,22 +124,10 @@ def test_a_refused_commit_removes_its_own_temp_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("logs")
-    faults = FaultRates(duplicate=0.05, orphan=0.05, malformed=0.03)
-    Simulator(load_blueprint(BLUEPRINT), seed=5, faults=faults).run(
-        out, decisions=300, days=1, start_ms=START_MS
-    )
-    return out
+    return simulate_logs(tmp_path_factory.mktemp("logs"), seed=5, decisions=300)
 
 
-def _args(logs: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--decisions", str(logs / "decisions-*.jsonl"),
-        "--observations", str(logs / "observations-*.jsonl"),
-        "--blueprint", str(BLUEPRINT),
-        "--output", str(output),
-        *extra,
-    ]  # fmt: skip
+_args = join_args
 
 
 def _records(span: Path) -> int:
