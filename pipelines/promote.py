@@ -41,11 +41,12 @@ keeps (``by hand: <why>``).
 Every move is appended to ``aliases.json``'s history with its reason. Prints one line:
 ``promote: promoted …``, ``promote: rolled back …`` or ``promote: no change …``.
 
-Exit status: 0 when the aliases are where the verdict puts them (moved, or nothing to do);
-1 when nothing moved because the verdict is invalid, or because another writer changed the
-aliases meanwhile (run it again); 2 with ``promote: error: <one line>`` on bad arguments
-(unknown flags included) or inputs (a verdict file that is missing or malformed, a serving dir
-that does not exist or whose aliases are unreadable).
+Exit status (``pipelines.launch``): 0 when the aliases are where the verdict puts them (moved,
+or nothing to do); 1 with ``promote: error: no change (<why>)`` when nothing moved because the
+verdict is invalid, or because another writer changed the aliases meanwhile (run it again); 2
+with ``promote: error: <one line>`` on bad arguments (unknown flags included) or inputs (a
+verdict file that is missing or malformed, a serving dir that does not exist or whose aliases
+are unreadable).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from loopline import registry, storage
+from loopline.errors import UsageError
+from pipelines.launch import EntryOptions, FailedRun, parse_flags
+from pipelines.launch import main as launch_main
 
 PROG = "promote"
 BETTER = "challenger_better"
@@ -69,10 +73,6 @@ PROMOTE = "promote"
 ROLL_BACK = "roll_back"
 KEEP = "keep"
 REFUSE = "refuse"
-
-
-class PromoteError(ValueError):
-    """A bad argument or input, in one line."""
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,21 @@ class Verdict:
     @classmethod
     def from_dict(cls, data, source: str) -> Verdict:
         if not isinstance(data, dict):
-            raise PromoteError(f"verdict {source} is not a JSON object")
+            raise UsageError(f"verdict {source} is not a JSON object")
         verdict = data.get("verdict")
         known = verdict in (BETTER, WORSE, INCONCLUSIVE) or (
             isinstance(verdict, str) and verdict.startswith(f"{INVALID}:")
         )
         if not known:
-            raise PromoteError(
+            raise UsageError(
                 f"verdict {source}: 'verdict' must be one of {', '.join(VERDICTS)}, got {verdict!r}"
             )
         challenger = data.get("challenger")
         if not isinstance(challenger, str) or not challenger:
-            raise PromoteError(f"verdict {source}: 'challenger' must name a model id")
+            raise UsageError(f"verdict {source}: 'challenger' must name a model id")
         flags = data.get("flags") or []
         if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            raise PromoteError(f"verdict {source}: 'flags' must be a list of strings")
+            raise UsageError(f"verdict {source}: 'flags' must be a list of strings")
         at = data.get("at")
         if at is not None:
             _parse_time(at, f"verdict {source}: 'at'")
@@ -117,8 +117,33 @@ class Verdict:
         )
 
 
+class PromoteOptions(EntryOptions):
+    """Moves the registry's aliases on the monitor's verdict: promote a challenger or roll it
+    back (or roll back by hand)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--serving_dir", required=True, help="the serving dir (local or gs://)")
+        what = parser.add_mutually_exclusive_group(required=True)
+        what.add_argument("--verdict", help="the monitor's verdict JSON file (local or gs://)")
+        what.add_argument(
+            "--roll_back",
+            choices=(registry.CHALLENGER, registry.PRODUCTION),
+            help="by hand: take the challenger out of traffic, or put the previous model back "
+            "in production",
+        )
+        parser.add_argument("--why", help="with --roll_back: the reason, kept in the history")
+        parser.add_argument(
+            "--max_days",
+            type=float,
+            default=DEFAULT_MAX_DAYS,
+            help="roll back a challenger still inconclusive after this many days in traffic "
+            f"(default {DEFAULT_MAX_DAYS:g})",
+        )
+
+
 @dataclass(frozen=True)
-class Config:
+class PromoteConfig:
     """Everything a run needs, checked: the serving dir, its aliases, the verdict."""
 
     serving_dir: str
@@ -137,60 +162,35 @@ class Decision:
     why: str
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, like every Loopline entry point
-        raise PromoteError(message)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(
-        prog=f"python -m pipelines.{PROG}", description=__doc__.split("\n")[0], allow_abbrev=False
-    )
-    parser.add_argument("--serving_dir", required=True, help="the serving dir (local or gs://)")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--verdict", help="the monitor's verdict JSON file (local or gs://)")
-    what.add_argument(
-        "--roll_back",
-        choices=(registry.CHALLENGER, registry.PRODUCTION),
-        help="by hand: take the challenger out of traffic, or put the previous model back in "
-        "production",
-    )
-    parser.add_argument("--why", help="with --roll_back: the reason, kept in the history")
-    parser.add_argument(
-        "--max_days",
-        type=float,
-        default=DEFAULT_MAX_DAYS,
-        help="roll back a challenger still inconclusive after this many days in traffic "
-        f"(default {DEFAULT_MAX_DAYS:g})",
-    )
-    return parser.parse_args(argv)
-
-
-def resolve(args: argparse.Namespace) -> Config:
-    """Reads and checks the inputs; PromoteError in one line when one is unusable."""
-    if not args.max_days > 0:
-        raise PromoteError(f"--max_days must be positive, got {args.max_days:g}")
-    if args.roll_back and not (args.why or "").strip():
-        raise PromoteError("--roll_back needs --why, the reason the history keeps")
-    if args.why and not args.roll_back:
-        raise PromoteError("--why goes with --roll_back (a verdict carries its own summary)")
+def resolve(options: argparse.Namespace) -> PromoteConfig:
+    """Reads and checks the inputs; UsageError in one line when one is unusable."""
+    if not options.max_days > 0:
+        raise UsageError(f"--max_days must be positive, got {options.max_days:g}")
+    if options.roll_back and not (options.why or "").strip():
+        raise UsageError("--roll_back needs --why, the reason the history keeps")
+    if options.why and not options.roll_back:
+        raise UsageError("--why goes with --roll_back (a verdict carries its own summary)")
     try:
-        if not storage.is_dir(args.serving_dir):
-            raise PromoteError(f"serving dir {args.serving_dir} does not exist")
-        aliases = registry.read_aliases(args.serving_dir)
-        data = storage.read_json(args.verdict) if args.verdict else None
+        if not storage.is_dir(options.serving_dir):
+            raise UsageError(f"serving dir {options.serving_dir} does not exist")
+        aliases = registry.read_aliases(options.serving_dir)
+        data = storage.read_json(options.verdict) if options.verdict else None
     except (storage.StorageError, registry.RegistryError) as e:
-        raise PromoteError(str(e)) from None
-    if args.roll_back:
-        needed = aliases.challenger if args.roll_back == registry.CHALLENGER else aliases.previous
+        raise UsageError(str(e)) from None
+    if options.roll_back:
+        needed = (
+            aliases.challenger if options.roll_back == registry.CHALLENGER else aliases.previous
+        )
         if needed is None:
             missing = (
-                "no challenger" if args.roll_back == registry.CHALLENGER else "no previous model"
+                "no challenger" if options.roll_back == registry.CHALLENGER else "no previous model"
             )
-            raise PromoteError(f"serving dir {args.serving_dir} has {missing} to roll back to")
-        return Config(args.serving_dir, aliases, None, args.max_days, args.roll_back, args.why)
-    verdict = Verdict.from_dict(data, args.verdict)
-    return Config(args.serving_dir, aliases, verdict, args.max_days)
+            raise UsageError(f"serving dir {options.serving_dir} has {missing} to roll back to")
+        return PromoteConfig(
+            options.serving_dir, aliases, None, options.max_days, options.roll_back, options.why
+        )
+    verdict = Verdict.from_dict(data, options.verdict)
+    return PromoteConfig(options.serving_dir, aliases, verdict, options.max_days)
 
 
 def decide(aliases: registry.Aliases, verdict: Verdict, max_days: float) -> Decision:
@@ -236,11 +236,11 @@ def _parse_time(text, what: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
-        raise PromoteError(f"{what} is not an RFC 3339 time: {text!r}") from None
+        raise UsageError(f"{what} is not an RFC 3339 time: {text!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def apply(config: Config, decision: Decision) -> str:
+def apply(config: PromoteConfig, decision: Decision) -> str:
     """Moves the aliases as decided; returns the line to print."""
     if config.roll_back:
         was = getattr(config.aliases, config.roll_back)
@@ -260,25 +260,30 @@ def apply(config: Config, decision: Decision) -> str:
     return f"{PROG}: no change ({decision.why})"
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Reads the verdict, moves the aliases, prints one line; returns the exit status."""
-    try:
-        config = resolve(parse_args(argv))
-    except PromoteError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+def run(argv: list[str] | None = None) -> str:
+    """Reads the verdict and moves the aliases; returns the line to print.
+
+    UsageError (exit 2) when an argument or input is unusable; FailedRun (exit 1) when nothing
+    moved because the verdict is invalid or another writer moved the aliases meanwhile."""
+    options, _ = parse_flags(argv, PromoteOptions, PROG)
+    config = resolve(options)
     if config.roll_back:
         decision = Decision(ROLL_BACK, f"by hand: {config.why}")
     else:
         decision = decide(config.aliases, config.verdict, config.max_days)
+    if decision.action == REFUSE:
+        raise FailedRun(f"no change ({decision.why})")
     try:
-        print(apply(config, decision))
+        return apply(config, decision)
     except (storage.ConcurrentUpdate, registry.RegistryError) as e:
         # Another writer moved the aliases since they were read: nothing moved; run it again.
-        print(f"{PROG}: no change: {e}", file=sys.stderr)
-        return 1
-    return 1 if decision.action == REFUSE else 0
+        raise FailedRun(f"no change: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.promote``: prints the one line and returns the exit status."""
+    return launch_main(run, PROG, argv, report=print)
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

@@ -9,8 +9,9 @@ schema the blueprint's feature types imply, or a curated ``--schema``) -> Exampl
 ValidationGate (stops the run on any anomaly, naming the feature) -> Transform -> Trainer ->
 Evaluator (TFMA, against the latest blessed model found by a Resolver, with the blueprint's
 thresholds) -> Pusher (``SERVING_DIR/<version>/``). Locally it runs with LocalDagRunner,
-SQLite ML Metadata and Beam's DirectRunner under one ``--pipeline_root``; unknown ``--flags``
-and ``--beam_pipeline_args`` reach Beam (Dataflow in production), and ``--compile_vertex``
+SQLite ML Metadata and Beam's DirectRunner under one ``--pipeline_root``; Beam's standard
+options (``--runner=...``; any other flag is refused) and ``--beam_pipeline_args`` reach Beam
+(Dataflow in production), and ``--compile_vertex``
 writes a Vertex AI Pipelines spec instead of running: one that reads no local span and takes
 the span to train on as its runtime parameter ``examples`` (``--examples`` is its default)::
 
@@ -22,6 +23,10 @@ the span to train on as its runtime parameter ``examples`` (``--examples`` is it
 After a run, a model record (pipelines.model_record) is written to
 ``PIPELINE_ROOT/records/<run>.json``, and next to the pushed version as
 ``SERVING_DIR/<version>.record.json`` when the model was blessed.
+
+Exit status (``pipelines.launch``): 0 when the run finished, blessed or not; 2 with ``train:
+error: <line>`` on bad arguments or inputs (a span that is missing or incomplete, examples that
+do not match the blueprint), before anything is written; 1 when a component failed.
 """
 
 # No `from __future__ import annotations`: the @component decorator reads real annotations.
@@ -37,6 +42,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path, PurePosixPath  # noqa: E402
 
@@ -46,12 +52,17 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
 from tfx.types import artifact_utils  # noqa: E402
 
+from loopline import storage  # noqa: E402
 from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
+from loopline.errors import UsageError  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
 from pipelines import evidence  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
+from pipelines.launch import EntryOptions, FailedRun, parse_flags  # noqa: E402
+from pipelines.launch import main as launch_main  # noqa: E402
 from pipelines.registration import RegisterPush, registration_context  # noqa: E402
 
+PROG = "train"
 # The module file's functions by import path: the package is installed (here and in the worker
 # images), so TFX need not build and pip-install a wheel of it on every run.
 PREPROCESSING_FN = "pipelines.trainer_module.preprocessing_fn"
@@ -704,62 +715,138 @@ def compile_vertex(
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.train", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--blueprint", required=True, help="blueprint YAML file")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "--examples",
-        help="one span: a join output directory; with --compile_vertex, the default of the "
-        "spec's runtime parameter 'examples' (not read when compiling)",
-    )
-    where.add_argument("--dataset_root", help="ROOT holding spans as ROOT/<name>/<YYYY-MM-DD>/")
-    parser.add_argument(
-        "--spans",
-        type=int,
-        default=1,
-        help="with --dataset_root: train on the newest N complete spans",
-    )
-    parser.add_argument("--pipeline_root", required=True, help="artifacts, ML Metadata, records")
-    parser.add_argument("--serving_dir", required=True, help="push destination (versioned)")
-    parser.add_argument("--schema", help="a curated schema.pbtxt instead of the blueprint's")
-    parser.add_argument(
-        "--metadata_path", help="SQLite ML Metadata (default PIPELINE_ROOT/metadata.sqlite)"
-    )
-    parser.add_argument(
-        "--beam_pipeline_args",
-        default="",
-        help="Beam options for every Beam-based component, e.g. for Dataflow",
-    )
-    parser.add_argument(
-        "--compile_vertex",
-        metavar="SPEC.json",
-        help="write a Vertex AI Pipelines spec (local or gs://) instead of running locally",
-    )
-    parser.add_argument(
-        "--image", default=DEFAULT_IMAGE, help="container image for --compile_vertex"
-    )
-    args, beam_args = parser.parse_known_args(argv)
-    if args.compile_vertex and args.dataset_root:
-        parser.error(
+class TrainOptions(EntryOptions):
+    """Trains a model with TFX on the join's spans, gates it and pushes it (or compiles a
+    Vertex AI Pipelines spec that does)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--blueprint", required=True, help="blueprint YAML file")
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument(
+            "--examples",
+            help="one span: a join output directory; with --compile_vertex, the default of the "
+            "spec's runtime parameter 'examples' (not read when compiling)",
+        )
+        where.add_argument("--dataset_root", help="ROOT holding spans as ROOT/<name>/<YYYY-MM-DD>/")
+        parser.add_argument(
+            "--spans",
+            type=int,
+            default=1,
+            help="with --dataset_root: train on the newest N complete spans",
+        )
+        parser.add_argument(
+            "--pipeline_root", required=True, help="artifacts, ML Metadata, records"
+        )
+        parser.add_argument("--serving_dir", required=True, help="push destination (versioned)")
+        parser.add_argument("--schema", help="a curated schema.pbtxt instead of the blueprint's")
+        parser.add_argument(
+            "--metadata_path", help="SQLite ML Metadata (default PIPELINE_ROOT/metadata.sqlite)"
+        )
+        parser.add_argument(
+            "--beam_pipeline_args",
+            default="",
+            help="Beam options for every Beam-based component, e.g. for Dataflow",
+        )
+        parser.add_argument(
+            "--compile_vertex",
+            metavar="SPEC.json",
+            help="write a Vertex AI Pipelines spec (local or gs://) instead of running locally",
+        )
+        parser.add_argument(
+            "--image", default=DEFAULT_IMAGE, help="container image for --compile_vertex"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs, checked: what ``resolve`` returns. Paths are absolute (the
+    components run elsewhere); a URI such as gs://... stays as given."""
+
+    blueprint: Blueprint
+    pipeline_root: str
+    serving_dir: str
+    spans: tuple[Span, ...]  # the spans to train on; none when compiling
+    examples: str | None  # with compile_vertex: the default of the spec's 'examples'
+    schema: str | None  # a curated schema, else the blueprint's is written
+    metadata_path: str
+    beam_args: tuple[str, ...]
+    compile_vertex: str | None
+    image: str
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a run did: the model record of a local run, or the Vertex AI spec it compiled."""
+
+    serving_dir: str
+    record: dict | None = None
+    spec: str | None = None
+
+
+def resolve(options: argparse.Namespace, beam_args: Sequence[str] = ()) -> TrainConfig:
+    """Checks every argument and input before anything is written: the blueprint, the spans
+    and that their examples match it, a curated schema. Raises UsageError in one sentence."""
+    if options.compile_vertex and options.dataset_root:
+        raise UsageError(
             "--compile_vertex takes the span as the runtime parameter 'examples': give its "
             "default with --examples, not --dataset_root"
         )
-    for arg in beam_args:
-        if not arg.startswith("--"):
-            parser.error(f"unexpected argument {arg!r} (Beam options look like --name=value)")
-    return args, shlex.split(args.beam_pipeline_args) + beam_args
+    try:
+        blueprint = read_blueprint(options.blueprint)
+        if options.compile_vertex:  # the span is a runtime parameter: nothing is read now
+            spans = []
+        elif options.examples:
+            spans = [read_span(options.examples)]
+        else:
+            spans = find_spans(options.dataset_root, blueprint.name, newest=options.spans)
+        check_examples_match_blueprint(spans, blueprint)
+    except (BlueprintError, SpanError, ExampleMismatch) as e:
+        raise UsageError(str(e)) from None
+    if options.schema and not options.compile_vertex and not storage.exists(options.schema):
+        raise UsageError(f"--schema {options.schema} does not exist")
+    pipeline_root = absolute(options.pipeline_root)
+    return TrainConfig(
+        blueprint=blueprint,
+        pipeline_root=pipeline_root,
+        serving_dir=absolute(options.serving_dir),
+        spans=tuple(spans),
+        examples=absolute(options.examples) if options.examples else None,
+        schema=absolute(options.schema) if options.schema else None,
+        metadata_path=options.metadata_path or metadata_path(pipeline_root),
+        beam_args=(*shlex.split(options.beam_pipeline_args), *beam_args),
+        compile_vertex=options.compile_vertex,
+        image=options.image,
+    )
 
 
-def _warn_local_paths(args: argparse.Namespace, pipeline_root: str, serving_dir: str) -> None:
+def build(config: TrainConfig) -> tfx.dsl.Pipeline:
+    """The TFX pipeline for a checked config: stages the spans' files (or, compiling, takes the
+    span as a runtime parameter) and writes the blueprint's schema unless one was given."""
+    if config.compile_vertex:
+        source = runtime_example_source(config.examples)
+    else:
+        os.makedirs(config.pipeline_root, exist_ok=True)
+        source = example_source(list(config.spans), config.pipeline_root)
+    schema_file = config.schema or write_blueprint_schema(config.blueprint, config.pipeline_root)
+    return create_pipeline(
+        config.blueprint,
+        source,
+        config.pipeline_root,
+        config.serving_dir,
+        schema_file,
+        metadata_path=None if config.compile_vertex else config.metadata_path,
+        beam_pipeline_args=list(config.beam_args),
+    )
+
+
+def _warn_local_paths(config: TrainConfig) -> None:
     """A compiled spec runs on Vertex AI, which cannot read this machine's paths: say so."""
     for flag, path in (
-        ("--examples", args.examples),
-        ("--pipeline_root", pipeline_root),
-        ("--serving_dir", serving_dir),
-        ("--schema", args.schema),
+        ("--examples", config.examples),
+        ("--pipeline_root", config.pipeline_root),
+        ("--serving_dir", config.serving_dir),
+        ("--schema", config.schema),
     ):
         if path and "://" not in path:
             print(
@@ -768,89 +855,80 @@ def _warn_local_paths(args: argparse.Namespace, pipeline_root: str, serving_dir:
             )
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Runs (or compiles) the pipeline, writes the model record and prints it.
+def run(argv: list[str] | None = None) -> TrainOutcome:
+    """Runs (or compiles) the pipeline and writes the model record.
 
-    Returns 0 when the run finished, blessed or not ("not blessed: <why>" is a normal outcome),
-    1 with a one-line reason when the run could not train (bad span, mismatch, anomalies)."""
-    from loopline import registry
+    A run that finished, blessed or not ("not blessed: <why>" is a normal outcome), returns its
+    record; UsageError (exit 2) when an argument or input is unusable, before anything is
+    written; FailedRun (exit 1) when a component failed (anomalies stop the run at the
+    ExampleValidator) or the spec cannot be compiled."""
     from pipelines import model_record
 
-    args, beam_args = parse_args(argv)
+    options, beam_args = parse_flags(argv, TrainOptions, PROG, beam_options=True)
+    config = resolve(options, beam_args)
     try:
-        blueprint = read_blueprint(args.blueprint)
-        pipeline_root = absolute(args.pipeline_root)
-        serving_dir = absolute(args.serving_dir)
-        if args.compile_vertex:
-            # Compiled for Vertex AI: the span is a runtime parameter; no local span is read.
-            spans = []
-            source = runtime_example_source(absolute(args.examples))
-            _warn_local_paths(args, pipeline_root, serving_dir)
-        else:
-            if args.examples:
-                spans = [read_span(args.examples)]
-            else:
-                spans = find_spans(args.dataset_root, blueprint.name, newest=args.spans)
-            check_examples_match_blueprint(spans, blueprint)
-            os.makedirs(pipeline_root, exist_ok=True)
-            source = example_source(spans, pipeline_root)
-        schema_file = absolute(args.schema) if args.schema else None
-        schema_file = schema_file or write_blueprint_schema(blueprint, pipeline_root)
-        mlmd_path = args.metadata_path or metadata_path(pipeline_root)
-        pipeline = create_pipeline(
-            blueprint,
-            source,
-            pipeline_root,
-            serving_dir,
-            schema_file,
-            metadata_path=None if args.compile_vertex else mlmd_path,
-            beam_pipeline_args=beam_args,
-        )
-    except (BlueprintError, SpanError, ExampleMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.compile_vertex:
+        pipeline = build(config)
+    except BlueprintError as e:  # a blueprint setting only the evaluation's config reads
+        raise UsageError(str(e)) from None
+    if config.compile_vertex:
+        _warn_local_paths(config)
         try:
             compile_vertex(
                 pipeline,
-                args.compile_vertex,
-                args.image,
-                parameter_values={EXAMPLES_PARAMETER: source.input_base.default},
+                config.compile_vertex,
+                config.image,
+                parameter_values={EXAMPLES_PARAMETER: config.examples},
             )
         except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"wrote Vertex AI Pipelines spec {args.compile_vertex}")
-        return 0
+            raise FailedRun(str(e)) from None
+        return TrainOutcome(config.serving_dir, spec=config.compile_vertex)
     started = model_record.now()
     try:
         tfx.orchestration.LocalDagRunner().run(pipeline)
     except Exception as e:  # a component failed: say why in one line when we can
-        stop = model_record.anomalies_of_latest_run(mlmd_path)
+        stop = model_record.anomalies_of_latest_run(config.metadata_path)
         if stop:
-            print(f"error: stopped at ExampleValidator: {' | '.join(stop)}", file=sys.stderr)
-            return 1
-        print(f"error: the training pipeline failed: {e}", file=sys.stderr)
-        return 1
+            raise FailedRun(f"stopped at ExampleValidator: {' | '.join(stop)}") from None
+        raise FailedRun(f"the training pipeline failed: {e}") from None
     # RegisterPush recorded and registered a push; the record gains what ML Metadata knows.
-    record = model_record.build(blueprint, spans, mlmd_path, started, serving_dir)
-    model_record.write(record, pipeline_root, serving_dir)
+    spans = list(config.spans)
+    record = model_record.build(
+        config.blueprint, spans, config.metadata_path, started, config.serving_dir
+    )
+    model_record.write(record, config.pipeline_root, config.serving_dir)
+    return TrainOutcome(config.serving_dir, record=record)
+
+
+def print_outcome(outcome: TrainOutcome) -> None:
+    """The compiled spec's path, or the model record and whether it was blessed and
+    registered."""
+    from loopline import registry
+
+    if outcome.spec:
+        print(f"wrote Vertex AI Pipelines spec {outcome.spec}")
+        return
+    record = outcome.record
     print(json.dumps(record, indent=2, sort_keys=True))
-    if record["blessed"]:
-        challenger = registry.read_aliases(serving_dir).challenger
-        registered = (
-            f"registered as the challenger in {registry.aliases_path(serving_dir)}"
-            if challenger == record["model_id"]
-            else f"not registered: challenger {challenger} is still under test"
-        )
-        print(
-            f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
-            f"{record['pushed_to']}; {registered}"
-        )
-    else:
+    if not record["blessed"]:
         print(f"not blessed: {record['why']}")
-    return 0
+        return
+    challenger = registry.read_aliases(outcome.serving_dir).challenger
+    registered = (
+        f"registered as the challenger in {registry.aliases_path(outcome.serving_dir)}"
+        if challenger == record["model_id"]
+        else f"not registered: challenger {challenger} is still under test"
+    )
+    print(
+        f"blessed and pushed: {record['name']} (model id {record['model_id']}) -> "
+        f"{record['pushed_to']}; {registered}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.train``: 0 when the run finished (blessed or not) or the spec was
+    compiled; 2 with ``train: error: <line>`` on bad arguments or inputs; 1 when it failed."""
+    return launch_main(run, PROG, argv, report=print_outcome)
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(main())

@@ -8,10 +8,15 @@ package on PYTHONPATH as the image installs it and flags checked against
 and simulated data (``python -m loopline.simulate``). Every template needs a launch scenario
 below, so a new template fails here until it is launched too. tests/test_flex_entry_files.py
 runs the join and the monitor the same way on multi-process workers.
+
+The entry points that are not Flex Templates (``train``, ``promote``) share the launch path
+(``pipelines.launch.parse_flags``); their ``--help`` is checked here, their bad command lines in
+tests/test_train.py and tests/test_promote.py.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -142,6 +147,24 @@ SCENARIOS = {
 
 def test_every_template_has_a_launch_scenario():
     assert sorted(SCENARIOS) == TEMPLATES
+
+
+@pytest.mark.parametrize(
+    "entry_point, flags, beam_options",
+    [
+        ("train", ("--blueprint", "--examples", "--dataset_root", "--compile_vertex"), True),
+        ("promote", ("--serving_dir", "--verdict", "--roll_back", "--why", "--max_days"), False),
+    ],
+)
+def test_help_lists_the_entry_points_own_flags(entry_point, flags, beam_options, capsys):
+    module = importlib.import_module(f"pipelines.{entry_point}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m pipelines.{entry_point}")
+    assert all(flag in text for flag in flags)
+    assert ("Standard Beam options" in text) == beam_options
 
 
 @pytest.mark.slow

@@ -795,7 +795,9 @@ def test_promote_accepts_the_monitors_verdict_file(better_challenger, tmp_path):
         registry.register(str(serving), record)
         if model_id == "notify-old":
             registry.promote(str(serving), "the incumbent")
-    assert promote.run(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
+    assert (
+        promote.main(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
+    )
     assert registry.read_aliases(str(serving)).production == "notify-new"
 
 

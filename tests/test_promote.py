@@ -7,6 +7,7 @@ import pytest
 
 from loopline import registry, storage
 from pipelines import promote
+from pipelines.launch import parse_flags
 from tests.fake_gcs import root_for
 
 REGISTERED_AT = "2026-11-01T06:00:00+00:00"
@@ -37,7 +38,7 @@ def verdict(root, challenger, verdict="challenger_better", **fields) -> str:
 
 
 def promote_run(root, verdict_path, *extra) -> int:
-    return promote.run(["--serving_dir", root / "serving", "--verdict", verdict_path, *extra])
+    return promote.main(["--serving_dir", root / "serving", "--verdict", verdict_path, *extra])
 
 
 def aliases(root):
@@ -97,7 +98,9 @@ def test_an_invalid_verdict_moves_nothing_and_exits_1(root, capsys):
     before = (root.local / "serving" / "aliases.json").read_bytes()
     assert promote_run(root, verdict(root, model, "invalid: sample ratio mismatch")) == 1
     assert (root.local / "serving" / "aliases.json").read_bytes() == before
-    assert "needs a person" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("promote: error: no change (invalid: sample ratio mismatch")
+    assert "needs a person" in err and err.count("\n") == 1
 
 
 def test_a_verdict_about_a_replaced_challenger_moves_nothing(root, capsys):
@@ -128,9 +131,8 @@ def test_every_move_is_in_history_with_the_verdicts_reason(root):
 
 def test_a_newer_push_after_the_verdict_was_read_is_not_promoted(root):
     model = push(root, "100")
-    config = promote.resolve(
-        promote.parse_args(["--serving_dir", root / "serving", "--verdict", verdict(root, model)])
-    )
+    argv = ["--serving_dir", root / "serving", "--verdict", verdict(root, model)]
+    config = promote.resolve(parse_flags(argv, promote.PromoteOptions, promote.PROG)[0])
     decision = promote.decide(config.aliases, config.verdict, config.max_days)
     newer = push(root, "200", replace_challenger=True)
     with pytest.raises(storage.ConcurrentUpdate, match="nothing was moved"):
@@ -146,7 +148,19 @@ def test_a_newer_push_after_the_verdict_was_read_is_not_promoted(root):
         (["--serving_dir", "{serving}"], "one of the arguments --verdict --roll_back is required"),
         (
             ["--serving_dir", "{serving}", "--verdict", "{verdict}", "--max_day", "3"],
-            "unrecognized",
+            "unknown argument '--max_day'",
+        ),
+        (
+            ["--serving_dir", "{serving}", "--verdict", "{verdict}", "--max", "3"],
+            "unknown argument '--max'",
+        ),
+        (
+            ["--serving_dir", "{serving}", "--verdict", "{verdict}", "--runner=DirectRunner"],
+            "unknown argument '--runner=DirectRunner'",
+        ),
+        (
+            ["--serving_dir", "{serving}", "--verdict", "{verdict}", "--max_days", "two"],
+            "argument --max_days: invalid float value: 'two'",
         ),
         (["--serving_dir", "{serving}", "--verdict", "{verdict}", "--max_days", "0"], "positive"),
     ],
@@ -155,7 +169,7 @@ def test_bad_arguments_exit_2_with_one_line(root, capsys, argv, message):
     push(root, "100")
     path = verdict(root, "m")
     names = {"root": root.uri, "serving": root / "serving", "verdict": path}
-    assert promote.run([a.format(**names) for a in argv]) == 2
+    assert promote.main([a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("promote: error: ") and message in err and err.count("\n") == 1
 
@@ -184,7 +198,7 @@ def test_rolling_back_the_challenger_by_hand_keeps_the_reason(root, capsys):
     registry.promote(root / "serving", "better")
     challenger = push(root, "200")
     argv = ["--serving_dir", root / "serving", "--roll_back", "challenger", "--why", "INC-123"]
-    assert promote.run(argv) == 0
+    assert promote.main(argv) == 0
     assert (aliases(root).production, aliases(root).challenger) == (production, None)
     assert aliases(root).history[-1]["why"] == "rolled back: by hand: INC-123"
     assert f"rolled back challenger {challenger}" in capsys.readouterr().out
@@ -196,7 +210,7 @@ def test_rolling_back_production_by_hand_restores_the_previous_model(root):
     push(root, "200")
     registry.promote(root / "serving", "better")
     argv = ["--serving_dir", root / "serving", "--roll_back", "production", "--why", "INC-124"]
-    assert promote.run(argv) == 0
+    assert promote.main(argv) == 0
     assert aliases(root).production == old
 
 
@@ -214,5 +228,5 @@ def test_bad_roll_back_arguments_exit_2(root, capsys, extra, message):
     push(root, "100")
     path = verdict(root, "m")
     argv = ["--serving_dir", root / "serving", *(a.format(verdict=path) for a in extra)]
-    assert promote.run(argv) == 2
+    assert promote.main(argv) == 2
     assert message in capsys.readouterr().err

@@ -56,7 +56,7 @@ def pii_key_env():
 def run_train(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.run([*argv, *BEAM])
+        rc = train.main([*argv, *BEAM])
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -319,8 +319,8 @@ def test_examples_of_another_blueprint_fail_before_any_component(tmp_path, bluep
         "--serving_dir",
         str(tmp_path / "serving"),
     )
-    assert rc == 1
-    assert "lacks locale, declared by blueprint notify" in err
+    assert rc == 2
+    assert err.startswith("train: error: ") and "lacks locale, declared by blueprint notify" in err
     assert not (tmp_path / "root").exists()
 
 
@@ -351,7 +351,7 @@ def test_incomplete_span_is_a_one_line_error(tmp_path, blueprint):
         "--serving_dir",
         str(tmp_path / "serving"),
     )
-    assert rc == 1
+    assert rc == 2
     assert err.strip().count("\n") == 0 and "is incomplete: it has no manifest.json" in err
 
 
@@ -535,21 +535,103 @@ def test_vertex_spec_compiles_from_options(tmp_path):
 
 
 def test_vertex_spec_refuses_dataset_root(tmp_path):
-    with pytest.raises(SystemExit) as stop:
-        run_train(
-            "--blueprint",
-            str(EXAMPLE_BLUEPRINT),
-            "--dataset_root",
-            str(tmp_path),
-            "--pipeline_root",
-            str(tmp_path / "root"),
-            "--serving_dir",
-            "gs://bucket/serving/notify",
-            "--compile_vertex",
-            str(tmp_path / "notify.json"),
-        )
-    assert stop.value.code == 2
+    rc, _, err = run_train(
+        "--blueprint",
+        str(EXAMPLE_BLUEPRINT),
+        "--dataset_root",
+        str(tmp_path),
+        "--pipeline_root",
+        str(tmp_path / "root"),
+        "--serving_dir",
+        "gs://bucket/serving/notify",
+        "--compile_vertex",
+        str(tmp_path / "notify.json"),
+    )
+    assert rc == 2
+    assert err.startswith("train: error: --compile_vertex takes the span as the runtime")
     assert not (tmp_path / "notify.json").exists()
+
+
+# ------------------------------------------------------------------------ bad command lines
+
+
+def train_argv(tmp_path: Path, **flags: str) -> list[str]:
+    """A command line for a span under tmp_path, with ``flags`` replacing or adding flags
+    (a value None leaves the flag out)."""
+    given = {
+        "blueprint": str(EXAMPLE_BLUEPRINT),
+        "examples": str(tmp_path / "span"),
+        "pipeline_root": str(tmp_path / "root"),
+        "serving_dir": str(tmp_path / "serving"),
+        **flags,
+    }
+    return [part for k, v in given.items() if v is not None for part in (f"--{k}", v)]
+
+
+@pytest.fixture
+def span(tmp_path, blueprint) -> Path:
+    write_span(tmp_path / "span", blueprint, 40, seed=9, key=KEY.encode())
+    return tmp_path / "span"
+
+
+def assert_usage_error(tmp_path: Path, argv: list[str], message: str) -> None:
+    """Exit 2 with one line ``train: error: ...`` saying ``message``; nothing written."""
+    rc, out, err = run_train(*argv)
+    assert rc == 2, err
+    assert err.startswith("train: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert out == "" and not (tmp_path / "root").exists()
+
+
+def test_a_misspelt_flag_is_refused_not_handed_to_beam(tmp_path, span):
+    argv = [*train_argv(tmp_path), "--pipline_root", str(tmp_path / "other")]
+    assert_usage_error(tmp_path, argv, "unknown argument '--pipline_root'")
+
+
+def test_an_abbreviated_flag_is_refused(tmp_path, span):
+    argv = [*train_argv(tmp_path), "--metadata", str(tmp_path / "metadata.sqlite")]
+    assert_usage_error(tmp_path, argv, "unknown argument '--metadata'")
+
+
+def test_a_misspelt_beam_option_is_refused(tmp_path, span):
+    argv = [*train_argv(tmp_path), "--runer=DataflowRunner"]
+    assert_usage_error(tmp_path, argv, "unknown argument '--runer=DataflowRunner'")
+
+
+def test_a_missing_blueprint_file_is_named(tmp_path, span):
+    missing = str(tmp_path / "nowhere.yaml")
+    argv = train_argv(tmp_path, blueprint=missing)
+    assert_usage_error(tmp_path, argv, f"{missing}")
+
+
+def test_a_missing_required_flag_is_named(tmp_path, span):
+    argv = train_argv(tmp_path, pipeline_root=None)
+    assert_usage_error(tmp_path, argv, "the following arguments are required: --pipeline_root")
+
+
+def test_examples_and_dataset_root_are_exclusive(tmp_path, span):
+    argv = train_argv(tmp_path, dataset_root=str(tmp_path))
+    assert_usage_error(tmp_path, argv, "not allowed with argument")
+
+
+def test_a_span_that_does_not_exist_is_named(tmp_path):
+    argv = train_argv(tmp_path)
+    assert_usage_error(tmp_path, argv, f"span {tmp_path / 'span'} does not exist")
+
+
+def test_no_spans_under_the_dataset_root_is_named(tmp_path):
+    argv = train_argv(tmp_path, examples=None, dataset_root=str(tmp_path / "data"))
+    assert_usage_error(tmp_path, argv, "no spans for 'notify'")
+
+
+def test_a_missing_curated_schema_is_named(tmp_path, span):
+    argv = train_argv(tmp_path, schema=str(tmp_path / "schema.pbtxt"))
+    assert_usage_error(tmp_path, argv, f"--schema {tmp_path / 'schema.pbtxt'} does not exist")
+
+
+def test_a_bad_number_of_spans_is_named(tmp_path, span):
+    argv = train_argv(tmp_path, examples=None, dataset_root=str(tmp_path), spans="two")
+    assert_usage_error(tmp_path, argv, "argument --spans: invalid int value: 'two'")
 
 
 # The simulator's eval split is small and its clicks rare (~10%): a wider margin than above.
