@@ -98,8 +98,8 @@ def run_identity(logs: Path, out: Path, extra: list[str]) -> dict:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from loopline.blueprint import load_blueprint
+    from loopline.examples import features_to_example, pii_key
     from transforms.events import ParseDecisions, ParseObservations
-    from transforms.examples import features_to_example, pii_key
 
     blueprint = load_blueprint(BLUEPRINT)
     key = pii_key(blueprint)

@@ -45,6 +45,7 @@ os.environ.setdefault("LOOPLINE_PII_KEY", "bench-key-not-a-secret")
 
 from loopline.blueprint import load_blueprint  # noqa: E402
 from loopline.events import DECISION, Refusal  # noqa: E402
+from loopline.examples import features_to_example, pii_key  # noqa: E402
 from loopline.policy import policy_from_blueprint  # noqa: E402
 from loopline.registry import resolve_serving_model  # noqa: E402
 from loopline.scorer import LoadedModel  # noqa: E402
@@ -52,7 +53,6 @@ from pipelines import bulk_score  # noqa: E402
 from tests.scoring_fixtures import export_scoring_model, make_decisions  # noqa: E402
 from transforms.encoding import DecisionEncoder, EncodedDecision, EncodeFailure  # noqa: E402
 from transforms.events import parse_one  # noqa: E402
-from transforms.examples import features_to_example, pii_key  # noqa: E402
 from transforms.model_handler import SavedModelHandler  # noqa: E402
 from transforms.policy_step import decide, utc_now  # noqa: E402
 from transforms.score_output import score_lines  # noqa: E402

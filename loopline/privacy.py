@@ -5,7 +5,7 @@ dead letters included. Pure functions, free of Beam and TensorFlow, so every job
 same rules:
 
 * ``pseudonymise``: the keyed HMAC-SHA256 of a value as 64 hex characters, the same digest the
-  examples carry (``transforms.examples`` encodes with it);
+  examples carry (``loopline.examples`` encodes with it);
 * ``apply_privacy``: a features mapping with dropped fields removed and pseudonymised ones
   hashed, at any depth;
 * ``redact_payload``: a refused input as it may be written to ``rejected/`` or ``failed/``. A

@@ -114,7 +114,7 @@ class SavedModelScorer:
         scorer = SavedModelScorer("serving/notify", blueprint)     # the production alias
         client = DecisionClient(blueprint, sink, scorer)
 
-    ``key`` is the pseudonymisation key (``transforms.examples.pii_key(blueprint)``). The
+    ``key`` is the pseudonymisation key (``loopline.examples.pii_key(blueprint)``). The
     scorer never freezes its host's heap (bulk scoring's handler does, in its own workers).
     """
 
@@ -127,7 +127,7 @@ class SavedModelScorer:
         device: str = "CPU",
     ):
         # The training encoding, so that the model sees what it was trained on.
-        from transforms.examples import features_to_example
+        from loopline.examples import features_to_example
 
         self.serving_model = resolve_serving_model(model_dir, blueprint.name, version)
         self.model_id = self.serving_model.model_id

@@ -22,12 +22,17 @@ crash between copy and delete leaves a stray ``.tmp-*`` object, never a torn des
 docstring for exactly what it guarantees.
 
 Beam is imported on first use, not at import time: ``loopline`` is the Beam-free core a product
-service imports, and Beam's filesystems (with the GCP clients) take seconds to import.
+service imports, and Beam's filesystems (with the GCP clients) take seconds to import. Reading a
+local path (``join``, ``exists``, ``is_dir``, ``glob``, a plain ``open_read``) does not import it
+at all, so a product service that resolves and loads a local model (``loopline.scorer``) never
+does: those calls do locally what Beam's LocalFileSystem does, with its glob syntax.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import uuid
 from typing import IO, Any
 
@@ -80,6 +85,8 @@ def is_remote(path: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     """``base`` and ``parts`` joined with the separator of ``base``'s filesystem."""
+    if not is_remote(base):
+        return os.path.join(str(base), *parts)
     return _filesystems().join(str(base), *parts)
 
 
@@ -90,6 +97,8 @@ def basename(path: str) -> str:
 
 def exists(path: str) -> bool:
     """Whether a file (an object, on GCS) exists at ``path``; for a directory use ``is_dir``."""
+    if not is_remote(path):
+        return os.path.exists(str(path))
     try:
         return _filesystems().exists(str(path))
     except Exception as e:  # noqa: BLE001 - a bad scheme or an unreachable store
@@ -101,8 +110,6 @@ def is_dir(path: str) -> bool:
     at least one object lies under."""
     path = str(path)
     if not is_remote(path):
-        import os.path
-
         return os.path.isdir(path)
     return bool(glob(path.rstrip("/") + "/**", limit=1))
 
@@ -112,11 +119,68 @@ def glob(pattern: str, limit: int | None = None) -> list[str]:
 
     Directories never match, only files: to find directories, glob a file they hold (a span
     directory is the parent of its ``manifest.json``)."""
+    if not is_remote(pattern):
+        return sorted(_local_glob(str(pattern), limit))
     try:
         (result,) = _filesystems().match([str(pattern)], limits=[limit])
     except Exception as e:  # noqa: BLE001
         raise _failed("list", pattern, e) from None
     return sorted(m.path for m in result.metadata_list)
+
+
+def _local_glob(pattern: str, limit: int | None) -> list[str]:
+    # What Beam's FileSystem.match does on its LocalFileSystem: a pattern without a glob
+    # character names itself; otherwise every file under the directory before the first glob
+    # character (hidden ones too) whose path matches the translated pattern.
+    if pattern.endswith("/"):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:
+        return [pattern] if os.path.exists(pattern) else []
+    matches = re.compile(_translate(pattern)).match
+    found: list[str] = []
+    root = os.path.dirname(prefix)
+    if not os.path.exists(root):
+        return found
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if matches(path) and os.path.isfile(path):
+                found.append(path)
+                if limit is not None and len(found) >= limit:
+                    return found
+    return found
+
+
+def _translate(pattern: str) -> str:
+    """Beam's glob syntax as a regular expression: fnmatch's, except that ``*`` stops at a
+    separator and ``**`` does not."""
+    out, i, n = "", 0, len(pattern)
+    while i < n:
+        c, i = pattern[i], i + 1
+        if c == "*":
+            if i < n and pattern[i] == "*":
+                out, i = out + ".*", i + 1
+            else:
+                out += r"[^/\\]*"
+        elif c == "?":
+            out += "."
+        elif c == "[":
+            j = i + 1 if pattern[i : i + 1] == "!" else i
+            j = j + 1 if pattern[j : j + 1] == "]" else j
+            j = pattern.find("]", j)
+            if j < 0:
+                out += r"\["
+                continue
+            stuff, i = pattern[i:j].replace("\\", "\\\\"), j + 1
+            if stuff[0] == "!":
+                stuff = "^" + stuff[1:]
+            elif stuff[0] == "^":
+                stuff = "\\" + stuff
+            out = f"{out}[{stuff}]"
+        else:
+            out += re.escape(c)
+    return r"(?ms)" + out + r"\Z"
 
 
 def size(path: str) -> int:
@@ -134,10 +198,12 @@ def open_read(path: str, compressed: bool = False) -> IO[bytes]:
     """A binary reader of ``path``; ``compressed`` decompresses by the file's extension
     (``.gz``, ``.bz2``, ...). Plain reads are the default: a ``.gz`` name must not silently
     change what ``read_bytes`` returns."""
-    from apache_beam.io.filesystem import CompressionTypes
-
-    kind = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
     try:
+        if not compressed and not is_remote(path):
+            return open(str(path), "rb")  # noqa: SIM115 - the caller closes it
+        from apache_beam.io.filesystem import CompressionTypes
+
+        kind = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
         return _filesystems().open(str(path), compression_type=kind)
     except Exception as e:  # noqa: BLE001
         raise _failed("read", path, e) from None

@@ -32,6 +32,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline.blueprint import Blueprint, BlueprintError
+from loopline.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 from loopline.policy import PolicyError, policy_from_blueprint
 from loopline.privacy import PayloadPrivacy
 from loopline.registry import ModelNotFound, resolve_serving_model
@@ -40,7 +41,6 @@ from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import COUNTER_PREFIX, counter_summary
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.encoding import DecisionEncoder
-from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 from transforms.inference import ScoreBatches
 from transforms.model_handler import SavedModelHandler
 from transforms.score_output import WriteFailures, WriteScores

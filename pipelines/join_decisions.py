@@ -28,12 +28,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
 from loopline.events import DECISION, OBSERVATION
+from loopline.examples import PiiKeyMissing, pii_key
 from loopline.privacy import PayloadPrivacy
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import UsageError, counter_summary, parse_options
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
-from transforms.examples import PiiKeyMissing, pii_key
 from transforms.join import JoinDecisions
 from transforms.manifest import COUNT_NAMES, MANIFEST
 from transforms.sources import FILE_FORMATS, NoFilesMatched, ReadEvents

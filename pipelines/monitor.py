@@ -177,7 +177,7 @@ def _checked(opts: MonitorOptions) -> Blueprint:
 
 
 def _key(opts: MonitorOptions, blueprint: Blueprint) -> bytes | None:
-    from transforms.examples import PiiKeyMissing, check_pii_key_secret, pii_key
+    from loopline.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 
     try:
         if opts.training_stats:

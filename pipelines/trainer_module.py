@@ -21,7 +21,7 @@ that decides a row's weight, where a test can read it; with Adam, a batch's shar
 rows scales its gradient but not the step.
 
 The pushed model's ``serving_default`` takes serialized raw ``tf.Example`` (as written by
-``transforms.examples.features_to_example``) and applies the Transform graph itself, so scoring
+``loopline.examples.features_to_example``) and applies the Transform graph itself, so scoring
 never re-implements preprocessing:
 
     serving_default(examples: tf.string[None]) -> {"score": tf.float32[None]}

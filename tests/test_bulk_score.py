@@ -14,6 +14,7 @@ import tensorflow as tf
 from loopline import avro
 from loopline.blueprint import load_blueprint
 from loopline.events import parse_decision_json
+from loopline.examples import features_to_example
 from loopline.privacy import PayloadPrivacy
 from pipelines import bulk_score
 from tests.conftest import EXAMPLE_BLUEPRINT
@@ -23,7 +24,6 @@ from tests.scoring_fixtures import (
     score_serialized,
     write_decision_lines,
 )
-from transforms.examples import features_to_example
 from transforms.scoring_failures import BAD_EXAMPLE
 from transforms.scoring_input import key_example
 

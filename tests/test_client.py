@@ -268,6 +268,35 @@ def test_a_product_service_importing_the_client_and_scorer_does_not_import_beam_
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_product_service_scoring_with_a_local_saved_model_never_imports_beam(tmp_path, blueprint):
+    """Resolving the production alias, loading the SavedModel, encoding and scoring a row: all
+    with TensorFlow and loopline alone (the score is the model's own, computed apart)."""
+    from loopline.examples import features_to_example
+    from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
+
+    version = export_scoring_model(blueprint, tmp_path / "serving" / "1793534400", seed=3)
+    features = make_decisions(blueprint, 1, seed=5)[0].features
+    script = (
+        "import json, sys\n"
+        "import loopline.client, loopline.scorer\n"
+        "from loopline.blueprint import load_blueprint\n"
+        "blueprint = load_blueprint(sys.argv[1])\n"
+        "scorer = loopline.scorer.SavedModelScorer(sys.argv[2], blueprint, key=b'k')\n"
+        "print(json.dumps([scorer.model_id, scorer(json.loads(sys.argv[3]))]))\n"
+        "assert 'apache_beam' not in sys.modules, 'apache_beam imported'\n"
+    )
+    argv = [blueprint.source, str(tmp_path / "serving"), json.dumps(features)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    model_id, score = json.loads(done.stdout.strip().splitlines()[-1])
+    example = features_to_example(features, blueprint, b"k").SerializeToString()
+    expected = score_serialized(version, [example])[0]
+    assert model_id == "notify-1793534400" and score == pytest.approx(float(expected), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rollout: production and challenger serve side by side, each unit in one arm
 

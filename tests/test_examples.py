@@ -1,4 +1,7 @@
-"""tf.Example encoding: read back with TensorFlow, typed, and private (transforms/examples.py)."""
+"""tf.Example encoding: read back with TensorFlow, typed, and private.
+
+The feature encoding is loopline/examples.py, the join's examples transforms/examples.py.
+"""
 
 import hashlib
 import hmac
@@ -10,15 +13,14 @@ from hypothesis import strategies as st
 
 from loopline.blueprint import parse_blueprint
 from loopline.events import DecisionEvent
-from transforms.examples import (
+from loopline.examples import (
     PiiKeyMissing,
     features_to_example,
     features_to_examples,
-    joined_to_example,
-    joined_to_examples,
     pii_key,
     pseudonymise,
 )
+from transforms.examples import joined_to_example, joined_to_examples
 from transforms.join import DEFAULT, OBSERVED, JoinedDecision
 
 FEATURES = {

@@ -16,12 +16,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import PredictionResult
 
 from loopline.events import parse_decision_json
+from loopline.examples import features_to_example
 from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
 from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import SavedModelScorer
 from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
 from transforms.encoding import DecisionEncoder, EncodedDecision
-from transforms.examples import features_to_example
 from transforms.inference import ScoreBatches, ScoreDecisions
 from transforms.model_handler import SavedModelHandler
 from transforms.policy_step import ScoredDecision, decide

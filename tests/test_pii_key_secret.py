@@ -2,7 +2,7 @@
 
 Secret Manager is a cloud service, so it is faked at the client boundary: ``FakeSecretManager``
 stands in for ``google.cloud.secretmanager.SecretManagerServiceClient`` (patched on the module,
-where ``transforms.examples.pii_key`` constructs it) and answers ``access_secret_version(name=)``
+where ``loopline.examples.pii_key`` constructs it) and answers ``access_secret_version(name=)``
 with a payload, or raises the google.api_core error the real client raises. Everything else is
 real: the join runs on the DirectRunner and its TFRecords are read back with TensorFlow.
 """
@@ -21,10 +21,10 @@ from google.cloud import secretmanager
 
 from loopline.blueprint import load_blueprint
 from loopline.events import parse_decision_json
+from loopline.examples import PiiKeyMissing, PiiKeySecretError, pii_key, pseudonymise
 from loopline.simulate import Simulator
 from pipelines import bulk_score, join_decisions, monitor
 from tests.scoring_fixtures import export_scoring_model
-from transforms.examples import PiiKeyMissing, PiiKeySecretError, pii_key, pseudonymise
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"

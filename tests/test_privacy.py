@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loopline import examples
 from loopline.privacy import (
     PayloadPrivacy,
     QuarantinedPayload,
@@ -16,7 +17,6 @@ from loopline.privacy import (
     pseudonymise,
     redact_payload,
 )
-from transforms import examples
 
 KEY = b"test-key-not-a-secret"
 USER = "u0000042"

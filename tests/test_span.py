@@ -13,7 +13,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from loopline.blueprint import parse_blueprint
 from loopline.events import DecisionEvent, ObservationEvent, Refusal
-from transforms.examples import PiiKeyMissing
+from loopline.examples import PiiKeyMissing
 from transforms.join import (
     DEFAULT,
     OBSERVED,

@@ -103,3 +103,34 @@ def test_gs_paths_go_to_the_fake_not_to_the_real_gcs(tmp_path, monkeypatch):
 def test_an_unknown_scheme_is_an_error_naming_the_path():
     with pytest.raises(storage.StorageError, match="nosuchscheme://b/x"):
         storage.read_bytes("nosuchscheme://b/x")
+
+
+LOCAL_PATTERNS = [
+    "s/*.json",
+    "s/*/manifest.json",
+    "s/**",
+    "s/**.json",
+    "s/2026-11-0?/manifest.json",
+    "s/2026-11-0[12]/*",
+    "s/2026-11-0[!1]/*",
+    "s/",
+    "s/top.json",
+    "s/missing.json",
+    "nowhere/*",
+]
+
+
+@pytest.mark.parametrize("pattern", LOCAL_PATTERNS)
+def test_a_local_glob_matches_what_beams_local_filesystem_matches(tmp_path, pattern):
+    """Local paths are listed without importing Beam (a product service's scorer reads its
+    registry so); what they match is what Beam's FileSystems.match matches, hidden files too."""
+    from apache_beam.io.filesystems import FileSystems
+
+    for name in ("s/2026-11-01/manifest.json", "s/2026-11-02/x.gz", "s/top.json", "s/.hid.json"):
+        storage.write_text(str(tmp_path / name), "{}")
+    storage.write_text(str(tmp_path / "s/.temp-run/examples/y.gz"), "{}")
+    full = str(tmp_path / pattern)
+    beams = sorted(m.path for m in FileSystems.match([full])[0].metadata_list)
+    assert storage.glob(full) == beams
+    first = storage.glob(full, limit=1)
+    assert len(first) == min(1, len(beams)) and set(first) <= set(beams)

@@ -125,7 +125,7 @@ def test_regexes_fit_the_kind_of_value(name):
 
 def test_secret_regex_is_the_one_the_launcher_checks():
     """What a template lets through, pii_key accepts, and the other way round."""
-    from transforms.examples import SECRET_VERSION
+    from loopline.examples import SECRET_VERSION
 
     for value in (
         "projects/p/secrets/s/versions/3",

@@ -33,7 +33,8 @@ import tensorflow as tf
 
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent
-from transforms.examples import features_to_example, joined_to_example
+from loopline.examples import features_to_example
+from transforms.examples import joined_to_example
 from transforms.join import DEFAULT, OBSERVED, JoinedDecision
 from transforms.span import is_eval
 

@@ -16,7 +16,7 @@ import apache_beam as beam
 
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent
-from transforms.examples import features_to_example, features_to_examples
+from loopline.examples import features_to_example, features_to_examples
 from transforms.scoring_failures import (
     COUNTER_NAMESPACE,
     ENCODE_FAILED,

@@ -575,7 +575,7 @@ class ServingStatistics(beam.PTransform):
         import tensorflow_data_validation as tfdv
         from tfx_bsl.public import tfxio
 
-        from transforms.examples import features_to_example
+        from loopline.examples import features_to_example
 
         blueprint, key = self._blueprint, self._key
 

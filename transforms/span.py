@@ -40,8 +40,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from loopline.blueprint import Blueprint
 from loopline.events import Refusal
+from loopline.examples import PiiKeyMissing
 from loopline.privacy import apply_privacy
-from transforms.examples import PiiKeyMissing, joined_to_example, joined_to_examples
+from transforms.examples import joined_to_example, joined_to_examples
 from transforms.join import JoinedDecision, JoinOutputs, session_gap_ms
 from transforms.manifest import (
     COUNT_NAMES,
@@ -207,7 +208,7 @@ class WriteSpan(beam.PTransform):
         output_dir: the span directory (local or any Beam filesystem such as gs://); with
             ``output_window_ms``, the directory of one span per output window.
         blueprint: the parsed blueprint the join ran with.
-        key: the pseudonymisation key from ``transforms.examples.pii_key`` (None when the
+        key: the pseudonymisation key from ``loopline.examples.pii_key`` (None when the
             blueprint pseudonymises nothing). Given here so workers never read the environment.
         num_shards: files per output (per window when streaming); None lets the runner choose
             in batch (one file per bundle, no shuffle) and means 1 in streaming.
@@ -233,7 +234,7 @@ class WriteSpan(beam.PTransform):
         if blueprint.privacy.pseudonymise and not key:
             raise PiiKeyMissing(
                 f"blueprint {blueprint.name} pseudonymises {', '.join(blueprint.privacy.pseudonymise)}"
-                f" but WriteSpan got no key; pass transforms.examples.pii_key(blueprint)"
+                f" but WriteSpan got no key; pass loopline.examples.pii_key(blueprint)"
             )
         if num_shards is not None and num_shards < 1:
             raise ValueError(
