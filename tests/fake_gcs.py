@@ -8,8 +8,11 @@ It goes through the same ``FileSystems`` lookup that picks the real GCSFileSyste
 the real one is set aside while the fake is active (Beam refuses two filesystems for one
 scheme). Only the process that set it up sees it, so tests that use it run in-process.
 
-A fake, not an emulator: nothing local speaks GCS's API without a server. The rehearsal
-issue's GCS emulator tests the real client; this one tests our paths and listing logic.
+A fake, not an emulator: nothing local speaks GCS's API without a server. The GCS emulator
+(tests/gcs_emulator.py) tests the real client; this one, the tests' only fake object store,
+tests our paths, listing and object-store semantics in-process: storage, the registry, span
+discovery, the blueprint read, promote, model records, and the join rewriting a span atomically
+(tests/test_span_atomic.py).
 
     def test_x(tmp_path, monkeypatch):
         activate(monkeypatch, tmp_path)         # gs://b/x.json is now tmp_path/b/x.json

@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import join_decisions, monitor
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.flex_templates import REPO, check_parameters, entry_file, flags, package_env
-from transforms.span import COUNT_NAMES, MANIFEST
+from transforms.manifest import COUNT_NAMES, MANIFEST
 
 WORKERS = ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
            "--direct_num_workers=2"]  # fmt: skip

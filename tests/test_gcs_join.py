@@ -17,7 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.join_decisions import run
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.join_fixtures import simulate_logs
-from transforms.span import COUNT_NAMES, MANIFEST
+from transforms.manifest import COUNT_NAMES, MANIFEST
 
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 KEY = "gcs-join-test-key"

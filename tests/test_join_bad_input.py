@@ -29,7 +29,8 @@ from pipelines import join_decisions
 from tests.test_join import FEATURES, MINUTE, T0, decision, observation
 from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
 from transforms.join import JoinDecisions
-from transforms.span import MANIFEST, SpanInputs, WriteSpan
+from transforms.manifest import MANIFEST
+from transforms.span import SpanInputs, WriteSpan
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"

@@ -15,8 +15,8 @@ from loopline.blueprint import load_blueprint
 from loopline.events import parse_decision_json, parse_observation_json
 from pipelines.join_decisions import run
 from tests.join_fixtures import join_args, simulate_logs
+from transforms.manifest import COUNT_NAMES, MANIFEST
 from transforms.sources import ReadEvents, bigquery_row_to_record
-from transforms.span import COUNT_NAMES, MANIFEST
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"

@@ -34,8 +34,9 @@ from transforms.join import (
     JoinDecisions,
     classify_decision_group,
 )
+from transforms.manifest import MANIFEST
 from transforms.sources import ReadEvents
-from transforms.span import MANIFEST, SpanInputs, WriteSpan
+from transforms.span import SpanInputs, WriteSpan
 
 IDS = ["a", "b", "c", "d"]
 

@@ -33,7 +33,7 @@ from loopline.events import format_event_time
 from loopline.privacy import PayloadPrivacy
 from pipelines.join_decisions import run
 from transforms.join import session_gap_ms
-from transforms.span import COUNT_NAMES
+from transforms.manifest import COUNT_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 BLUEPRINT = REPO / "examples" / "notify.yaml"

@@ -18,8 +18,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.join_decisions import run
-from tests.fake_object_store import PREFIX as FAKE_GCS
-from tests.fake_object_store import FakeObjectStore
+from tests.fake_gcs import root_for
 from tests.join_fixtures import join_args, simulate_logs
 from transforms.manifest import MANIFEST, listed_files
 from transforms.span_commit import (
@@ -200,28 +199,27 @@ def test_two_concurrent_writers_never_mix_files(logs, tmp_path):
 
 
 @pytest.fixture
-def object_store():
-    """An empty in-process object store behind ``fake-gcs://`` (tests/fake_object_store.py)."""
-    FakeObjectStore.objects = {}
-    yield FakeObjectStore.objects
-    FakeObjectStore.objects = {}
+def bucket(tmp_path, monkeypatch):
+    """A bucket of the in-process fake GCS (tests/fake_gcs.py): only objects, no directories,
+    rename a copy then a delete; ``gs://bucket/x`` is the file ``bucket.local / "x"``."""
+    return root_for("gs", tmp_path, monkeypatch)
 
 
-def test_the_join_rewrites_a_span_on_an_object_store_atomically(
-    logs, object_store, tmp_path, pii_key
-):
-    span = f"{FAKE_GCS}bucket/notify/2026-11-01"
-    stale = f"{span}/examples/train/part-00007-of-00009.tfrecord.gz"
-    object_store[stale] = b"left by an older run with 9 shards"
-    object_store[f"{span}/examples/eval/beam-temp-part-1/x"] = b"debris of a killed sink"
-    object_store[f"{span}/{MANIFEST}"] = b'{"files": {}}'
+def test_the_join_rewrites_a_span_on_an_object_store_atomically(logs, bucket, pii_key):
+    span, local = bucket / "notify/2026-11-01", bucket.local / "notify/2026-11-01"
+    stale = local / "examples/train/part-00007-of-00009.tfrecord.gz"
+    for path, data in (
+        (stale, b"left by an older run with 9 shards"),
+        (local / "examples/eval/beam-temp-part-1/x", b"debris of a killed sink"),
+        (local / MANIFEST, b'{"files": {}}'),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     manifest = run(_args(logs, span, "--num_shards", "2"))
     assert listed_files(manifest) == span_files(span)
-    assert stale not in object_store
-    assert json.loads(object_store[f"{span}/{MANIFEST}"]) == manifest
-    local = []
-    for path in manifest["files"]["train"] + manifest["files"]["eval"]:
-        local.append(tmp_path / path.rsplit("/", 1)[1].replace("part", path.split("/")[-2]))
-        local[-1].write_bytes(object_store[path])
-    records = tf.data.TFRecordDataset([str(p) for p in local], compression_type="GZIP")
+    assert not stale.exists()
+    assert json.loads((local / MANIFEST).read_text()) == manifest
+    listed = manifest["files"]["train"] + manifest["files"]["eval"]
+    paths = [str(local / path.removeprefix(f"{span}/")) for path in listed]
+    records = tf.data.TFRecordDataset(paths, compression_type="GZIP")
     assert sum(1 for _ in records) == manifest["examples_written"]

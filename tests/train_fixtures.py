@@ -2,7 +2,7 @@
 
 ``write_span`` writes one join output (DESIGN.md, "Join outputs"): gzip TFRecords of tf.Examples
 encoded by the contract's own ``transforms.examples.joined_to_example`` under
-``examples/{train,eval}/``, split by ``transforms.span.is_eval``, and a ``manifest.json`` written
+``examples/{train,eval}/``, split by ``transforms.split.is_eval``, and a ``manifest.json`` written
 last. Labels are drawn from a known logistic model of the features, so a test knows the AUC the
 true probabilities reach on the eval split (the best a model can hope for).
 
@@ -36,7 +36,7 @@ from loopline.events import DecisionEvent
 from loopline.examples import features_to_example
 from transforms.examples import joined_to_example
 from transforms.join import DEFAULT, OBSERVED, JoinedDecision
-from transforms.span import is_eval
+from transforms.split import is_eval
 
 COUNTRIES = ("KR", "US", "DE", "BR", "IN")
 PLATFORMS = ("ios", "android", "web")

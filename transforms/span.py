@@ -45,11 +45,9 @@ from loopline.privacy import apply_privacy
 from transforms.examples import joined_to_example, joined_to_examples
 from transforms.join import JoinedDecision, JoinOutputs, session_gap_ms
 from transforms.manifest import (
-    COUNT_NAMES,
     COUNTER_NAMESPACE,
     EXAMPLES_EVAL_COUNTER,
     EXAMPLES_TRAIN_COUNTER,
-    MANIFEST,
 )
 from transforms.span_commit import temp_dir
 from transforms.span_files import JSON_LINES, TFRECORD_GZIP
@@ -58,10 +56,7 @@ from transforms.span_stats import SpanStats, SpanStatsFn, adders
 from transforms.span_writers import WriteSpanOutput
 from transforms.split import EVAL, TRAIN, is_eval
 
-# Re-exported for tests this change does not own (tests/test_join_pipeline.py,
-# tests/test_join_streaming_pipeline.py, tests/train_fixtures.py); new code imports them from
-# transforms.manifest and transforms.split.
-__all__ = ["COUNT_NAMES", "MANIFEST", "SpanInputs", "SpanResult", "WriteSpan", "is_eval"]
+__all__ = ["SpanInputs", "SpanResult", "WriteSpan"]
 
 # Joined decisions encoded per call of the columnar encoder.
 ENCODE_BATCH = 1024
