@@ -37,6 +37,7 @@ from loopline.policy import PolicyError, policy_from_blueprint
 from loopline.privacy import PayloadPrivacy
 from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import DEVICES
+from loopline.vocabulary import SCORING_FILE_FORMATS as INPUT_FORMATS
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import COUNTER_PREFIX, counter_summary
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
@@ -47,7 +48,6 @@ from transforms.score_output import WriteFailures, WriteScores
 from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
 from transforms.scoring_input import ReadDecisionBatches
 
-INPUT_FORMATS = ("auto", "json", "avro", "tfrecord")
 DEFAULT_MIN_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_SIZE = 2048
 

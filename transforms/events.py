@@ -55,8 +55,8 @@ from loopline.events import (
     parse_observation_json,
 )
 from loopline.privacy import PayloadPrivacy, QuarantinedPayload, digest
+from loopline.vocabulary import PARSE_FORMATS as FORMATS
 
-FORMATS = ("json", "avro", "record", "pubsub")
 INTERNAL_ERROR = "internal_error"
 METRICS_NAMESPACE = "loopline.parse"
 

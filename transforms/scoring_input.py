@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from loopline.blueprint import Blueprint
 from loopline.events import DECISION, DecisionEvent, Refusal
+from loopline.vocabulary import SCORING_INPUT_FORMATS as FORMATS
 from transforms.batch_coder import RowBatch
 from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
 from transforms.events import parse_one
@@ -36,8 +37,6 @@ from transforms.sources import ReadLineBatches
 FAILED = "failed"
 KEY_STEP = "KeyExamples"
 PARSE_STEP = "ParseDecisions"
-# Formats of decision input: JSON lines, Avro, the join's TFRecord examples, BigQuery rows.
-FORMATS = ("json", "avro", "tfrecord", "record")
 
 Keyed = tuple[str, DecisionEvent | bytes]
 

@@ -32,8 +32,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from loopline.events import DECISION, OBSERVATION
+from loopline.vocabulary import FILE_FORMATS
 
-FILE_FORMATS = ("auto", "json", "avro")
 EVENT_TIME_ATTRIBUTE = "event_time"
 _JSON_COLUMNS = ("features", "observations")
 _MS = timedelta(milliseconds=1)
