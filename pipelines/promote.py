@@ -39,7 +39,8 @@ production`` puts the previous model back in production; ``--why`` is the reason
 keeps (``by hand: <why>``).
 
 Every move is appended to ``aliases.json``'s history with its reason. Prints one line:
-``promote: promoted …``, ``promote: rolled back …`` or ``promote: no change …``.
+``promote: promoted …``, ``promote: rolled back …`` or ``promote: no change …`` (on standard
+error as ``promote: error: no change …`` when nothing moved that should have).
 
 Exit status (``pipelines.launch``): 0 when the aliases are where the verdict puts them (moved,
 or nothing to do); 1 with ``promote: error: no change (<why>)`` when nothing moved because the
