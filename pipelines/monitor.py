@@ -479,8 +479,9 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def print_summary(metrics: dict) -> None:
-    """One line per model, the A/B sentences and skewed features; then fails the run (status 1)
-    when ``metrics["problems"]`` is not empty and the run was asked to fail on flags."""
+    """One line per model, the A/B and rollout sentences, each guardrail and policy value, and
+    skewed features; then fails the run (status 1) when ``metrics["problems"]`` is not empty
+    and the run was asked to fail on flags."""
     for model_id, model in sorted(metrics["models"].items()):
         o = model["overall"]
         headline = (
@@ -498,6 +499,23 @@ def print_summary(metrics: dict) -> None:
         print(comparison["sentence"])
     if "verdict" in metrics["experiment"]:
         print(f"rollout: {metrics['experiment']['verdict']}: {metrics['experiment']['sentence']}")
+        for g in metrics["experiment"]["guardrails"]:
+            f = g["figures"]
+            figures = (
+                "no day yet on which both arms served"
+                if f is None
+                else f"production {f['production_mean']:.4g}, challenger {f['challenger_mean']:.4g}"
+                f" (difference {f['difference']:+.4g}, interval {f['ci'][0]:+.4g} to "
+                f"{f['ci'][1]:+.4g})"
+            )
+            print(f"guardrail {g['name']}: {figures}{' FIRED' if g['fired'] else ''}")
+    for row in metrics.get("policy_values", {}).get("rows", []):
+        estimates = "; ".join(
+            f"{name.upper()} {e['value']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"
+            for name in ("snips", "dr")
+            if (e := row[name]) is not None
+        )
+        print(f"policy value {row['arm'] or '-'}/{row['model_id']} {row['policy']}: {estimates}")
     for name in (metrics.get("skew") or {}).get("skewed", []):
         print(f"skew: feature {name} is past its threshold")
     print(f"report: {metrics['report']}")
