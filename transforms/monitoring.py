@@ -337,15 +337,11 @@ class _AttachScoreDoFn(beam.DoFn):
 def provenance(decision: Any, arm: str | None, model_id: str | None) -> dict[str, Any]:
     """A scored decision's provenance columns as the join writes them into examples (absent
     values explicit: decision -1, arm and model_id empty), for ``Label.is_observable``."""
-    return {
-        "decision": -1
-        if decision is None
-        else int(decision)
-        if isinstance(decision, bool)
-        else decision,
-        "arm": arm or "",
-        "model_id": model_id or "",
-    }
+    if decision is None:
+        decision = -1
+    elif isinstance(decision, bool):  # a JSON true/false decision is the action 1/0
+        decision = int(decision)
+    return {"decision": decision, "arm": arm or "", "model_id": model_id or ""}
 
 
 def _unit(decision: DecisionEvent, feature: str | None) -> str | None:
