@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from loopline.blueprint import Rollout
+from loopline.blueprint import Guardrail, Rollout
 
 PRODUCTION, CHALLENGER = "production", "challenger"
 ARMS = (PRODUCTION, CHALLENGER)
@@ -401,7 +401,7 @@ def readout(
     if harmed:
         return result(
             WORSE,
-            f"The challenger made {_guardrail_list(harmed)} worse: {_describe(harmed[0])}. "
+            f"The challenger made {_guardrail_list(harmed, known)} worse: {_describe(harmed[0])}. "
             "Take it off traffic.",
         )
     if main.outcome == "worse":
@@ -510,8 +510,13 @@ def _describe(m: MetricReadout) -> str:
     )
 
 
-def _guardrail_list(guards: list[MetricReadout]) -> str:
-    names = [g.name for g in guards]
+def _guardrail_list(guards: list[MetricReadout], known: Mapping[str, Guardrail]) -> str:
+    """``guardrail dwell_time (dwell_seconds per decision, higher is better)``."""
+    names = []
+    for g in guards:
+        spec = known[g.name]
+        better = "higher" if spec.direction == "increase" else "lower"
+        names.append(f"{g.name} ({spec.observation} per decision, {better} is better)")
     return ("guardrail " if len(names) == 1 else "guardrails ") + ", ".join(names)
 
 

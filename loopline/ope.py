@@ -189,3 +189,93 @@ def _checked(**columns: ArrayLike) -> list[np.ndarray]:
         bad = int(np.flatnonzero((target < 0) | (target > 1))[0])
         raise ValueError(f"target_pscore must be in [0, 1], got {target[bad]!r} at row {bad}")
     return list(arrays.values())
+
+
+@dataclass
+class ValueSums:
+    """The sums that ``snips`` and ``dr`` need, accumulated row by row and mergeable, so that a
+    Beam combiner can estimate a policy's value over any number of rows without holding them.
+
+    ``add`` takes one logged row (as the array functions' columns); ``snips()`` and ``dr()`` give
+    the same ``Estimate`` as ``snips``/``dr`` over those rows (up to rounding). ``dr()`` is None
+    unless every row came with its outcome-model estimates.
+
+        >>> sums = ValueSums()
+        >>> for r, p, t in [(1, 0.5, 1), (0, 0.5, 0), (1, 0.25, 0.5)]:
+        ...     sums.add(r, p, t)
+        >>> sums.snips().value
+        1.0
+    """
+
+    n: int = 0
+    weight: float = 0.0
+    weight_reward: float = 0.0
+    weight_sq: float = 0.0
+    weight_sq_reward: float = 0.0
+    weight_sq_reward_sq: float = 0.0
+    dr_rows: int = 0
+    dr_term: float = 0.0
+    dr_term_sq: float = 0.0
+
+    def add(
+        self,
+        reward: float,
+        pscore: float,
+        target_pscore: float,
+        q_logged: float | None = None,
+        q_target: float | None = None,
+    ) -> ValueSums:
+        """Adds one logged row; returns self. Refuses what ``snips`` refuses, in one line."""
+        if not 0 < pscore <= 1:
+            raise ValueError(f"pscore must be in (0, 1], got {pscore!r}")
+        if not 0 <= target_pscore <= 1:
+            raise ValueError(f"target_pscore must be in [0, 1], got {target_pscore!r}")
+        if not math.isfinite(reward):
+            raise ValueError(f"reward must be a finite number, got {reward!r}")
+        w = target_pscore / pscore
+        self.n += 1
+        self.weight += w
+        self.weight_reward += w * reward
+        self.weight_sq += w * w
+        self.weight_sq_reward += w * w * reward
+        self.weight_sq_reward_sq += w * w * reward * reward
+        if q_logged is not None and q_target is not None:
+            term = q_target + w * (reward - q_logged)
+            self.dr_rows += 1
+            self.dr_term += term
+            self.dr_term_sq += term * term
+        return self
+
+    def merge(self, other: ValueSums) -> ValueSums:
+        """Adds another accumulator's rows; returns self."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def snips(self) -> Estimate | None:
+        """SNIPS over the rows added; None with no row or when every weight is zero."""
+        if not self.n or self.weight == 0:
+            return None
+        value = self.weight_reward / self.weight
+        mean_weight = self.weight / self.n
+        # sum of squared influences w (r - value) / mean_weight, expanded into the sums
+        spread = (
+            self.weight_sq_reward_sq - 2 * value * self.weight_sq_reward + value**2 * self.weight_sq
+        )
+        return _from_spread(value, max(spread, 0.0) / mean_weight**2, self.n, "snips", mean_weight)
+
+    def dr(self) -> Estimate | None:
+        """DR over the rows added; None unless every row had ``q_logged`` and ``q_target``."""
+        if not self.n or self.dr_rows != self.n:
+            return None
+        value = self.dr_term / self.n
+        spread = max(self.dr_term_sq - self.n * value**2, 0.0)
+        return _from_spread(value, spread, self.n, "dr", self.weight / self.n)
+
+
+def _from_spread(value: float, spread: float, n: int, estimator: str, mean_weight: float):
+    """An ``Estimate`` from the sum of squared centred terms (what ``_estimate`` computes)."""
+    if n < 2:
+        return Estimate(value, (-math.inf, math.inf), n, math.inf, estimator, mean_weight)
+    se = math.sqrt(spread / (n - 1) / n)
+    return Estimate(value, (value - _Z * se, value + _Z * se), n, se, estimator, mean_weight)

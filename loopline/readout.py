@@ -12,19 +12,30 @@ extended without running a pipeline. ``pipelines.monitor`` runs the Beam side an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from loopline.blueprint import Blueprint, format_duration
 from loopline.errors import UsageError
-from loopline.experiment import ARMS, CHALLENGER, PRODUCTION, DayComparison, Moments, readout
+from loopline.experiment import (
+    ARMS,
+    CHALLENGER,
+    PRODUCTION,
+    WORSE,
+    DayComparison,
+    Moments,
+    readout,
+)
 from loopline.metrics import two_proportion_test
 
 # Summary dimensions (``transforms.monitoring.summary_keys``) and the day of an all-days group.
 MODEL = "model"
 ARM = "arm"
 BLUEPRINT = "blueprint"
+OBSERVABLE = "model_observable"  # a model's rows whose label was observable
 ALL_DAYS = "all"
+# The policies whose value the monitor estimates off-policy for each arm (``policy_values``).
+LOGGED, GREEDY = "logged", "greedy"
 
 DEFAULT_MAX_SKEW_JENSEN_SHANNON = 0.1  # numeric features
 DEFAULT_MAX_SKEW_LINF = 0.1  # categorical features
@@ -183,11 +194,14 @@ def assemble_metrics(
                 model["overall"] = row
             else:
                 model["days"][day] = row
+        elif dimension == OBSERVABLE:
+            models.setdefault(group, {"overall": None, "days": {}})["observable"] = row
         elif dimension == BLUEPRINT:
             versions[group] = row
         elif dimension == ARM:
             arms.setdefault(group, {})[day] = row
     for model_id, model in models.items():
+        model.setdefault("observable", None)  # no row of this model had an observable label
         model["flags"] = flag_model(model_id, model, thresholds, settings["min_count"])
         model["status"] = "flagged" if model["flags"] else "ok"
     ab: dict = {"models": [], "blueprint_versions": []}
@@ -210,6 +224,7 @@ def assemble_metrics(
         "label": {
             "name": label.name,
             "type": label.type,
+            "observable_when": {column: list(values) for column, values in label.observable_when},
             "window_ms": label.window_ms,
             "window": format_duration(label.window_ms),
             "backward_slack_ms": label.backward_slack_ms,
@@ -261,7 +276,9 @@ _NO_ROWS = Moments(0, 0.0, 0.0, 0.0, 0.0, 0.0)
 def experiment_section(blueprint: Blueprint, arm_rows: list[dict], unit_rows: list[dict]) -> dict:
     """The rollout experiment's readout from ``SummariseArms`` and ``CountUnitsPerArm`` rows.
 
-    Arms are compared within each UTC day (``loopline.experiment.readout``); a model that served
+    Rows without a ``metric`` are the primary metric (the label); rows tagged with a guardrail's
+    name carry that guardrail's per-decision values. Arms are compared within each UTC day
+    (``loopline.experiment.readout``), guardrails with the same machinery; a model that served
     an arm on any day is named under ``models``. Without rollout traffic in the input, or
     without a ``rollout`` section in the blueprint, says so instead of a verdict.
     """
@@ -270,29 +287,22 @@ def experiment_section(blueprint: Blueprint, arm_rows: list[dict], unit_rows: li
     if blueprint.rollout is None:
         return {"skipped": f"{blueprint.source} has no rollout section"}
     models: dict[str, set] = {arm: set() for arm in ARMS}
-    days: dict[str, dict[str, Moments]] = {}
+    metrics: dict[str | None, dict[str, dict[str, Moments]]] = {None: {}}
+    for g in blueprint.rollout.guardrails:
+        metrics[g.name] = {}
     for row in arm_rows:
-        if row["arm"] not in ARMS:
+        metric = row.get("metric")
+        if row["arm"] not in ARMS or metric not in metrics:
             continue
-        models[row["arm"]].add(row["model_id"])
-        fields = {
-            k: row[k] for k in ("n", "total", "total_sq", "decisions", "decisions_sq", "cross")
-        }
-        current = days.setdefault(row["day"], {}).get(row["arm"])
-        moments = Moments(**fields)
-        if current is not None:  # two models served one arm that day: their rows add up
-            moments = Moments(
-                *(a + b for a, b in zip(_fields(current), _fields(moments), strict=True))
-            )
-        days[row["day"]][row["arm"]] = moments
-    comparisons = [
-        DayComparison(day, arms.get(PRODUCTION, _NO_ROWS), arms.get(CHALLENGER, _NO_ROWS))
-        for day, arms in sorted(days.items())
-    ]
+        if metric is None:
+            models[row["arm"]].add(row["model_id"])
+        _add_moments(metrics[metric].setdefault(row["day"], {}), row)
+    comparisons = {metric: _day_comparisons(days) for metric, days in metrics.items()}
     units = {row["arm"]: row["units"] for row in unit_rows}
     result = readout(
-        comparisons,
+        comparisons.pop(None),
         blueprint.rollout,
+        guardrails=comparisons,
         assignment=(units.get(PRODUCTION, 0), units.get(CHALLENGER, 0)),
         primary_name=blueprint.label.name,
     )
@@ -302,9 +312,76 @@ def experiment_section(blueprint: Blueprint, arm_rows: list[dict], unit_rows: li
         "production": sorted(models[PRODUCTION]),
         "challenger": sorted(models[CHALLENGER]),
         "units": units,
-        "days": [c.day for c in comparisons],
+        "days": sorted(metrics[None]),
         "figures": result.as_dict(),
+        "guardrails": guardrail_rows(blueprint, result.guardrails, result.verdict == WORSE),
     }
+
+
+def guardrail_rows(blueprint: Blueprint, readouts, judged: bool = True) -> list[dict]:
+    """Every declared guardrail with its figures (None before both arms served a day), whether
+    it fired, and what it measures in words. A guardrail fires when it is significantly worse
+    for the challenger and the experiment is ``judged`` (a sample-ratio mismatch or too little
+    exposure holds every verdict back, guardrails included)."""
+    measured = {g.name: g for g in readouts}
+    rows = []
+    for g in blueprint.rollout.guardrails:
+        figures = measured.get(g.name)
+        rows.append(
+            {
+                "name": g.name,
+                "observation": g.observation,
+                "aggregation": g.aggregation,
+                "direction": g.direction,
+                "measures": f"{g.observation} per decision ({g.aggregation} of its observations "
+                f"in the label window, 0 when none), {'higher' if g.direction == 'increase' else 'lower'}"
+                " is better",
+                "fired": judged and figures is not None and figures.outcome == "worse",
+                "figures": None if figures is None else asdict(figures),
+            }
+        )
+    return rows
+
+
+def _add_moments(day: dict[str, Moments], row: dict) -> None:
+    fields = {k: row[k] for k in ("n", "total", "total_sq", "decisions", "decisions_sq", "cross")}
+    moments = Moments(**fields)
+    current = day.get(row["arm"])
+    if current is not None:  # two models served one arm that day: their rows add up
+        moments = Moments(*(a + b for a, b in zip(_fields(current), _fields(moments), strict=True)))
+    day[row["arm"]] = moments
+
+
+def _day_comparisons(days: dict[str, dict[str, Moments]]) -> list[DayComparison]:
+    return [
+        DayComparison(day, arms.get(PRODUCTION, _NO_ROWS), arms.get(CHALLENGER, _NO_ROWS))
+        for day, arms in sorted(days.items())
+    ]
+
+
+def policy_values_section(blueprint: Blueprint, rows: list[dict]) -> dict:
+    """Off-policy values of each arm's live policy and of its greedy version
+    (``transforms.monitoring.EstimatePolicyValues`` rows), sorted by arm, model and policy."""
+    threshold = greedy_threshold(blueprint)
+    return {
+        "reward": f"{blueprint.label.name} per decision",
+        "greedy_rule": None
+        if threshold is None
+        else f"decision 1 when the arm's score >= {threshold:g} (the blueprint policy "
+        "without exploration)",
+        "rows": sorted(rows, key=lambda r: (r["arm"] or "", r["model_id"], r["policy"])),
+    }
+
+
+def greedy_threshold(blueprint: Blueprint) -> float | None:
+    """The threshold of the blueprint's threshold or epsilon-greedy policy (its greedy
+    decision is 1 at or above it); None for other policies, whose greedy policy is not a
+    threshold of the score."""
+    policy = blueprint.policy or {}
+    if policy.get("type", "threshold") not in ("threshold", "epsilon_greedy"):
+        return None
+    threshold = policy.get("threshold", 0.5)
+    return float(threshold) if isinstance(threshold, int | float) else None
 
 
 def _fields(m: Moments) -> tuple[float, ...]:

@@ -216,6 +216,8 @@ def render_html(metrics: dict, plots: dict[str, str]) -> str:
         _summary_section(metrics, numeric),
         _flags_section(metrics),
         _experiment_section(metrics),
+        _observable_section(metrics, numeric),
+        _policy_values_section(metrics),
         _ab_section(metrics),
         "<h2>Pictures</h2><div class='plots'>",
     ]
@@ -307,7 +309,98 @@ def _experiment_section(metrics: dict) -> str:
             f"[{_fmt(lo)}, {_fmt(hi)}], p = {_fmt(primary['p_value'])}) over "
             f"{primary['days']} day(s), compared within each day.</p>"
         )
+    parts.append(_guardrails_table(experiment.get("guardrails") or []))
     return "".join(parts)
+
+
+def _guardrails_table(guardrails: list[dict]) -> str:
+    """One row per blueprint guardrail: what it measures, both arms' means, the difference with
+    its always-valid interval, and whether it fired."""
+    if not guardrails:
+        return "<p class='muted'>No guardrail is declared in the blueprint's rollout section.</p>"
+    head = (
+        "<h3>Guardrails</h3><table><tr><th class='l'>guardrail</th><th class='l'>measures</th>"
+        "<th>production</th><th>challenger</th><th>difference</th><th>interval</th>"
+        "<th>p</th><th class='l'>fired</th></tr>"
+    )
+    rows = []
+    for g in guardrails:
+        f = g.get("figures")
+        status = "<span class='flag'>fired</span>" if g["fired"] else "<span class='ok'>no</span>"
+        if f is None:
+            cells = "<td colspan='5'>no day yet on which both arms served</td>"
+        else:
+            cells = (
+                f"<td>{_fmt(f['production_mean'])}</td><td>{_fmt(f['challenger_mean'])}</td>"
+                f"<td>{_fmt(f['difference'])}</td>"
+                f"<td>[{_fmt(f['ci'][0])}, {_fmt(f['ci'][1])}]</td><td>{_fmt(f['p_value'])}</td>"
+            )
+        rows.append(
+            f"<tr><td class='l'>{_e(g['name'])}</td><td class='l'>{_e(g['measures'])}</td>"
+            f"{cells}<td class='l'>{status}</td></tr>"
+        )
+    return head + "".join(rows) + "</table>"
+
+
+def _observable_section(metrics: dict, numeric: bool) -> str:
+    """Per model: its metrics on every row next to those on rows whose label was observable."""
+    when = (metrics.get("label") or {}).get("observable_when") or {}
+    if not when:
+        return ""
+    cols = ["count", "label_rate", "mean_score"] + (
+        ["rmse", "mae"] if numeric else ["auc", "calibration_error"]
+    )
+    rows = []
+    for model_id, model in sorted(_models(metrics).items()):
+        for scope, figures in (
+            ("all rows", model.get("overall")),
+            ("observable", model.get("observable")),
+        ):
+            cells = "".join(f"<td>{_fmt((figures or {}).get(c))}</td>" for c in cols)
+            rows.append(
+                f"<tr><td class='l'>{_e(model_id)}</td><td class='l'>{scope}</td>{cells}</tr>"
+            )
+    rule = ", ".join(f"{k} in {v}" for k, v in when.items())
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    return (
+        "<h2>Observable rows</h2>"
+        f"<p class='muted'>The label is observable only when {_e(rule)}; elsewhere it is the "
+        "default whatever the model said, which flatters AUC and calibration on all rows.</p>"
+        f"<table><tr><th class='l'>model_id</th><th class='l'>rows</th>{head}</tr>"
+        f"{''.join(rows)}</table>"
+    )
+
+
+def _policy_values_section(metrics: dict) -> str:
+    """Each arm's policy value and its greedy policy's, estimated off-policy (SNIPS, DR)."""
+    section = metrics.get("policy_values") or {}
+    rows = section.get("rows") or []
+    if not rows:
+        return ""
+    out = [
+        "<h2>Policy values (off-policy)</h2>",
+        f"<p class='muted'>Value: {_e(section['reward'])}. <i>logged</i>: the policy that served "
+        "the arm, exploration included; <i>greedy</i>: "
+        f"{_e(section.get('greedy_rule') or 'not defined for this policy')}, estimated from the "
+        "exploration in the log. 95% intervals.</p>",
+        "<table><tr><th class='l'>arm</th><th class='l'>model_id</th><th class='l'>policy</th>"
+        "<th>rows</th><th>SNIPS</th><th>SNIPS 95% CI</th><th>DR</th><th>DR 95% CI</th></tr>",
+    ]
+    for row in rows:
+        cells = ""
+        for name in ("snips", "dr"):
+            e = row.get(name)
+            cells += (
+                "<td>–</td><td>–</td>"
+                if e is None
+                else f"<td>{_fmt(e['value'])}</td><td>[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]</td>"
+            )
+        out.append(
+            f"<tr><td class='l'>{_e(row['arm'] or '–')}</td><td class='l'>{_e(row['model_id'])}</td>"
+            f"<td class='l'>{_e(row['policy'])}</td><td>{_fmt(row['rows'])}</td>{cells}</tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
 
 
 def _ab_section(metrics: dict) -> str:

@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import apache_beam as beam
@@ -41,9 +41,16 @@ from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from loopline.blueprint import Blueprint, BlueprintError
+from loopline.blueprint import Blueprint, BlueprintError, Guardrail
 from loopline.events import DECISION, OBSERVATION
-from loopline.readout import MonitorError, assemble_metrics, experiment_section, monitor_settings
+from loopline.readout import (
+    MonitorError,
+    assemble_metrics,
+    experiment_section,
+    greedy_threshold,
+    monitor_settings,
+    policy_values_section,
+)
 from loopline.report import write_report
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import FailedRun, boolean_flag, counter_summary, parse_options
@@ -56,6 +63,7 @@ from transforms.monitoring import (
     AttachScores,
     CountUnitsPerArm,
     DelayBins,
+    EstimatePolicyValues,
     LabelDelayHistogram,
     ParseScores,
     ServingStatistics,
@@ -246,21 +254,34 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
         )
     join = (decisions, observations.events) | "JoinDecisions" >> JoinDecisions(blueprint)
     unit = blueprint.rollout.unit if blueprint.rollout else None
-    monitored = (join.joined, scores) | "AttachScores" >> AttachScores(blueprint.version, unit)
+    monitored = (join.joined, scores) | "AttachScores" >> AttachScores(
+        blueprint.version, unit, label_spec=blueprint.label
+    )
     (
         monitored.outcomes
         | "SummariseOutcomes" >> SummariseOutcomes(blueprint.label.type)
         | "SummariesToJson" >> beam.Map(json.dumps)
         | "WriteSummaries" >> beam.io.WriteToText(f"{parts}/summaries", ".jsonl")
     )
+    arm_sets = [monitored.arm_outcomes | "SummariseArms" >> SummariseArms()]
+    for guardrail in blueprint.rollout.guardrails if blueprint.rollout else ():
+        arm_sets.append(
+            _guardrail_arms(decisions, observations.events, scores, blueprint, guardrail)
+        )
     for name, rows in (
-        ("arms", monitored.arm_outcomes | "SummariseArms" >> SummariseArms()),
+        ("arms", tuple(arm_sets) | "FlattenArms" >> beam.Flatten()),
         ("units", monitored.arm_outcomes | "CountUnitsPerArm" >> CountUnitsPerArm()),
+        (
+            "policy_values",
+            monitored.outcomes
+            | "EstimatePolicyValues"
+            >> EstimatePolicyValues(blueprint.label, greedy_threshold(blueprint)),
+        ),
     ):
         _ = (
             rows
-            | f"{name.title()}ToJson" >> beam.Map(json.dumps)
-            | f"Write{name.title()}" >> beam.io.WriteToText(f"{parts}/{name}", ".jsonl")
+            | f"ToJson[{name}]" >> beam.Map(json.dumps)
+            | f"Write[{name}]" >> beam.io.WriteToText(f"{parts}/{name}", ".jsonl")
         )
     bins = DelayBins.for_window(blueprint.label.window_ms, blueprint.label.backward_slack_ms)
     (
@@ -273,6 +294,33 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
         _ = join.joined | "ServingStatistics" >> ServingStatistics(
             blueprint, config.key, f"{parts}/{SERVING_STATS}"
         )
+
+
+def guardrail_blueprint(blueprint: Blueprint, guardrail: Guardrail) -> Blueprint:
+    """The blueprint with the guardrail in place of the label: the join then computes its
+    per-decision value with the label's window and rules, 0 when no observation carries it."""
+    label = replace(
+        blueprint.label,
+        name=guardrail.name,
+        observation=guardrail.observation,
+        aggregation=guardrail.aggregation,
+        default=0,
+        type="float",
+    )
+    return replace(blueprint, label=label)
+
+
+def _guardrail_arms(decisions, observations, scores, blueprint, guardrail):
+    """A guardrail's per-arm per-day moments (rows tagged with its name): the decisions joined
+    once more with the guardrail as the label, so it means what the label means per decision."""
+    name = guardrail.name
+    join = (decisions, observations) | f"JoinGuardrail[{name}]" >> JoinDecisions(
+        guardrail_blueprint(blueprint, guardrail)
+    )
+    monitored = (join.joined, scores) | f"AttachScores[{name}]" >> AttachScores(
+        blueprint.version, blueprint.rollout.unit
+    )
+    return monitored.arm_outcomes | f"SummariseArms[{name}]" >> SummariseArms(metric=name)
 
 
 def _read_json_lines(pattern: str) -> list[dict]:
@@ -325,13 +373,20 @@ def _write_outputs(metrics: dict, output: str) -> str:
 def verdict_file(metrics: dict) -> dict:
     """What ``pipelines.promote`` acts on (its docstring has the schema): the experiment's
     verdict about the one challenger model, the production model it was compared with (null:
-    the blueprint's fallback decided), the monitor's problems as flags (a fired flag rolls the
-    challenger back), the sentence as the history's summary. Several models in one arm make the
+    the blueprint's fallback decided), the monitor's problems and the guardrails that fired as
+    flags (a fired flag rolls the challenger back), each guardrail's figures, the sentence as
+    the history's summary. Several models in one arm make the
     experiment invalid: its arms would not be one policy each."""
     experiment = metrics["experiment"]
     challengers = experiment["challenger"]
     productions = [m for m in experiment["production"] if m != UNKNOWN_MODEL]
     verdict, summary = experiment["verdict"], experiment["sentence"]
+    guardrails = experiment.get("guardrails", [])
+    fired = [
+        f"guardrail {g['name']} worse for the challenger ({g['measures']})"
+        for g in guardrails
+        if g["fired"]
+    ]
     if len(challengers) != 1 or len(productions) > 1:
         verdict = "invalid: several models served one arm"
         summary = (
@@ -342,11 +397,23 @@ def verdict_file(metrics: dict) -> dict:
         "verdict": verdict,
         "challenger": challengers[0] if challengers else None,
         "production": productions[0] if productions else None,
-        "flags": metrics["problems"],
+        "flags": [*metrics["problems"], *fired],
         "summary": summary,
         "at": metrics["generated_at"],
         "days": experiment["days"],
+        "guardrails": [
+            {"name": g["name"], "measures": g["measures"], "fired": g["fired"], **_figures(g)}
+            for g in guardrails
+        ],
     }
+
+
+def _figures(guardrail: dict) -> dict:
+    figures = guardrail["figures"]
+    if figures is None:
+        return {"figures": "no day yet on which both arms served"}
+    keys = ("production_mean", "challenger_mean", "difference", "ci", "p_value", "alpha", "days")
+    return {k: figures[k] for k in keys}
 
 
 def _write_verdict(metrics: dict, output: str) -> None:
@@ -399,6 +466,9 @@ def run(argv: list[str] | None = None) -> dict:
         _read_json_lines(f"{config.parts}/arms*.jsonl"),
         _read_json_lines(f"{config.parts}/units*.jsonl"),
     )
+    metrics["policy_values"] = policy_values_section(
+        config.blueprint, _read_json_lines(f"{config.parts}/policy_values*.jsonl")
+    )
     metrics["problems"] = problems(metrics)
     metrics["fail_on_flags"] = config.fail_on_flags
     metrics["report"] = _write_outputs(metrics, config.output)
@@ -409,8 +479,9 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def print_summary(metrics: dict) -> None:
-    """One line per model, the A/B sentences and skewed features; then fails the run (status 1)
-    when ``metrics["problems"]`` is not empty and the run was asked to fail on flags."""
+    """One line per model, the A/B and rollout sentences, each guardrail and policy value, and
+    skewed features; then fails the run (status 1) when ``metrics["problems"]`` is not empty
+    and the run was asked to fail on flags."""
     for model_id, model in sorted(metrics["models"].items()):
         o = model["overall"]
         headline = (
@@ -428,6 +499,23 @@ def print_summary(metrics: dict) -> None:
         print(comparison["sentence"])
     if "verdict" in metrics["experiment"]:
         print(f"rollout: {metrics['experiment']['verdict']}: {metrics['experiment']['sentence']}")
+        for g in metrics["experiment"]["guardrails"]:
+            f = g["figures"]
+            figures = (
+                "no day yet on which both arms served"
+                if f is None
+                else f"production {f['production_mean']:.4g}, challenger {f['challenger_mean']:.4g}"
+                f" (difference {f['difference']:+.4g}, interval {f['ci'][0]:+.4g} to "
+                f"{f['ci'][1]:+.4g})"
+            )
+            print(f"guardrail {g['name']}: {figures}{' FIRED' if g['fired'] else ''}")
+    for row in metrics.get("policy_values", {}).get("rows", []):
+        estimates = "; ".join(
+            f"{name.upper()} {e['value']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"
+            for name in ("snips", "dr")
+            if (e := row[name]) is not None
+        )
+        print(f"policy value {row['arm'] or '-'}/{row['model_id']} {row['policy']}: {estimates}")
     for name in (metrics.get("skew") or {}).get("skewed", []):
         print(f"skew: feature {name} is past its threshold")
     print(f"report: {metrics['report']}")

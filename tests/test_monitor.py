@@ -700,17 +700,27 @@ rollout: {unit: user_id, challenger_share: 0.5, salt: s1, min_exposure: 200, max
 
 
 def rollout_fixture(
-    root, challenger_rate, production_rate=0.1, days=3, users=400, seed=5, fallback=False
+    root,
+    challenger_rate,
+    production_rate=0.1,
+    days=3,
+    users=400,
+    seed=5,
+    fallback=False,
+    blueprint=ROLLOUT_BLUEPRINT,
+    more=(),
 ):
     """Each user decides once a day in their hashed arm; clicks follow the arm's true rate.
 
     With ``fallback`` the production arm is the blueprint's fallback (no model, no score) and
-    the arms are logged in the decision events themselves, as the decision client logs them."""
+    the arms are logged in the decision events themselves, as the decision client logs them.
+    ``more`` holds further observations as ``(key, {arm: rate}, delay)``: each decision gets
+    ``{key: 1}`` that long after it with its arm's rate."""
     from loopline.blueprint import parse_blueprint
     from loopline.experiment import assign_arm
 
-    (root / "notify.yaml").write_text(ROLLOUT_BLUEPRINT)
-    rollout = parse_blueprint(ROLLOUT_BLUEPRINT).rollout
+    (root / "notify.yaml").write_text(blueprint)
+    rollout = parse_blueprint(blueprint).rollout
     rng = random.Random(seed)
     decisions, scores, observations = [], [], []
     for day in range(days):
@@ -731,11 +741,14 @@ def rollout_fixture(
                 decisions[-1].update(served)
             else:
                 decisions[-1]["arm"] = arm
-            if rng.random() < rate:
-                clicked = decided + timedelta(minutes=5)
-                observations.append(
-                    {"decision_id": i, "event_time": _iso(clicked), "observations": {"click": 1}}
-                )
+            drawn = [("click", rate, timedelta(minutes=5))]
+            drawn += [(key, rates[arm], delay) for key, rates, delay in more]
+            for key, p, delay in drawn:
+                if rng.random() < p:
+                    observations.append(
+                        {"decision_id": i, "event_time": _iso(decided + delay),
+                         "observations": {key: 1}}
+                    )  # fmt: skip
     for name, rows in (("decisions", decisions), ("scores", scores), ("obs", observations)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [
@@ -783,21 +796,11 @@ def test_promote_accepts_the_monitors_verdict_file(better_challenger, tmp_path):
     """The file is written for pipelines.promote: it moves the aliases on it as it stands."""
     from loopline import registry
     from pipelines import promote
+    from tests.test_monitor_guardrails import serving_dir
 
     _, out = better_challenger
-    serving = tmp_path / "serving"
-    for version, model_id in (("1", "notify-old"), ("2", "notify-new")):
-        (serving / version).mkdir(parents=True)
-        (serving / version / "saved_model.pb").write_bytes(b"placeholder")
-        record = {"model_id": model_id, "name": model_id, "version": version,
-                  "blessed": True, "pushed": True}  # fmt: skip
-        (serving / f"{version}.record.json").write_text(json.dumps(record))
-        registry.register(str(serving), record)
-        if model_id == "notify-old":
-            registry.promote(str(serving), "the incumbent")
-    assert (
-        promote.main(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
-    )
+    serving = serving_dir(tmp_path)
+    assert promote.main(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
     assert registry.read_aliases(str(serving)).production == "notify-new"
 
 

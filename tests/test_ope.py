@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from loopline.ope import dr, ips, snips
+from loopline.ope import ValueSums, dr, ips, snips
 
 Z = 1.959963984540054
 
@@ -127,6 +127,66 @@ def test_dr_refuses_outcome_estimates_of_another_length():
 def test_snips_refuses_a_log_the_target_policy_never_agrees_with():
     with pytest.raises(ValueError, match="says nothing"):
         snips([1, 0], [0.5, 0.5], [0, 0])
+
+
+# -- ValueSums: the same estimates from mergeable sums (what the monitor's combiner keeps) -------
+
+
+def _random_log(seed, n=500):
+    rng = np.random.default_rng(seed)
+    pscore = rng.choice([0.025, 0.975, 0.5, 1.0], size=n)
+    target = rng.choice([0.0, 1.0, 0.3], size=n)
+    reward = rng.binomial(1, 0.2, size=n).astype(float)
+    q_logged = rng.uniform(0, 1, size=n)
+    return reward, pscore, target, q_logged, rng.uniform(0, 1, size=n)
+
+
+def test_value_sums_give_the_estimates_of_the_array_functions():
+    reward, pscore, target, q_logged, q_target = _random_log(1)
+    sums = ValueSums()
+    for row in zip(reward, pscore, target, q_logged, q_target, strict=True):
+        sums.add(*map(float, row))
+    for got, want in (
+        (sums.snips(), snips(reward, pscore, target)),
+        (sums.dr(), dr(reward, pscore, target, q_logged, q_target)),
+    ):
+        assert got.estimator == want.estimator and got.n == want.n
+        assert (got.value, got.se) == pytest.approx((want.value, want.se), rel=1e-9)
+        assert got.ci == pytest.approx(want.ci, rel=1e-9)
+        assert got.mean_weight == pytest.approx(want.mean_weight, rel=1e-12)
+
+
+def test_merged_value_sums_equal_one_pass_over_all_rows():
+    rows = list(zip(*_random_log(2), strict=True))
+    whole, first, second = ValueSums(), ValueSums(), ValueSums()
+    for i, row in enumerate(rows):
+        whole.add(*map(float, row))
+        (first if i % 3 else second).add(*map(float, row))
+    merged = first.merge(second)
+    assert merged.snips().value == pytest.approx(whole.snips().value, rel=1e-12)
+    assert merged.dr().se == pytest.approx(whole.dr().se, rel=1e-9)
+
+
+def test_value_sums_without_outcome_estimates_on_every_row_give_no_dr():
+    sums = ValueSums().add(1.0, 0.5, 1.0, 0.4, 0.4).add(0.0, 0.5, 1.0)
+    assert sums.dr() is None and sums.snips().n == 2
+
+
+def test_value_sums_with_only_zero_weights_give_no_snips():
+    assert ValueSums().add(1.0, 0.5, 0.0).snips() is None and ValueSums().snips() is None
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ((1.0, 0.0, 1.0), "pscore must be in \\(0, 1\\], got 0.0"),
+        ((1.0, 0.5, 1.5), "target_pscore must be in \\[0, 1\\], got 1.5"),
+        ((math.nan, 0.5, 1.0), "reward must be a finite number"),
+    ],
+)
+def test_value_sums_refuse_a_bad_row_in_one_line(row, message):
+    with pytest.raises(ValueError, match=message):
+        ValueSums().add(*row)
 
 
 # -- coverage by simulation ----------------------------------------------------------------------

@@ -100,3 +100,59 @@ def test_report_handles_a_numeric_label_and_no_data(tmp_path):
     for path in files.plots.values():
         assert Path(path).read_bytes()[:8] == PNG_MAGIC
     assert "nothing to compare" in (tmp_path / "report.html").read_text()
+
+
+def test_report_shows_observable_rows_next_to_all_rows():
+    metrics = _metrics()
+    metrics["label"]["observable_when"] = {"decision": [1]}
+    for model in metrics["models"].values():
+        model["observable"] = {**model["overall"], "count": 123, "auc": 0.6543}
+    html = render_html(metrics, {})
+    assert "<h2>Observable rows</h2>" in html and "decision in [1]" in html
+    assert "<td>123</td>" in html and "0.6543" in html
+
+
+def test_report_without_observable_when_has_no_observable_table():
+    assert "Observable rows" not in render_html(_metrics(), {})
+
+
+def test_report_lists_each_arms_policy_values_with_their_intervals():
+    metrics = _metrics()
+    estimate = {"value": 0.0924, "ci_low": 0.0852, "ci_high": 0.0995, "se": 0.0036}
+    metrics["policy_values"] = {
+        "reward": "clicked per decision",
+        "greedy_rule": "decision 1 when the arm's score >= 0.1",
+        "rows": [
+            {"arm": "production", "model_id": "notify-1", "policy": "logged", "rows": 6280,
+             "snips": estimate, "dr": None},
+        ],
+    }  # fmt: skip
+    html = render_html(metrics, {})
+    assert "<h2>Policy values (off-policy)</h2>" in html
+    assert "<td>0.0924</td><td>[0.0852, 0.0995]</td><td>–</td><td>–</td>" in html
+    assert "score &gt;= 0.1" in html
+
+
+def test_report_shows_each_guardrail_and_whether_it_fired():
+    metrics = _metrics()
+    figures = {"production_mean": 0.0153, "challenger_mean": 0.1498, "difference": 0.1345,
+               "ci": [0.0786, 0.1905], "p_value": 6.3e-09}  # fmt: skip
+    metrics["experiment"] = {
+        "verdict": "challenger_worse",
+        "sentence": "The challenger made guardrail unsubscribed worse.",
+        "production": ["notify-1"],
+        "challenger": ["notify-2"],
+        "units": {"production": 200, "challenger": 200},
+        "figures": {},
+        "guardrails": [
+            {"name": "unsubscribed", "measures": "unsubscribe per decision", "fired": True,
+             "figures": figures},
+            {"name": "reading_time", "measures": "dwell_seconds per decision", "fired": False,
+             "figures": None},
+        ],
+    }  # fmt: skip
+    html = render_html(metrics, {})
+    assert "<h3>Guardrails</h3>" in html
+    assert "<td>0.1498</td><td>0.1345</td><td>[0.0786, 0.1905]</td>" in html
+    assert html.count("fired</span>") == 1
+    assert "no day yet on which both arms served" in html

@@ -25,15 +25,20 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from loopline.blueprint import Label
 from loopline.events import DecisionEvent, Refusal, parse_event_time
 from loopline.metrics import OutcomeSummary
+from loopline.ope import ValueSums
 from loopline.readout import (
     ALL_DAYS,
     ARM,
     BLUEPRINT,
     DEFAULT_MAX_SKEW_JENSEN_SHANNON,
     DEFAULT_MAX_SKEW_LINF,
+    GREEDY,
+    LOGGED,
     MODEL,
+    OBSERVABLE,
     DelayBins,
 )
 from transforms.join import DEFAULT, JoinedDecision
@@ -84,6 +89,7 @@ class MonitoredDecision:
     explored: bool | None = None
     arm: str | None = None
     unit: str | None = None  # the rollout unit's value (e.g. user_id): grouping only, never written
+    observable: bool = True  # the label could have been observed (``label.observable_when``)
 
 
 @dataclass(frozen=True)
@@ -262,9 +268,12 @@ class _AttachScoreDoFn(beam.DoFn):
     UNMATCHED = "unmatched_scores"
     ARMS = "arm_outcomes"
 
-    def __init__(self, default_version: str, unit_feature: str | None = None):
+    def __init__(
+        self, default_version: str, unit_feature: str | None = None, label: Label | None = None
+    ):
         self._default_version = default_version
         self._unit_feature = unit_feature
+        self._label = label
         self._monitored = Metrics.counter("loopline.attach_scores", "decisions_monitored")
         self._unscored = Metrics.counter("loopline.attach_scores", "decisions_without_score")
         self._unmatched = Metrics.counter("loopline.attach_scores", "scores_without_decision")
@@ -302,9 +311,11 @@ class _AttachScoreDoFn(beam.DoFn):
         if len(scores) > 1:
             self._rescored.inc(len(scores) - 1)
         self._monitored.inc()
+        model_id = row.model_id or decision.model_id or UNKNOWN_MODEL
+        chosen = row.decision if row.decision is not None else decision.decision
         yield MonitoredDecision(
             decision_id=decision.decision_id,
-            model_id=row.model_id or decision.model_id or UNKNOWN_MODEL,
+            model_id=model_id,
             blueprint_version=str(
                 decision.blueprint_version or row.blueprint_version or self._default_version
             ),
@@ -313,12 +324,24 @@ class _AttachScoreDoFn(beam.DoFn):
             score=row.score,
             label=float(decision_row.label),
             observed=decision_row.join_status != DEFAULT,
-            decision=row.decision if row.decision is not None else decision.decision,
+            decision=chosen,
             propensity=row.propensity if row.propensity is not None else decision.propensity,
             explored=row.explored,
             arm=arm,
             unit=_unit(decision, self._unit_feature),
+            observable=self._label is None
+            or self._label.is_observable(provenance(chosen, arm, model_id)),
         )
+
+
+def provenance(decision: Any, arm: str | None, model_id: str | None) -> dict[str, Any]:
+    """A scored decision's provenance columns as the join writes them into examples (absent
+    values explicit: decision -1, arm and model_id empty), for ``Label.is_observable``."""
+    if decision is None:
+        decision = -1
+    elif isinstance(decision, bool):  # a JSON true/false decision is the action 1/0
+        decision = int(decision)
+    return {"decision": decision, "arm": arm or "", "model_id": model_id or ""}
 
 
 def _unit(decision: DecisionEvent, feature: str | None) -> str | None:
@@ -335,17 +358,23 @@ class AttachScores(beam.PTransform):
     apart on ``unscored`` and ``unmatched_scores``.
 
     With ``unit_feature`` (the blueprint's ``rollout.unit``) each row also carries its unit's
-    value, so the experiment can count units rather than decisions.
+    value, so the experiment can count units rather than decisions. With ``label_spec`` (the
+    blueprint's label) each row says whether its label was observable (``observable_when``).
 
     >>> monitored = (join.joined, scores.scores) | AttachScores(blueprint.version)
     """
 
     def __init__(
-        self, default_version: str = "", unit_feature: str | None = None, label: str | None = None
+        self,
+        default_version: str = "",
+        unit_feature: str | None = None,
+        label: str | None = None,
+        label_spec: Label | None = None,
     ):
         super().__init__(label)
         self._default_version = default_version
         self._unit_feature = unit_feature
+        self._label_spec = label_spec
 
     def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> MonitorOutputs:
         joined, scores = inputs
@@ -355,7 +384,9 @@ class AttachScores(beam.PTransform):
             {"joined": keyed_joined, "scores": keyed_scores}
             | "GroupByDecisionId" >> beam.CoGroupByKey()
             | "Attach"
-            >> beam.ParDo(_AttachScoreDoFn(self._default_version, self._unit_feature)).with_outputs(
+            >> beam.ParDo(
+                _AttachScoreDoFn(self._default_version, self._unit_feature, self._label_spec)
+            ).with_outputs(
                 _AttachScoreDoFn.UNSCORED,
                 _AttachScoreDoFn.UNMATCHED,
                 _AttachScoreDoFn.ARMS,
@@ -399,13 +430,17 @@ class OutcomeSummaryCombineFn(beam.CombineFn):
 
 def summary_keys(row: MonitoredDecision) -> list[tuple[str, str, str]]:
     """The (dimension, value, day) groups one row counts in: its model per day and over all
-    days, its blueprint version over all days (for A/B between blueprint versions) and, during a
-    rollout, its arm per day (the experiment compares arms within a day, never across days)."""
+    days, its blueprint version over all days (for A/B between blueprint versions), its model
+    over all days once more when its label was observable (AUC and calibration where the label
+    means something) and, during a rollout, its arm per day (the experiment compares arms
+    within a day, never across days)."""
     keys = [
         (MODEL, row.model_id, row.day),
         (MODEL, row.model_id, ALL_DAYS),
         (BLUEPRINT, row.blueprint_version, ALL_DAYS),
     ]
+    if row.observable:
+        keys.append((OBSERVABLE, row.model_id, ALL_DAYS))
     if row.arm is not None:
         keys.append((ARM, row.arm, row.day))
     return keys
@@ -476,12 +511,18 @@ class SummariseArms(beam.PTransform):
     """Per arm, model and UTC day: the moments of unit-day rows of the label, for the rollout
     experiment (``loopline.experiment.readout``). A unit's decisions on one day are one row (its
     summed label and decision count), so the experiment's variance counts units, not decisions.
-    It reads ``ArmOutcome`` rows (``AttachScores``' ``arm_outcomes``).
+    It reads ``ArmOutcome`` rows (``AttachScores``' ``arm_outcomes``). With ``metric`` (a
+    guardrail's name, whose values the rows carry as their label) each row is tagged with it.
 
     >>> moments = monitored.arm_outcomes | SummariseArms()
     """
 
+    def __init__(self, metric: str | None = None, label: str | None = None):
+        super().__init__(label)
+        self._metric = metric
+
     def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+        tag = {} if self._metric is None else {"metric": self._metric}
         return (
             outcomes
             | "KeyByUnitDay" >> beam.Map(_unit_day_key)
@@ -490,7 +531,13 @@ class SummariseArms(beam.PTransform):
             | "GroupPerArmDay" >> beam.GroupByKey()
             | "ToMoments"
             >> beam.MapTuple(
-                lambda k, rows: {"arm": k[0], "model_id": k[1], "day": k[2], **_moments(rows)}
+                lambda k, rows: {
+                    "arm": k[0],
+                    "model_id": k[1],
+                    "day": k[2],
+                    **tag,
+                    **_moments(rows),
+                }
             )
         )
 
@@ -510,6 +557,100 @@ class CountUnitsPerArm(beam.PTransform):
             | "Distinct" >> beam.Distinct()
             | "CountPerArm" >> beam.combiners.Count.PerKey()
             | "ToRows" >> beam.MapTuple(lambda arm, n: {"arm": arm, "units": n})
+        )
+
+
+def policy_value_rows(
+    row: MonitoredDecision, label: Label, threshold: float | None
+) -> list[tuple[str, tuple]]:
+    """The off-policy rows one scored decision gives: ``(policy, (reward, pscore, target_pscore,
+    q_logged, q_target))`` for the arm's logged policy and, with a ``threshold`` (the blueprint's
+    threshold or epsilon-greedy policy), for its greedy policy. None without a propensity.
+
+    The reward is the label. The logged policy is evaluated on its own log (``target_pscore =
+    pscore``: SNIPS is then the plain mean, with its interval). The greedy policy takes decision
+    1 when ``score >= threshold``: ``target_pscore`` is 1 when the logged decision is the greedy
+    one, else 0 -- a genuine off-policy estimate from the exploration in the log. The outcome
+    model for DR is the score itself: the reward of a decision whose label would be observable
+    is estimated by the score, of one whose label would not be by the label's default (an
+    unsent notification is never clicked). DR needs the two decisions 0 and 1.
+    """
+    if row.propensity is None or not row.propensity > 0 or row.decision is None:
+        return []
+    decision = provenance(row.decision, row.arm, row.model_id)["decision"]
+    binary = decision in (0, 1)
+
+    def q(action: int) -> float:
+        observable = label.is_observable(provenance(action, row.arm, row.model_id))
+        return row.score if observable else float(label.default)
+
+    pscore = row.propensity
+    q_logged = q(decision) if binary else None
+    q_target = pscore * q(decision) + (1 - pscore) * q(1 - decision) if binary else None
+    rows = [(LOGGED, (row.label, pscore, pscore, q_logged, q_target))]
+    if threshold is not None and binary:
+        greedy = 1 if row.score >= threshold else 0
+        target = 1.0 if decision == greedy else 0.0
+        rows.append((GREEDY, (row.label, pscore, target, q_logged, q(greedy))))
+    return rows
+
+
+class ValueSumsCombineFn(beam.CombineFn):
+    """Combines off-policy rows ``(reward, pscore, target_pscore, q_logged, q_target)`` into
+    ``loopline.ope.ValueSums``; outputs its SNIPS and DR estimates."""
+
+    def create_accumulator(self) -> ValueSums:
+        return ValueSums()
+
+    def add_input(self, sums: ValueSums, row: tuple) -> ValueSums:
+        return sums.add(*row)
+
+    def merge_accumulators(self, accumulators: Iterable[ValueSums]) -> ValueSums:
+        merged = ValueSums()
+        for sums in accumulators:
+            merged.merge(sums)
+        return merged
+
+    def extract_output(self, sums: ValueSums) -> dict:
+        snips, dr = sums.snips(), sums.dr()
+        return {
+            "rows": sums.n,
+            "snips": None if snips is None else snips.as_dict(),
+            "dr": None if dr is None else dr.as_dict(),
+        }
+
+
+class EstimatePolicyValues(beam.PTransform):
+    """Per arm and model: the value (mean label per decision) of the policy that served it and
+    of that policy without exploration (greedy), estimated off-policy from the logged
+    propensities (``policy_value_rows``). One dict per (arm, model, policy) with the SNIPS and
+    DR estimates (``loopline.ope.Estimate.as_dict``).
+
+    >>> rows = monitored.outcomes | EstimatePolicyValues(blueprint.label, threshold=0.1)
+    """
+
+    def __init__(self, label_spec: Label, threshold: float | None, label: str | None = None):
+        super().__init__(label)
+        self._label_spec = label_spec
+        self._threshold = threshold
+
+    def expand(self, outcomes: beam.PCollection) -> beam.PCollection:
+        spec, threshold = self._label_spec, self._threshold
+
+        def keyed(row: MonitoredDecision) -> list[tuple[tuple[str, str, str], tuple]]:
+            return [
+                ((row.arm or "", row.model_id, policy), values)
+                for policy, values in policy_value_rows(row, spec, threshold)
+            ]
+
+        return (
+            outcomes
+            | "OffPolicyRows" >> beam.FlatMap(keyed)
+            | "SumPerArmAndPolicy" >> beam.CombinePerKey(ValueSumsCombineFn())
+            | "ToRows"
+            >> beam.MapTuple(
+                lambda k, out: {"arm": k[0] or None, "model_id": k[1], "policy": k[2], **out}
+            )
         )
 
 
