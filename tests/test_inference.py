@@ -237,6 +237,30 @@ def test_score_arms_scores_each_arm_with_its_model_in_one_run_inference(
         assert_that(outputs.failed, equal_to([]), label="NoneFailed")
 
 
+def test_a_challenger_that_throws_fails_only_its_arms_rows(
+    serving_dir, throwing_model, blueprint, encoder
+):
+    events = make_decisions(blueprint, 60, seed=12)
+    arms = {e.decision_id: unit_arm(e.features, blueprint.rollout) for e in events}
+    challenger_rows = [e for e in events if arms[e.decision_id] == "challenger"]
+    assert any(e.features["country"] == "BR" for e in challenger_rows)  # the model refuses BR
+    handlers = {
+        "production": SavedModelHandler(resolve_serving_model(serving_dir, "notify", "1700000000")),
+        "challenger": SavedModelHandler(resolve_serving_model(throwing_model, "notify", "5")),
+    }
+    transform = ScoreArms(
+        handlers, encoder, ThresholdPolicy(0.5), FallbackPolicy(1), blueprint.rollout
+    )
+    with test_pipeline.TestPipeline() as p:
+        outputs = p | beam.Create([[(e.decision_id, e) for e in events]]) | transform
+        scored = outputs.scored | beam.FlatMap(lambda batch: [s.decision_id for s in batch])
+        failed = outputs.failed | beam.Map(lambda f: (f.decision_id, f.reason))
+        production = [d for d, arm in arms.items() if arm == "production"]
+        assert_that(scored, equal_to(production), label="ProductionScored")
+        expected_failed = [(e.decision_id, INFERENCE_FAILED) for e in challenger_rows]
+        assert_that(failed, equal_to(expected_failed), label="ChallengerFailed")
+
+
 def test_score_arms_without_a_production_model_gives_its_arm_the_fallback(
     serving_dir, blueprint, encoder
 ):
