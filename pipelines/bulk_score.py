@@ -245,10 +245,10 @@ def _blueprint(options: BulkScoreOptions, record: dict) -> Blueprint:
     return blueprint
 
 
-def _rollout_blueprint(options: BulkScoreOptions) -> Blueprint | None:
-    """The blueprint when the registry's aliases decide which models score (``--model_version
-    rollout``, the default, on a serving dir); None when one model is asked for (any other
-    ``--model_version``, or one version dir as ``--model_dir``)."""
+def _rollout_aliases(options: BulkScoreOptions) -> registry.Aliases | None:
+    """The registry's aliases, read once, when they decide which models score
+    (``--model_version rollout``, the default, on a serving dir); None when one model is asked
+    for (any other ``--model_version``, or one version dir as ``--model_dir``)."""
     if options.model_version not in (None, ROLLOUT):
         return None
     model_dir = options.model_dir.rstrip("/")
@@ -261,22 +261,24 @@ def _rollout_blueprint(options: BulkScoreOptions) -> Blueprint | None:
         return None
     if not storage.is_dir(model_dir):
         raise ModelNotFound(f"model dir {model_dir} does not exist")
-    aliases = registry.read_aliases(model_dir)
+    return registry.read_aliases(model_dir)
+
+
+def _arm_models(
+    options: BulkScoreOptions, aliases: registry.Aliases
+) -> tuple[Blueprint, ArmModels]:
+    """The blueprint (``--blueprint``, else the one a model's record names) and each alias's
+    model (None while null). A challenger needs the blueprint's rollout section to get its
+    units (the decision client refuses one without it): without it production (or the
+    fallback) serves every row, and a warning says so."""
     model_id = aliases.production or aliases.challenger
     if model_id is None and not options.blueprint:
         raise ConfigError(
             "--blueprint is required: the registry has no production or challenger model "
             "whose record names one"
         )
-    record = registry.resolve(model_dir, model_id).record if model_id else {}
-    return _blueprint(options, dict(record))
-
-
-def _arm_models(options: BulkScoreOptions, blueprint: Blueprint) -> ArmModels:
-    """Each alias's model (None while null). A challenger needs the blueprint's rollout section
-    to get its units (the decision client refuses one without it): without it production (or
-    the fallback) serves every row, and a warning says so."""
-    aliases = registry.read_aliases(options.model_dir.rstrip("/"))
+    record = registry.resolve(options.model_dir, model_id).record if model_id else {}
+    blueprint = _blueprint(options, dict(record))
     if aliases.challenger is not None and blueprint.rollout is None:
         logging.warning(
             "challenger %s is not served: blueprint %s has no rollout section to assign units",
@@ -285,16 +287,15 @@ def _arm_models(options: BulkScoreOptions, blueprint: Blueprint) -> ArmModels:
         )
         aliases = replace(aliases, challenger=None)
     production, challenger = (
-        resolve_serving_model(options.model_dir, blueprint.name, alias) if model_id else None
-        for alias, model_id in (
-            (PRODUCTION, aliases.production),
-            (CHALLENGER, aliases.challenger),
-        )
+        resolve_serving_model(options.model_dir, blueprint.name, model_id) if model_id else None
+        for model_id in (aliases.production, aliases.challenger)
     )
-    return ArmModels(production, challenger)
+    return blueprint, ArmModels(production, challenger)
 
 
-def _check_arms(options: BulkScoreOptions, job_format: str, blueprint: Blueprint, arms) -> None:
+def _check_arms(
+    options: BulkScoreOptions, job_format: str, blueprint: Blueprint, arms: ArmModels
+) -> None:
     """What the two-arm mode cannot do, refused in one line while a challenger serves."""
     if arms.challenger is None:
         return
@@ -345,10 +346,10 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, ServingModel | N
     input_format = "record" if options.input_table else _input_format(options)
     if options.log_decisions and input_format == "tfrecord":
         raise ConfigError("--log_decisions needs decision events as input, not TFRecord examples")
-    blueprint = _rollout_blueprint(options)
+    aliases = _rollout_aliases(options)
     arms, serving_model = None, None
-    if blueprint is not None:
-        arms = _arm_models(options, blueprint)
+    if aliases is not None:
+        blueprint, arms = _arm_models(options, aliases)
         _check_arms(options, input_format, blueprint, arms)
     else:
         # The record sits beside the version; read it once for the blueprint default.
