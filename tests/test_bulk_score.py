@@ -73,6 +73,7 @@ def test_every_decision_is_scored_exactly_by_the_latest_version(json_run, servin
         assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
         assert row["model_id"] == "notify-1793538000"
         assert row["scored_at"].endswith("Z")
+        assert row["arm"] is None  # the default rollout mode without a challenger: no arms
 
 
 @pytest.mark.slow
@@ -116,6 +117,7 @@ def test_the_manifest_accounts_for_every_line_and_the_model(json_run):
     assert counters["score.decisions"] == 150
     assert counters["parse.decisions_rejected"] == 2
     assert manifest["model_id"] == "notify-1793538000"
+    assert manifest["arms"] == {"production": "notify-1793538000", "challenger": None}
 
 
 @pytest.mark.slow

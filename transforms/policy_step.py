@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult
 
 from loopline.events import DecisionEvent
+from loopline.experiment import ARMS
 from loopline.policy import Policy, TopKPolicy
 from transforms.scoring_failures import COUNTER_NAMESPACE
 
@@ -224,6 +225,9 @@ class ApplyArmPolicy(beam.DoFn):
         self._decisions = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "decisions")
         self._explored = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "explored")
         self._fallbacks = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "fallback_decisions")
+        self._per_arm = {
+            arm: beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"decisions_{arm}") for arm in ARMS
+        }
 
     def process(self, rows: Sequence[tuple[str | None, ScoredRow]]) -> Iterable[list]:
         if not rows:
@@ -234,7 +238,7 @@ class ApplyArmPolicy(beam.DoFn):
         self._explored.inc(sum(s.explored for s in scored))
         self._fallbacks.inc(sum(s.score is None for s in scored))
         if arm is not None:
-            beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"decisions_{arm}").inc(len(scored))
+            self._per_arm[arm].inc(len(scored))
         yield scored
 
 
