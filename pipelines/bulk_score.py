@@ -540,7 +540,9 @@ def run(argv: list[str] | None = None, save_main_session: bool = False):
     models = serving_model.model_id if job.arms is None else job.arms.describe()
     logging.info("bulk_score %s: %s", models, json.dumps(counters, sort_keys=True))
     scored, refused, failed = row_counts(counters)
-    print(f"bulk_score: {models}: {scored} scored, {refused} refused, {failed} failed")
+    fallbacks = counters.get("score.fallback_decisions", 0)
+    by_fallback = f" ({fallbacks} by the fallback decision)" if fallbacks else ""
+    print(f"bulk_score: {models}: {scored} scored{by_fallback}, {refused} refused, {failed} failed")
     check_failed_fraction(scored, refused + failed, scoring_options.max_failed_fraction)
     return result
 

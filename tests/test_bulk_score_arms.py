@@ -301,3 +301,13 @@ def test_without_a_rollout_section_production_serves_every_row(
     for row in rows:
         assert (row["arm"], row["model_id"]) == (None, PRODUCTION_ID)
         assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_the_last_line_names_both_aliases_and_the_fallbacks(tmp_path, blueprint, events, capsys):
+    serving = _serving(tmp_path / "serving", blueprint, False, False)
+    _run(tmp_path, serving, events[:20])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "bulk_score: production null, challenger null: 20 scored (20 by the fallback decision), "
+        "0 refused, 0 failed"
+    )
