@@ -1,17 +1,27 @@
-"""Bulk scoring: decisions in, scores and policy decisions out, with the pushed model.
+"""Bulk scoring: decisions in, scores and policy decisions out, with the registry's models.
 
     python -m pipelines.bulk_score --input 'logs/decisions-*.jsonl' \\
         --model_dir serving/notify --blueprint examples/notify.yaml --output scored/ \\
+        [--model_version rollout|production|challenger|ID|VERSION] \\
         [--log_decisions] [--min_batch_size 64 --max_batch_size 1024] [--device GPU] [beam options]
 
 Reads decision events (JSON lines or Avro, ``--input``; or a BigQuery table, ``--input_table``)
 or serialized ``tf.Example`` TFRecords (the join's examples), scores them with Beam RunInference
 (``transforms.inference``), applies the blueprint's policy and writes::
 
-    OUTPUT/scores/*.jsonl      decision_id, score, decision, propensity, explored, model_id, scored_at
+    OUTPUT/scores/*.jsonl      arm, decision_id, score, decision, propensity, explored, model_id,
+                               scored_at
     OUTPUT/failed/*.jsonl      reason, step, detail, decision_id, payload (refused or failed rows)
     OUTPUT/decisions/*.jsonl   with --log_decisions: the scored decisions as decision events
-    OUTPUT/manifest.json       written last by a local run: counters, batch sizes, model_id
+    OUTPUT/manifest.json       written last by a local run: counters, batch sizes, model(s)
+
+Which model scores: by default (``--model_version rollout``) the registry's aliases, as the
+decision client serves them (``transforms.arms``): while a challenger is in traffic, each row's
+unit is assigned to an arm exactly as the client assigns it (the blueprint's ``rollout``
+section) and scored by its arm's model, both models in one RunInference; an arm whose alias is
+null gets the blueprint's fallback decision (no score, no model id), so a day before the first
+promotion is scored too. Any other ``--model_version`` (an alias, a model id, a version) scores
+every row with that one model, without arms.
 
 and/or appends the score rows to ``--output_table``. Exits with status 2 and one line for a bad
 argument or a missing model, and with status 1 and one line when more than
@@ -24,23 +34,26 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from loopline import registry, storage
 from loopline.blueprint import Blueprint, BlueprintError
 from loopline.examples import PiiKeyMissing, check_pii_key_secret, pii_key
-from loopline.policy import PolicyError, policy_from_blueprint
+from loopline.experiment import CHALLENGER, PRODUCTION
+from loopline.policy import FallbackPolicy, PolicyError, TopKPolicy, policy_from_blueprint
 from loopline.privacy import PayloadPrivacy
-from loopline.registry import ModelNotFound, resolve_serving_model
+from loopline.registry import ModelNotFound, RegistryError, ServingModel, resolve_serving_model
 from loopline.scorer import DEVICES
 from loopline.vocabulary import SCORING_FILE_FORMATS as INPUT_FORMATS
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import COUNTER_PREFIX, counter_summary
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
+from transforms.arms import ScoreArms
 from transforms.encoding import DecisionEncoder
 from transforms.inference import ScoreBatches
 from transforms.model_handler import SavedModelHandler
@@ -48,6 +61,7 @@ from transforms.score_output import WriteFailures, WriteScores
 from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
 from transforms.scoring_input import ReadDecisionBatches
 
+ROLLOUT = "rollout"  # --model_version: both arms of the blueprint's rollout
 DEFAULT_MIN_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_SIZE = 2048
 
@@ -87,8 +101,13 @@ class BulkScoreOptions(PipelineOptions):
         )
         parser.add_argument(
             "--model_version",
-            help="The model to score with: a registry alias (production, challenger), a model "
-            "id or a version; default the production alias (never the newest directory).",
+            help="The model(s) to score with. 'rollout' (the default): the registry's aliases, "
+            "as the decision client serves them: while a challenger is in traffic each row's "
+            "unit is assigned to an arm by the blueprint's rollout section and scored by its "
+            "arm's model (production or challenger, both in one RunInference); an arm whose "
+            "alias is null gets the blueprint's fallback decision (no score, no model id). "
+            "Or one model for every row, without arms: a registry alias (production, "
+            "challenger), a model id or a version (never the newest directory).",
         )
         add_shared_argument(
             parser, "--blueprint", help="Blueprint YAML; default the one the model record names."
@@ -135,7 +154,8 @@ class BulkScoreOptions(PipelineOptions):
             "--model_copies",
             type=int,
             default=None,
-            help="Exact number of model copies per worker, shared across SDK processes.",
+            help="Exact number of model copies per worker, shared across SDK processes "
+            "(one model only; with two arms Beam loads each model once per worker).",
         )
         parser.add_argument(
             "--large_model",
@@ -163,13 +183,34 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ArmModels:
+    """The rollout's models: each alias's model, or None while the alias is null (that arm
+    gets the blueprint's fallback decision)."""
+
+    production: ServingModel | None
+    challenger: ServingModel | None
+
+    def ids(self) -> dict[str, str | None]:
+        return {
+            arm: model.model_id if model else None
+            for arm, model in ((PRODUCTION, self.production), (CHALLENGER, self.challenger))
+        }
+
+    def describe(self) -> str:
+        """``production <id>, challenger <id>`` for the run's last line."""
+        return ", ".join(f"{arm} {model_id or 'null'}" for arm, model_id in self.ids().items())
+
+
+@dataclass(frozen=True)
 class ScoringJob:
-    """Everything resolved on the launcher before the pipeline is built."""
+    """Everything resolved on the launcher before the pipeline is built: one serving model,
+    or (rollout mode) the arms' models."""
 
     options: BulkScoreOptions
     blueprint: Blueprint
     input_format: str
     key: bytes | None
+    arms: ArmModels | None = None
 
 
 def _input_format(options: BulkScoreOptions) -> str:
@@ -204,8 +245,80 @@ def _blueprint(options: BulkScoreOptions, record: dict) -> Blueprint:
     return blueprint
 
 
-def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
-    """Validates the options and resolves the blueprint, model version and PII key."""
+def _rollout_aliases(options: BulkScoreOptions) -> registry.Aliases | None:
+    """The registry's aliases, read once, when they decide which models score
+    (``--model_version rollout``, the default, on a serving dir); None when one model is asked
+    for (any other ``--model_version``, or one version dir as ``--model_dir``)."""
+    if options.model_version not in (None, ROLLOUT):
+        return None
+    model_dir = options.model_dir.rstrip("/")
+    if storage.exists(storage.join(model_dir, registry.SAVED_MODEL)):
+        if options.model_version == ROLLOUT:
+            raise ConfigError(
+                f"--model_version rollout needs a serving dir with a registry, not the one "
+                f"version dir {model_dir}"
+            )
+        return None
+    if not storage.is_dir(model_dir):
+        raise ModelNotFound(f"model dir {model_dir} does not exist")
+    return registry.read_aliases(model_dir)
+
+
+def _arm_models(
+    options: BulkScoreOptions, aliases: registry.Aliases
+) -> tuple[Blueprint, ArmModels]:
+    """The blueprint (``--blueprint``, else the one a model's record names) and each alias's
+    model (None while null). A challenger needs the blueprint's rollout section to get its
+    units (the decision client refuses one without it): without it production (or the
+    fallback) serves every row, and a warning says so."""
+    model_id = aliases.production or aliases.challenger
+    if model_id is None and not options.blueprint:
+        raise ConfigError(
+            "--blueprint is required: the registry has no production or challenger model "
+            "whose record names one"
+        )
+    record = registry.resolve(options.model_dir, model_id).record if model_id else {}
+    blueprint = _blueprint(options, dict(record))
+    if aliases.challenger is not None and blueprint.rollout is None:
+        logging.warning(
+            "challenger %s is not served: blueprint %s has no rollout section to assign units",
+            aliases.challenger,
+            blueprint.name,
+        )
+        aliases = replace(aliases, challenger=None)
+    production, challenger = (
+        resolve_serving_model(options.model_dir, blueprint.name, model_id) if model_id else None
+        for model_id in (aliases.production, aliases.challenger)
+    )
+    return blueprint, ArmModels(production, challenger)
+
+
+def _check_arms(
+    options: BulkScoreOptions, job_format: str, blueprint: Blueprint, arms: ArmModels
+) -> None:
+    """What the two-arm mode cannot do, refused in one line while a challenger serves."""
+    if arms.challenger is None:
+        return
+    if job_format == "tfrecord":
+        raise ConfigError(
+            f"a challenger is in traffic: assigning arms needs the raw {blueprint.rollout.unit} "
+            "of decision events, not TFRecord examples (or score one model with --model_version)"
+        )
+    if isinstance(policy_from_blueprint(blueprint, options.seed), TopKPolicy):
+        raise ConfigError(
+            "a challenger is in traffic: a top_k policy ranks one model's scores, not two "
+            "arms' (score one model with --model_version)"
+        )
+    if options.model_copies is not None:
+        raise ConfigError(
+            "--model_copies applies to one model; with two arms Beam loads each model once "
+            "per worker (give --model_version to score one model)"
+        )
+
+
+def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, ServingModel | None]:
+    """Validates the options and resolves the blueprint, model(s) and PII key: in rollout mode
+    the job's ``arms`` (and no single serving model), else the one serving model."""
     if bool(options.input) == bool(options.input_table):
         raise ConfigError("give exactly one of --input (a glob) or --input_table (BigQuery)")
     if not options.model_dir:
@@ -233,10 +346,18 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
     input_format = "record" if options.input_table else _input_format(options)
     if options.log_decisions and input_format == "tfrecord":
         raise ConfigError("--log_decisions needs decision events as input, not TFRecord examples")
-    # The record sits beside the version; read it once for the blueprint default.
-    probe = resolve_serving_model(options.model_dir, None, options.model_version)
-    blueprint = _blueprint(options, dict(probe.record))
-    serving_model = resolve_serving_model(options.model_dir, blueprint.name, options.model_version)
+    aliases = _rollout_aliases(options)
+    arms, serving_model = None, None
+    if aliases is not None:
+        blueprint, arms = _arm_models(options, aliases)
+        _check_arms(options, input_format, blueprint, arms)
+    else:
+        # The record sits beside the version; read it once for the blueprint default.
+        probe = resolve_serving_model(options.model_dir, None, options.model_version)
+        blueprint = _blueprint(options, dict(probe.record))
+        serving_model = resolve_serving_model(
+            options.model_dir, blueprint.name, options.model_version
+        )
     # TFRecord examples are already encoded (and pseudonymised) by the join.
     if input_format == "tfrecord":
         if options.pii_key_secret:
@@ -246,7 +367,7 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, object]:
         key = pii_key(blueprint, options.pii_key_secret)
     if options.input and not FileSystems.match([options.input])[0].metadata_list:
         raise ConfigError(f"no files match --input {options.input}")
-    return ScoringJob(options, blueprint, input_format, key), serving_model
+    return ScoringJob(options, blueprint, input_format, key, arms), serving_model
 
 
 def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
@@ -261,16 +382,9 @@ def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tupl
     return low, high
 
 
-def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> None:
-    """Adds the read+batch+parse -> encode -> RunInference -> policy -> write steps.
-
-    Rows are batched right after the read, so every later step handles a whole batch as one
-    element (``transforms.scoring_input``, ``transforms.inference``); formatting for the sinks
-    is the last step (``transforms.score_output``). No shuffle except top-k's GroupByKey.
-    """
-    options, blueprint = job.options, job.blueprint
+def _handler(options: BulkScoreOptions, serving_model: ServingModel) -> SavedModelHandler:
     min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
-    handler = SavedModelHandler(
+    return SavedModelHandler(
         serving_model,
         device=options.device,
         min_batch_size=min_batch,
@@ -280,16 +394,60 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
         model_copies=options.model_copies,
         large_model=options.large_model,
     )
+
+
+def _scoring(job: ScoringJob, serving_model: ServingModel | None) -> beam.PTransform:
+    """The scoring transform: one model (``ScoreBatches``, also the rollout's production model
+    while no challenger serves), or the two arms (``ScoreArms``)."""
+    options, blueprint = job.options, job.blueprint
+    encoder = DecisionEncoder(blueprint, job.key)
+    policy = policy_from_blueprint(blueprint, options.seed)
+    arms = job.arms
+    if arms is not None and arms.challenger is None and arms.production is not None:
+        serving_model, arms = arms.production, None  # all traffic is production's: no arms
+    if arms is None:
+        return ScoreBatches(_handler(options, serving_model), encoder, policy)
+    handlers = {
+        arm: SavedModelHandler(model, device=options.device)
+        for arm, model in ((PRODUCTION, arms.production), (CHALLENGER, arms.challenger))
+        if model is not None
+    }
+    # Without a challenger no row has an arm (and, production null, every row falls back).
+    rollout = blueprint.rollout if arms.challenger is not None else None
+    fallback = FallbackPolicy.from_blueprint(blueprint)
+    return ScoreArms(handlers, encoder, policy, fallback, rollout)
+
+
+def batching(options: BulkScoreOptions) -> dict:
+    """``beam.BatchElements``' arguments for the read's batches."""
+    min_batch, max_batch = batch_bounds(options.min_batch_size, options.max_batch_size)
+    settings = {
+        "min_batch_size": min_batch,
+        "max_batch_size": max_batch,
+        "target_batch_duration_secs": options.target_batch_duration_secs,
+        "max_batch_duration_secs": options.max_batch_duration_secs,
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> None:
+    """Adds the read+batch+parse -> encode -> (assign arms ->) RunInference -> policy -> write
+    steps.
+
+    Rows are batched right after the read, so every later step handles a whole batch as one
+    element (``transforms.scoring_input``, ``transforms.inference``, ``transforms.arms``);
+    formatting for the sinks is the last step (``transforms.score_output``). No shuffle except
+    top-k's GroupByKey.
+    """
+    options, blueprint = job.options, job.blueprint
     read = pipeline | "ReadDecisions" >> ReadDecisionBatches(
         job.input_format,
         options.input,
         blueprint,
-        handler.batch_elements_kwargs(),
+        batching(options),
         table=options.input_table,
     )
-    scoring = read.keyed | "ScoreDecisions" >> ScoreBatches(
-        handler, DecisionEncoder(blueprint, job.key), policy_from_blueprint(blueprint, options.seed)
-    )
+    scoring = read.keyed | "ScoreDecisions" >> _scoring(job, serving_model)
     _ = scoring.scored | "WriteScores" >> WriteScores(
         options.output, options.output_table, options.log_decisions
     )
@@ -322,9 +480,32 @@ def _metrics_summary(result) -> dict:
 
 
 def _write_manifest(job: ScoringJob, serving_model, summary: dict) -> None:
+    rollout = job.blueprint.rollout
+    if job.arms is None:
+        models = {"model_id": serving_model.model_id, "model_path": serving_model.path}
+    else:
+        models = {
+            "mode": ROLLOUT,
+            "model_id": job.arms.ids()[PRODUCTION],
+            "arms": job.arms.ids(),
+            "model_paths": {
+                arm: model.path
+                for arm, model in (
+                    (PRODUCTION, job.arms.production),
+                    (CHALLENGER, job.arms.challenger),
+                )
+                if model is not None
+            },
+            "rollout": {
+                "unit": rollout.unit,
+                "challenger_share": rollout.challenger_share,
+                "salt": rollout.salt,
+            }
+            if rollout
+            else None,
+        }
     manifest = {
-        "model_id": serving_model.model_id,
-        "model_path": serving_model.path,
+        **models,
         "blueprint": job.blueprint.summary(),
         "policy": policy_from_blueprint(job.blueprint, job.options.seed).describe(),
         "input": job.options.input or job.options.input_table,
@@ -345,7 +526,7 @@ def run(argv: list[str] | None = None, save_main_session: bool = False):
     try:
         job, serving_model = resolve_job(scoring_options)
         policy_from_blueprint(job.blueprint, scoring_options.seed)
-    except (ConfigError, BlueprintError, ModelNotFound, PiiKeyMissing, PolicyError) as e:
+    except (ConfigError, BlueprintError, RegistryError, PiiKeyMissing, PolicyError) as e:
         print(f"bulk_score: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     pipeline = beam.Pipeline(options=options)
@@ -356,11 +537,12 @@ def run(argv: list[str] | None = None, save_main_session: bool = False):
     if scoring_options.output:
         _write_manifest(job, serving_model, summary)
     counters = summary["counters"]
-    logging.info("bulk_score %s: %s", serving_model.model_id, json.dumps(counters, sort_keys=True))
+    models = serving_model.model_id if job.arms is None else job.arms.describe()
+    logging.info("bulk_score %s: %s", models, json.dumps(counters, sort_keys=True))
     scored, refused, failed = row_counts(counters)
-    print(
-        f"bulk_score: {serving_model.model_id}: {scored} scored, {refused} refused, {failed} failed"
-    )
+    fallbacks = counters.get("score.fallback_decisions", 0)
+    by_fallback = f" ({fallbacks} by the fallback decision)" if fallbacks else ""
+    print(f"bulk_score: {models}: {scored} scored{by_fallback}, {refused} refused, {failed} failed")
     check_failed_fraction(scored, refused + failed, scoring_options.max_failed_fraction)
     return result
 

@@ -263,8 +263,8 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
     )
     check(score["parameters"]["model_dir"] == f"{gs}/serving/notify", "model dir")
     check(
-        score["parameters"]["model_version"] == "production",
-        f"scores with the production alias, not {score['parameters']['model_version']}",
+        score["parameters"]["model_version"] == "rollout",
+        f"scores both arms of the rollout, not {score['parameters']['model_version']}",
     )
     check(score["parameters"]["pii_key_secret"] == PII_KEY_SECRET, "scoring gets the key secret")
 

@@ -14,7 +14,10 @@ The benchmark uses the same builder with a larger MLP.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import tensorflow as tf
 from loopline import registry
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent, format_event_time
+from loopline.examples import features_to_example
 
 START_MS = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 COUNTRIES = ("KR", "US", "DE", "BR", "IN", "JP")
@@ -192,6 +196,39 @@ def make_decisions(
     return events
 
 
+def read_json_lines(directory: str | Path) -> list[dict]:
+    """Every JSON line of the ``*.jsonl`` files in ``directory`` (an output of a job)."""
+    return [
+        json.loads(line)
+        for f in sorted(Path(directory).glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+
+
+def expected_scores(
+    events: Sequence[DecisionEvent], blueprint: Blueprint, key: bytes, version_dir: str | Path
+) -> dict[str, float]:
+    """Each decision's score by the model in ``version_dir`` itself, encoded as the join does."""
+    serialized = [
+        features_to_example(e.features, blueprint, key).SerializeToString() for e in events
+    ]
+    scores = score_serialized(version_dir, serialized)
+    return {e.decision_id: float(s) for e, s in zip(events, scores, strict=True)}
+
+
+def bulk_score_in_processes(args: Sequence[str], pii_key: str) -> subprocess.CompletedProcess:
+    """``python -m pipelines.bulk_score ARGS`` as Dataflow and the Flex Template launcher run
+    it: the module is ``__main__``, and the DirectRunner runs the DoFns in two other processes
+    (``multi_processing``), which see this checkout first on their path."""
+    repo = Path(__file__).resolve().parent.parent
+    argv = [
+        sys.executable, "-m", "pipelines.bulk_score", *args,
+        "--direct_running_mode", "multi_processing", "--direct_num_workers", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo), "LOOPLINE_PII_KEY": pii_key}
+    return subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
 def write_decision_lines(
     path: str | Path, events: Sequence[DecisionEvent], extra: Sequence[str] = ()
 ) -> Path:
@@ -204,9 +241,12 @@ def write_decision_lines(
 
 __all__ = [
     "ScoringModel",
+    "bulk_score_in_processes",
+    "expected_scores",
     "export_scoring_model",
     "format_event_time",
     "make_decisions",
+    "read_json_lines",
     "score_serialized",
     "write_decision_lines",
 ]

@@ -3,10 +3,6 @@ SavedModel: JSON lines, Avro and TFRecord inputs, dead letters, logged decisions
 separate processes, the failed-rows threshold, bad arguments."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -19,15 +15,16 @@ from loopline.privacy import PayloadPrivacy
 from pipelines import bulk_score
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.scoring_fixtures import (
+    bulk_score_in_processes,
+    expected_scores,
     export_scoring_model,
     make_decisions,
-    score_serialized,
     write_decision_lines,
 )
+from tests.scoring_fixtures import read_json_lines as _lines
 from transforms.scoring_failures import BAD_EXAMPLE
 from transforms.scoring_input import key_example
 
-REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-not-a-secret"
 CORRUPT = ['{"decision_id": "broken"', '{"decision_id": "x1", "decision_type": "notify"}']
 
@@ -40,20 +37,8 @@ def serving_dir(tmp_path_factory, blueprint):
     return root
 
 
-def _lines(directory: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for f in sorted(directory.glob("*.jsonl"))
-        for line in f.read_text().splitlines()
-    ]
-
-
 def _expected_scores(events, blueprint, version_dir) -> dict[str, float]:
-    serialized = [
-        features_to_example(e.features, blueprint, KEY.encode()).SerializeToString() for e in events
-    ]
-    scores = score_serialized(version_dir, serialized)
-    return {e.decision_id: float(s) for e, s in zip(events, scores, strict=True)}
+    return expected_scores(events, blueprint, KEY.encode(), version_dir)
 
 
 def _json_run_args(source, serving_dir, blueprint_path, out) -> list[str]:
@@ -88,6 +73,7 @@ def test_every_decision_is_scored_exactly_by_the_latest_version(json_run, servin
         assert row["score"] == pytest.approx(expected[row["decision_id"]], rel=1e-6, abs=1e-7)
         assert row["model_id"] == "notify-1793538000"
         assert row["scored_at"].endswith("Z")
+        assert row["arm"] is None  # the default rollout mode without a challenger: no arms
 
 
 @pytest.mark.slow
@@ -131,6 +117,7 @@ def test_the_manifest_accounts_for_every_line_and_the_model(json_run):
     assert counters["score.decisions"] == 150
     assert counters["parse.decisions_rejected"] == 2
     assert manifest["model_id"] == "notify-1793538000"
+    assert manifest["arms"] == {"production": "notify-1793538000", "challenger": None}
 
 
 @pytest.mark.slow
@@ -148,13 +135,7 @@ def test_workers_in_separate_processes_score_as_the_in_process_run(
     # run in other processes.
     _, source, in_process = json_run
     out = tmp_path / "out"
-    argv = [
-        sys.executable, "-m", "pipelines.bulk_score",
-        *_json_run_args(source, serving_dir, blueprint_path, out),
-        "--direct_running_mode", "multi_processing", "--direct_num_workers", "2",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LOOPLINE_PII_KEY": KEY}
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = bulk_score_in_processes(_json_run_args(source, serving_dir, blueprint_path, out), KEY)
     assert done.returncode == 0, done.stderr[-3000:]
 
     def outcome(directory):

@@ -157,10 +157,10 @@ def test_task_graph_joins_monitors_promotes_trains_then_scores(airflow_report):
 
 
 @pytest.mark.slow
-def test_next_day_is_scored_with_the_production_alias_whatever_training_did(airflow_report):
+def test_next_day_is_scored_with_both_arms_whatever_training_did(airflow_report):
     notify = airflow_report["dags"]["loopline_notify"]
     launch = notify["rendered"]["bulk_score"]["body"]["launchParameter"]
-    assert launch["parameters"]["model_version"] == "production"
+    assert launch["parameters"]["model_version"] == "rollout"
     assert notify["upstream"]["clear_score_output"] == ["check_model_pushed"]
     assert notify["trigger_rules"]["clear_score_output"] == "all_done"
 

@@ -1,8 +1,9 @@
 """pipelines.bulk_score and pipelines.monitor reading and writing gs:// (the GCS emulator).
 
-The same fixtures and checks as tests/test_bulk_score.py and tests/test_monitor.py, with every
-input, the blueprint, the serving dir (the registry's aliases.json, the record and the
-SavedModel, which TensorFlow loads from gs://) and every output on gs://.
+The same fixtures and checks as tests/test_bulk_score.py (one model, and both arms of a rollout
+as tests/test_bulk_score_arms.py) and tests/test_monitor.py, with every input, the blueprint,
+the serving dir (the registry's aliases.json, the records and the SavedModels, which
+TensorFlow loads from gs://) and every output on gs://.
 """
 
 import json
@@ -14,12 +15,24 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import bulk_score, monitor
 from tests.scoring_fixtures import export_scoring_model, make_decisions, write_decision_lines
 from tests.test_bulk_score import CORRUPT, KEY, _expected_scores
+from tests.test_bulk_score_arms import (
+    CHALLENGER_ID,
+    CHALLENGER_VERSION,
+    PRODUCTION_ID,
+    PRODUCTION_VERSION,
+    client_arms,
+)
 from tests.test_monitor import MODELS, independent_metrics, make_fixture
 
 
 def _upload(local: Path, url: str) -> None:
     with FileSystems.create(url) as f:
         f.write(local.read_bytes())
+
+
+def _upload_tree(local: Path, url: str) -> None:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        _upload(path, f"{url}/{path.relative_to(local)}")
 
 
 def _rows(pattern: str) -> list[dict]:
@@ -40,8 +53,7 @@ def scored(gcs_emulator, tmp_path_factory, blueprint, blueprint_path):
     _upload(write_decision_lines(local / "decisions.jsonl", events, CORRUPT),
             f"{root}/in/decisions.jsonl")  # fmt: skip
     _upload(blueprint_path, f"{root}/in/notify.yaml")
-    for path in sorted(p for p in serving.rglob("*") if p.is_file()):
-        _upload(path, f"{root}/serving/{path.relative_to(serving)}")
+    _upload_tree(serving, f"{root}/serving")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOPLINE_PII_KEY", KEY)
         bulk_score.run([
@@ -76,6 +88,47 @@ def test_bulk_score_on_gcs_logs_every_scored_decision(scored):
     output, expected = scored
     logged = _rows(f"{output}/decisions/*.jsonl")
     assert sorted(d["decision_id"] for d in logged) == sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def two_arms_scored(gcs_emulator, tmp_path_factory, blueprint, blueprint_path):
+    """The rollout mode on gs://: production and challenger both registered in the serving dir
+    (aliases.json, records and SavedModels on the emulator)."""
+    local = tmp_path_factory.mktemp("two_arms")
+    serving = local / "serving"
+    export_scoring_model(blueprint, serving / PRODUCTION_VERSION, seed=1)
+    export_scoring_model(blueprint, serving / CHALLENGER_VERSION, seed=2, production=False)
+    events = make_decisions(blueprint, 120, seed=5)
+    root = gcs_emulator.url("two-arms")
+    _upload(write_decision_lines(local / "decisions.jsonl", events), f"{root}/in/decisions.jsonl")
+    _upload_tree(serving, f"{root}/serving")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOPLINE_PII_KEY", KEY)
+        bulk_score.run([
+            "--input", f"{root}/in/decisions.jsonl", "--model_dir", f"{root}/serving",
+            "--blueprint", str(blueprint_path), "--output", f"{root}/out", "--log_decisions",
+            "--min_batch_size", "8", "--max_batch_size", "32",
+        ])  # fmt: skip
+    expected = {
+        arm: _expected_scores(events, blueprint, serving / version)
+        for arm, version in (("production", PRODUCTION_VERSION), ("challenger", CHALLENGER_VERSION))
+    }
+    return f"{root}/out", client_arms(blueprint, events), expected
+
+
+@pytest.mark.slow
+def test_bulk_score_on_gcs_serves_each_unit_its_arms_model(two_arms_scored):
+    output, arms, expected = two_arms_scored
+    rows = _rows(f"{output}/scores/*.jsonl")
+    assert {r["decision_id"]: r["arm"] for r in rows} == arms
+    ids = {"production": PRODUCTION_ID, "challenger": CHALLENGER_ID}
+    for row in rows:
+        assert row["model_id"] == ids[row["arm"]]
+        assert row["score"] == pytest.approx(
+            expected[row["arm"]][row["decision_id"]], rel=1e-6, abs=1e-7
+        )
+    logged = _rows(f"{output}/decisions/*.jsonl")
+    assert {d["decision_id"]: d["arm"] for d in logged} == arms
 
 
 @pytest.fixture(scope="module")

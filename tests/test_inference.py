@@ -14,17 +14,20 @@ import apache_beam as beam
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from loopline.events import parse_decision_json
 from loopline.examples import features_to_example
-from loopline.policy import EpsilonGreedyPolicy, ThresholdPolicy, TopKPolicy
+from loopline.policy import EpsilonGreedyPolicy, FallbackPolicy, ThresholdPolicy, TopKPolicy
 from loopline.registry import ModelNotFound, resolve_serving_model
 from loopline.scorer import SavedModelScorer
 from tests.scoring_fixtures import export_scoring_model, make_decisions, score_serialized
+from transforms.arms import ScoreArms, unit_arm
 from transforms.encoding import DecisionEncoder, EncodedDecision
 from transforms.inference import ScoreBatches, ScoreDecisions
 from transforms.model_handler import SavedModelHandler
-from transforms.policy_step import ScoredDecision, decide
+from transforms.policy_step import ScoredDecision, decide, decide_arm
 from transforms.score_output import WriteScores
 from transforms.scoring_failures import ENCODE_FAILED, INFERENCE_FAILED
 
@@ -170,6 +173,122 @@ def test_to_json_is_exactly_the_json_of_the_output_row(
         decision_id, score, decision, propensity, explored, "notify-1", SCORED_AT
     )
     assert scored.to_json() == json.dumps(scored.to_row(), sort_keys=True, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("arm", [None, "production", "challenger"])
+def test_a_fallback_rows_json_has_null_score_and_model_and_its_arm(arm):
+    scored = ScoredDecision("d-1", None, 1, 1.0, False, None, SCORED_AT, arm=arm)
+    line = scored.to_json()
+    assert line == json.dumps(scored.to_row(), sort_keys=True, separators=(",", ":"))
+    assert (json.loads(line)["score"], json.loads(line)["model_id"], json.loads(line)["arm"]) == (
+        None,
+        None,
+        arm,
+    )
+
+
+def test_decide_arm_falls_back_on_rows_without_a_score_as_the_client_does(blueprint):
+    [event] = make_decisions(blueprint, 1)
+    rows = [_result("d-1", 0.9, event, model_id="m-c"), _result("d-2", None, event, None)]
+    scored = decide_arm(ThresholdPolicy(0.5), FallbackPolicy(1), "production", rows, SCORED_AT)
+    assert [(s.score, s.decision, s.propensity, s.model_id, s.arm) for s in scored] == [
+        (0.9, 1, 1.0, "m-c", "production"),
+        (None, 1, 1.0, None, "production"),
+    ]
+    assert scored[1].to_decision_event() == event.with_choice(1, 1.0, None, arm="production")
+
+
+def test_score_arms_scores_each_arm_with_its_model_in_one_run_inference(
+    serving_dir, blueprint, encoder
+):
+    """ScoreArms on a TestPipeline: production and challenger models behind one RunInference,
+    each row scored by the model of its unit's arm."""
+    events = make_decisions(blueprint, 80, seed=9)
+    models = {
+        "production": resolve_serving_model(serving_dir, "notify", "1700000000"),
+        "challenger": resolve_serving_model(serving_dir, "notify", "1700000100"),
+    }
+    scores = {arm: _model_scores(m.path, events, blueprint) for arm, m in models.items()}
+    expected = []
+    for e in events:
+        arm = unit_arm(e.features, blueprint.rollout)
+        score = scores[arm][e.decision_id]
+        expected.append((e.decision_id, arm, models[arm].model_id, score, int(score >= 0.5)))
+    assert {row[1] for row in expected} == {"production", "challenger"}
+    handlers = {arm: SavedModelHandler(m) for arm, m in models.items()}
+    transform = ScoreArms(
+        handlers, encoder, ThresholdPolicy(0.5), FallbackPolicy(1), blueprint.rollout
+    )
+
+    def matches(actual):
+        assert sorted(r[:3] + r[4:] for r in actual) == sorted(r[:3] + r[4:] for r in expected)
+        by_id = {r[0]: r[3] for r in expected}
+        for row in actual:
+            assert row[3] == pytest.approx(by_id[row[0]], rel=1e-6, abs=1e-7)
+
+    with test_pipeline.TestPipeline() as p:
+        batches = p | beam.Create([[(e.decision_id, e) for e in events[:50]],
+                                   [(e.decision_id, e) for e in events[50:]]])  # fmt: skip
+        outputs = batches | transform
+        rows = outputs.scored | beam.FlatMap(
+            lambda batch: [(s.decision_id, s.arm, s.model_id, s.score, s.decision) for s in batch]
+        )
+        assert_that(rows, matches, label="ScoredByArm")
+        assert_that(outputs.failed, equal_to([]), label="NoneFailed")
+
+
+def test_a_challenger_that_throws_fails_only_its_arms_rows(
+    serving_dir, throwing_model, blueprint, encoder
+):
+    events = make_decisions(blueprint, 60, seed=12)
+    arms = {e.decision_id: unit_arm(e.features, blueprint.rollout) for e in events}
+    challenger_rows = [e for e in events if arms[e.decision_id] == "challenger"]
+    assert any(e.features["country"] == "BR" for e in challenger_rows)  # the model refuses BR
+    handlers = {
+        "production": SavedModelHandler(resolve_serving_model(serving_dir, "notify", "1700000000")),
+        "challenger": SavedModelHandler(resolve_serving_model(throwing_model, "notify", "5")),
+    }
+    transform = ScoreArms(
+        handlers, encoder, ThresholdPolicy(0.5), FallbackPolicy(1), blueprint.rollout
+    )
+    with test_pipeline.TestPipeline() as p:
+        outputs = p | beam.Create([[(e.decision_id, e) for e in events]]) | transform
+        scored = outputs.scored | beam.FlatMap(lambda batch: [s.decision_id for s in batch])
+        failed = outputs.failed | beam.Map(lambda f: (f.decision_id, f.reason))
+        production = [d for d, arm in arms.items() if arm == "production"]
+        assert_that(scored, equal_to(production), label="ProductionScored")
+        expected_failed = [(e.decision_id, INFERENCE_FAILED) for e in challenger_rows]
+        assert_that(failed, equal_to(expected_failed), label="ChallengerFailed")
+
+
+def test_score_arms_without_a_production_model_gives_its_arm_the_fallback(
+    serving_dir, blueprint, encoder
+):
+    events = make_decisions(blueprint, 40, seed=10)
+    challenger = resolve_serving_model(serving_dir, "notify", "1700000100")
+    expected = sorted(
+        (e.decision_id, arm, None if arm == "production" else challenger.model_id)
+        for e in events
+        for arm in [unit_arm(e.features, blueprint.rollout)]
+    )
+    transform = ScoreArms(
+        {"challenger": SavedModelHandler(challenger)},
+        encoder,
+        ThresholdPolicy(0.5),
+        FallbackPolicy(1),
+        blueprint.rollout,
+    )
+    with test_pipeline.TestPipeline() as p:
+        outputs = p | beam.Create([[(e.decision_id, e) for e in events]]) | transform
+        fallback = outputs.scored | "Fallback" >> beam.FlatMap(
+            lambda batch: [(s.score, s.decision, s.propensity) for s in batch if s.model_id is None]
+        )
+        arms = outputs.scored | "Arms" >> beam.FlatMap(
+            lambda batch: [(s.decision_id, s.arm, s.model_id) for s in batch]
+        )
+        assert_that(arms, equal_to(expected), label="Arms")
+        production = [row for row in expected if row[1] == "production"]
+        assert_that(fallback, equal_to([(None, 1, 1.0)] * len(production)), label="Fallback")
 
 
 def test_handler_counts_the_bytes_of_the_examples_it_scores(serving_dir, blueprint):

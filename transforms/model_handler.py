@@ -4,6 +4,10 @@ pre-formed batch cross RunInference as one element.
     handler = SavedModelHandler(serving_model, min_batch_size=256, max_batch_size=2048)
     batches | RunInference(BatchAsOneElement(KeyedModelHandler(handler)))
 
+    # A rollout's two models in one RunInference, rows keyed by arm:
+    arms = models_by_arm({"production": SavedModelHandler(a), "challenger": SavedModelHandler(b)})
+    arm_batches | RunInference(BatchAsOneElement(arms))
+
 One model is loaded per worker process and shared by its threads (Beam's shared handle);
 ``large_model`` or ``model_copies`` load it in a separate process shared by all SDK processes
 of a worker (``model_copies`` fixes how many copies, e.g. one per GPU).
@@ -16,7 +20,12 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    KeyModelMapping,
+    ModelHandler,
+    PredictionResult,
+)
 
 from loopline.registry import ServingModel
 from loopline.scorer import DEVICES, LoadedModel
@@ -130,6 +139,24 @@ class SavedModelHandler(ModelHandler[EncodedDecision, PredictionResult, LoadedMo
         return f"SavedModelHandler({self.serving_model.model_id}, device={self.device})"
 
 
+def models_by_arm(handlers: Mapping[str, SavedModelHandler]) -> KeyedModelHandler:
+    """Several models in ONE RunInference: Beam's ``KeyedModelHandler`` with a
+    ``KeyModelMapping`` per arm. Elements are ``(arm, (decision_id, EncodedDecision))``; each
+    arm's rows are scored by its own handler's model, and come out as ``(arm, (decision_id,
+    PredictionResult))`` with that model's id.
+
+    Beam loads each model once per worker, shared by its SDK processes, and holds at most
+    ``max_models_per_worker_hint`` (here: all of them, two at most in a rollout) in memory.
+    The handlers' own batching settings are not used: rows arrive batched (``BatchAsOneElement``).
+    """
+    if not handlers:
+        raise ValueError("models_by_arm needs at least one arm with a model")
+    return KeyedModelHandler(
+        [KeyModelMapping([arm], KeyedModelHandler(handler)) for arm, handler in handlers.items()],
+        max_models_per_worker_hint=len(handlers),
+    )
+
+
 class BatchAsOneElement(ModelHandler):
     """Wraps a (keyed) handler for input that is already batched: each element is one batch,
     RunInference skips its own BatchElements, and the batch's results leave as ONE element, the
@@ -178,6 +205,13 @@ class BatchAsOneElement(ModelHandler):
 
     def model_copies(self) -> int:
         return self._base.model_copies()
+
+    def override_metrics(self, metrics_namespace: str = "") -> bool:
+        # A KeyedModelHandler of several models reports its own (per-arm) metrics.
+        return self._base.override_metrics(metrics_namespace)
+
+    def should_garbage_collect_on_timeout(self) -> bool:
+        return self._base.should_garbage_collect_on_timeout()
 
     def __repr__(self) -> str:
         return f"BatchAsOneElement({self._base!r})"

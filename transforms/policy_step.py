@@ -2,7 +2,10 @@
 
 ``decide`` is the whole rule, pure: it takes rows decided together (a batch, or one top-k group)
 and returns one ScoredDecision per row. ``ApplyPolicy`` is the DoFn around it, and always takes
-a list of rows (one row is a list of one).
+a list of rows (one row is a list of one). During a rollout ``decide_arm`` decides one arm's
+rows (``ApplyArmPolicy``): a row its arm's model scored gets the policy's choice, a row without
+a score (the production arm while no model is in production) the blueprint's fallback, as the
+decision client decides.
 
     >>> decide(ThresholdPolicy(0.5), [("d-1", result)], "2026-11-01T12:00:00.000Z")
     [ScoredDecision(decision_id='d-1', score=0.75, decision=1, propensity=1.0, ...)]
@@ -21,6 +24,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult
 
 from loopline.events import DecisionEvent
+from loopline.experiment import ARMS
 from loopline.policy import Policy, TopKPolicy
 from transforms.scoring_failures import COUNTER_NAMESPACE
 
@@ -42,10 +46,13 @@ class ScoredDecision(NamedTuple):
     model_id: str
     scored_at: str
     event: DecisionEvent | None = None  # the decision event scored, when the input was events
+    arm: str | None = None  # the rollout arm that served it (None: no challenger in traffic)
 
     def to_row(self) -> dict:
-        """The output row (JSON lines and BigQuery)."""
+        """The output row (JSON lines and BigQuery); ``score`` and ``model_id`` are None for the
+        fallback decision, ``arm`` outside a rollout."""
         return {
+            "arm": self.arm,
             "decision_id": self.decision_id,
             "score": self.score,
             "decision": self.decision,
@@ -61,10 +68,11 @@ class ScoredDecision(NamedTuple):
         Equal to ``json.dumps(self.to_row(), sort_keys=True, separators=(",", ":"))`` (tests
         check it), at a fraction of the cost.
         """
-        decision_id, score, decision, propensity, explored, model_id, scored_at, _ = self
+        decision_id, score, decision, propensity, explored, model_id, scored_at, _, arm = self
         return (
-            f'{{"decision":{int(decision)},"decision_id":{_json_str(decision_id)},'
-            f'"explored":{"true" if explored else "false"},"model_id":{_json_str(model_id)},'
+            f'{{"arm":{_json_text(arm)},"decision":{int(decision)},'
+            f'"decision_id":{_json_str(decision_id)},'
+            f'"explored":{"true" if explored else "false"},"model_id":{_json_text(model_id)},'
             f'"propensity":{_json_float(float(propensity))},"score":{_json_float(score)},'
             f'"scored_at":{_json_str(scored_at)}}}'
         )
@@ -74,12 +82,20 @@ class ScoredDecision(NamedTuple):
         if self.event is None:
             return None
         # A score the model could not make finite is not logged (the event would be refused).
-        score = self.score if math.isfinite(self.score) else None
-        return self.event.with_choice(self.decision, self.propensity, self.model_id, score=score)
+        score = self.score if self.score is not None and math.isfinite(self.score) else None
+        return self.event.with_choice(
+            self.decision, self.propensity, self.model_id, score=score, arm=self.arm
+        )
 
 
-def _json_float(value: float) -> str:
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
+
+
+def _json_float(value: float | None) -> str:
     # json.dumps' own float spelling: repr, with NaN/Infinity for non-finite values.
+    if value is None:
+        return "null"
     if value != value:
         return "NaN"
     if value in (_INF, -_INF):
@@ -111,10 +127,48 @@ def decide(policy: Policy, rows: Sequence[ScoredRow], scored_at: str) -> list[Sc
                 result.model_id,
                 scored_at,
                 result.example.event,
+                None,
             )
         )
         for (decision_id, result), choice in zip(rows, choices, strict=True)
     ]
+
+
+def decide_arm(
+    policy: Policy,
+    fallback: Policy,
+    arm: str | None,
+    rows: Sequence[ScoredRow],
+    scored_at: str,
+) -> list[ScoredDecision]:
+    """The choice for each of one arm's ``rows``, as ScoredDecisions carrying ``arm``.
+
+    A row with a score (its arm's model scored it) gets ``policy``'s choice; a row without one
+    (``inference`` None: no model serves its arm) gets ``fallback``'s, with no score and no
+    model id, as ``loopline.client.DecisionClient`` decides while production has no model.
+    Row policies only: a group policy (top-k) ranks rows of one model, not of two arms.
+    """
+    decided = []
+    for decision_id, result in rows:
+        score = result.inference
+        if score is None:
+            choice, model_id = fallback.choose(math.nan, decision_id), None
+        else:
+            choice, model_id = policy.choose(score, decision_id), result.model_id
+        decided.append(
+            ScoredDecision(
+                decision_id,
+                score,
+                choice.decision,
+                choice.propensity,
+                choice.explored,
+                model_id,
+                scored_at,
+                result.example.event,
+                arm,
+            )
+        )
+    return decided
 
 
 _last_now: tuple[int, str] = (-1, "")
@@ -155,6 +209,37 @@ class ApplyPolicy(beam.DoFn):
     def finish_bundle(self) -> None:
         self._decisions.inc(self._counts[0])
         self._explored.inc(self._counts[1])
+
+
+class ApplyArmPolicy(beam.DoFn):
+    """One arm's rows, ``(arm, (decision_id, PredictionResult))`` (a batch's rows of that arm),
+    to ONE list of ScoredDecisions (``decide_arm``). Counts ``loopline.score.decisions``,
+    ``.explored``, ``.decisions_<arm>`` and ``.fallback_decisions``."""
+
+    def __init__(self, policy: Policy, fallback: Policy, clock=utc_now):
+        self._policy = policy
+        self._fallback = fallback
+        self._clock = clock
+
+    def setup(self) -> None:
+        self._decisions = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "decisions")
+        self._explored = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "explored")
+        self._fallbacks = beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "fallback_decisions")
+        self._per_arm = {
+            arm: beam.metrics.Metrics.counter(COUNTER_NAMESPACE, f"decisions_{arm}") for arm in ARMS
+        }
+
+    def process(self, rows: Sequence[tuple[str | None, ScoredRow]]) -> Iterable[list]:
+        if not rows:
+            return
+        arm = rows[0][0]
+        scored = decide_arm(self._policy, self._fallback, arm, [r for _, r in rows], self._clock())
+        self._decisions.inc(len(scored))
+        self._explored.inc(sum(s.explored for s in scored))
+        self._fallbacks.inc(sum(s.score is None for s in scored))
+        if arm is not None:
+            self._per_arm[arm].inc(len(scored))
+        yield scored
 
 
 def key_by_group(rows: Sequence[ScoredRow], group_feature: str | None) -> Iterable[tuple[str, Any]]:

@@ -4,7 +4,8 @@ rows, the scored decisions as logged decision events, and the dead letters.
     _ = outputs.scored | WriteScores(output="scored/", table=None, log_decisions=True)
     _ = outputs.failed | WriteFailures("scored/")
 
-    OUTPUT/scores/*.jsonl      decision_id, score, decision, propensity, explored, model_id, scored_at
+    OUTPUT/scores/*.jsonl      arm, decision_id, score, decision, propensity, explored, model_id,
+                               scored_at (score and model_id null for a fallback decision)
     OUTPUT/decisions/*.jsonl   with log_decisions: the scored decisions as decision events
     OUTPUT/failed/*.jsonl      reason, step, detail, decision_id, payload
 """
@@ -20,15 +21,19 @@ from loopline.privacy import PayloadPrivacy
 from transforms.policy_step import ScoredDecision
 from transforms.scoring_failures import ScoringFailure
 
+# score and model_id are null for the blueprint's fallback decision (a rollout arm without a
+# model), arm outside a rollout; a table created before they were nullable needs them relaxed
+# (``bq update``) and the arm column added.
 SCORE_TABLE_SCHEMA = {
     "fields": [
         {"name": "decision_id", "type": "STRING", "mode": "REQUIRED"},
-        {"name": "score", "type": "FLOAT", "mode": "REQUIRED"},
+        {"name": "score", "type": "FLOAT", "mode": "NULLABLE"},
         {"name": "decision", "type": "INTEGER", "mode": "REQUIRED"},
         {"name": "propensity", "type": "FLOAT", "mode": "REQUIRED"},
         {"name": "explored", "type": "BOOLEAN", "mode": "NULLABLE"},
-        {"name": "model_id", "type": "STRING", "mode": "REQUIRED"},
+        {"name": "model_id", "type": "STRING", "mode": "NULLABLE"},
         {"name": "scored_at", "type": "TIMESTAMP", "mode": "REQUIRED"},
+        {"name": "arm", "type": "STRING", "mode": "NULLABLE"},
     ]
 }
 

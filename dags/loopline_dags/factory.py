@@ -1,6 +1,6 @@
 """The daily Loopline DAG for one blueprint: wait for the day's logs and labels, join, monitor
 the day's scored decisions, move the registry's aliases on the monitor's verdict, train, and
-score the next day with the ``production`` alias.
+score the next day with both arms of the registry (bulk_score's rollout mode).
 
 The order closes the loop within one run: the verdict on the challenger that served day D is
 acted on (``promote``) before day D's training registers a new challenger, and the next day is
@@ -94,8 +94,9 @@ LOG_FLUSH_DELAY = timedelta(hours=1)
 PROCESSING_BUDGET = timedelta(hours=12)
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 PIPELINES = ("join_decisions", "bulk_score", "monitor")
-# The registry alias the next day is scored with (bulk_score serves the challenger's share too).
-SCORING_ALIAS = "production"
+# How the next day is scored: bulk_score's rollout mode serves the registry's production and
+# challenger models to their arms' units, the blueprint's fallback while production is null.
+SCORING_ALIAS = "rollout"
 VERDICT = "verdict.json"
 
 BUCKET = "{{ var.value.loopline_bucket }}"
