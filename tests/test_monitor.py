@@ -557,6 +557,37 @@ def test_attach_scores_keeps_the_latest_score_and_separates_the_rest():
         )
 
 
+def test_a_fallback_row_counts_for_its_arm_and_for_no_model():
+    """bulk_score writes a null score for a rollout arm served by the fallback decision."""
+    fallback = parse_score_row(
+        '{"decision_id": "d1", "score": null, "model_id": null, "arm": "production", '
+        '"decision": 0, "propensity": 1.0}'
+    )
+    assert (fallback.score, fallback.arm, fallback.decision) == (None, "production", 0)
+    # A null score with no arm is still refused: nothing says which arm it stands for.
+    assert parse_score_row('{"decision_id": "d1", "score": null, "decision": 0}').reason == (
+        "wrong_type"
+    )
+    decided = DecisionEvent("d1", "notify", 1_793_491_200_000, {"user_id": "u1"})
+    joined = [JoinedDecision(decided, 1, OBSERVED, 1, (5,), (5,))]
+    with TestPipeline() as p:
+        out = (
+            p | "Joined" >> beam.Create(joined),
+            p | "Scores" >> beam.Create([fallback]),
+        ) | AttachScores("3", unit_feature="user_id")
+        assert_that(out.outcomes, equal_to([]), label="NoModelMetrics")
+        assert_that(
+            out.unscored | beam.Map(lambda j: j.decision.decision_id),
+            equal_to(["d1"]),
+            label="Unscored",
+        )
+        assert_that(
+            out.arm_outcomes | beam.Map(lambda a: (a.decision_id, a.arm, a.label, a.unit)),
+            equal_to([("d1", "production", 1.0, "u1")]),
+            label="Arms",
+        )
+
+
 def test_label_delay_histogram_counts_offsets_in_window_bins():
     bins = DelayBins.for_window(WINDOW_MS, SLACK_MS, bins=48)  # from -5 min to 2 h, 2.6 min bins
     decision = DecisionEvent("d1", "notify", 0, {})
@@ -800,7 +831,9 @@ def test_promote_accepts_the_monitors_verdict_file(better_challenger, tmp_path):
 
     _, out = better_challenger
     serving = serving_dir(tmp_path)
-    assert promote.main(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
+    assert (
+        promote.main(["--serving_dir", str(serving), "--verdict", str(out / "verdict.json")]) == 0
+    )
     assert registry.read_aliases(str(serving)).production == "notify-new"
 
 

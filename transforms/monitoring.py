@@ -62,7 +62,7 @@ class ScoreRow:
     """
 
     decision_id: str
-    score: float
+    score: float | None  # None only for a rollout arm's fallback decision (no model scored it)
     model_id: str | None = None
     decision: Any = None
     propensity: float | None = None
@@ -129,7 +129,9 @@ def parse_score_row(
     """A JSON line to a ScoreRow, or a Refusal saying why not.
 
     With ``require_score=False`` (decision logs that may carry a score) a line that is not a
-    JSON object with a ``score`` gives None instead of a refusal.
+    JSON object with a ``score`` gives None instead of a refusal. A row with a null score, an
+    ``arm`` and a ``decision`` is a rollout arm's fallback decision (bulk scoring while that
+    arm's alias is null): its score is None and it counts for the arm, not for any model.
     """
     raw = line
 
@@ -157,7 +159,10 @@ def parse_score_row(
     score = obj.get("score")
     if isinstance(score, list) and len(score) == 1:
         score = score[0]
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+    fallback = score is None and isinstance(obj.get("arm"), str) and obj.get("decision") is not None
+    if not fallback and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
+    ):
         return refuse(SCORE_WRONG_TYPE, f"field 'score' must be a finite number, got {score!r}")
     propensity = obj.get("propensity")
     if propensity is not None and (
@@ -186,7 +191,7 @@ def parse_score_row(
     version = obj.get("blueprint_version")
     return ScoreRow(
         decision_id=decision_id,
-        score=float(score),
+        score=None if fallback else float(score),
         model_id=model_id,
         decision=obj.get("decision"),
         propensity=None if propensity is None else float(propensity),
@@ -260,7 +265,10 @@ def timestamped_decision_from_score(row: ScoreRow, decision_type: str) -> Timest
 def _latest_score(rows: list[ScoreRow]) -> ScoreRow:
     # A decision rescored (retried job, second model run) keeps its latest score; ties broken
     # by the row's own fields so the choice does not depend on arrival order.
-    return max(rows, key=lambda r: (r.time_ms or 0, r.model_id or "", r.score))
+    return max(
+        rows,
+        key=lambda r: (r.time_ms or 0, r.model_id or "", -math.inf if r.score is None else r.score),
+    )
 
 
 class _AttachScoreDoFn(beam.DoFn):
@@ -304,7 +312,7 @@ class _AttachScoreDoFn(beam.DoFn):
                     unit=_unit(decision, self._unit_feature),
                 ),
             )
-        if row is None:
+        if row is None or row.score is None:  # no score, or the arm's fallback decision
             self._unscored.inc()
             yield beam.pvalue.TaggedOutput(self.UNSCORED, decision_row)
             return
