@@ -30,7 +30,6 @@ argument or a missing model, and with status 1 and one line when more than
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -51,7 +50,15 @@ from loopline.registry import ModelNotFound, RegistryError, ServingModel, resolv
 from loopline.scorer import DEVICES
 from loopline.vocabulary import SCORING_FILE_FORMATS as INPUT_FORMATS
 from pipelines.blueprint_io import read_blueprint
-from pipelines.launch import COUNTER_PREFIX, counter_summary
+from pipelines.launch import (
+    COUNTER_PREFIX,
+    FailedRun,
+    UsageError,
+    boolean_flag,
+    counter_summary,
+    parse_options,
+)
+from pipelines.launch import main as launch_main
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.arms import ScoreArms
 from transforms.encoding import DecisionEncoder
@@ -61,22 +68,12 @@ from transforms.score_output import WriteFailures, WriteScores
 from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
 from transforms.scoring_input import ReadDecisionBatches
 
+PROG = "bulk_score"
 ROLLOUT = "rollout"  # --model_version: both arms of the blueprint's rollout
 DEFAULT_MIN_BATCH_SIZE = 256
 DEFAULT_MAX_BATCH_SIZE = 2048
 
 DEFAULT_MAX_FAILED_FRACTION = 0.01
-
-
-def _flag(value: str | bool) -> bool:
-    """A boolean flag that also takes ``=true``/``=false`` (Flex Template parameters do)."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 class BulkScoreOptions(PipelineOptions):
@@ -117,7 +114,7 @@ class BulkScoreOptions(PipelineOptions):
         parser.add_argument("--output_table", help="BigQuery table to append score rows to.")
         parser.add_argument(
             "--log_decisions",
-            type=_flag,
+            type=boolean_flag,
             nargs="?",
             const=True,
             default=False,
@@ -159,7 +156,7 @@ class BulkScoreOptions(PipelineOptions):
         )
         parser.add_argument(
             "--large_model",
-            type=_flag,
+            type=boolean_flag,
             nargs="?",
             const=True,
             default=False,
@@ -178,7 +175,7 @@ class BulkScoreOptions(PipelineOptions):
         )
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad argument or setting, reported as one line before the pipeline is built."""
 
 
@@ -516,19 +513,26 @@ def _write_manifest(job: ScoringJob, serving_model, summary: dict) -> None:
         f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
 
 
-def run(argv: list[str] | None = None, save_main_session: bool = False):
-    """Builds and runs the pipeline; returns the finished PipelineResult.
-
-    Exits with status 2 and one line on stderr for bad arguments or a missing model.
-    """
-    options = PipelineOptions(argv if argv is not None else sys.argv[1:])
-    scoring_options = options.view_as(BulkScoreOptions)
+def resolve(options: BulkScoreOptions) -> tuple[ScoringJob, ServingModel | None]:
+    """``resolve_job``, with every refusal of the blueprint, registry, key or policy as the one
+    UsageError of the launch path."""
     try:
-        job, serving_model = resolve_job(scoring_options)
-        policy_from_blueprint(job.blueprint, scoring_options.seed)
-    except (ConfigError, BlueprintError, RegistryError, PiiKeyMissing, PolicyError) as e:
-        print(f"bulk_score: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        job, serving_model = resolve_job(options)
+        policy_from_blueprint(job.blueprint, options.seed)
+    except (BlueprintError, RegistryError, PiiKeyMissing, PolicyError) as e:
+        raise UsageError(str(e)) from None
+    return job, serving_model
+
+
+def run(argv: list[str] | None = None):
+    """Resolves, builds and runs the pipeline, writes its manifest and prints its last line;
+    returns the finished PipelineResult.
+
+    Raises UsageError for bad arguments or a missing model (before anything runs) and FailedRun
+    when more than ``--max_failed_fraction`` of the rows failed (after the outputs are written).
+    """
+    options, scoring_options = parse_options(argv, BulkScoreOptions, PROG)
+    job, serving_model = resolve(scoring_options)
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, job, serving_model)
     result = pipeline.run()
@@ -558,18 +562,22 @@ def row_counts(counters: dict) -> tuple[int, int, int]:
 
 
 def check_failed_fraction(scored: int, failed: int, max_failed_fraction: float) -> None:
-    """Exits with status 1 and one line when more than ``max_failed_fraction`` of the rows
+    """Raises FailedRun (status 1, one line) when more than ``max_failed_fraction`` of the rows
     failed: the outputs are written, but a day of mostly dead letters must not pass for a run."""
     total = scored + failed
     if total and failed / total > max_failed_fraction:
-        print(
-            f"bulk_score: error: {failed} of {total} rows failed ({failed / total:.1%}), more "
-            f"than --max_failed_fraction {max_failed_fraction}; see the failed/ output",
-            file=sys.stderr,
+        raise FailedRun(
+            f"{failed} of {total} rows failed ({failed / total:.1%}), more than "
+            f"--max_failed_fraction {max_failed_fraction}; see the failed/ output"
         )
-        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.bulk_score``: the exit status (2 bad arguments, 1 too many failed
+    rows), with one line on stderr for either."""
+    return launch_main(run, PROG, argv)
 
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.WARNING)
-    run()
+    sys.exit(main())

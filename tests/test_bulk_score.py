@@ -13,6 +13,7 @@ from loopline.events import parse_decision_json
 from loopline.examples import features_to_example
 from loopline.privacy import PayloadPrivacy
 from pipelines import bulk_score
+from pipelines.launch import FailedRun
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.scoring_fixtures import (
     bulk_score_in_processes,
@@ -155,13 +156,12 @@ def test_more_failed_rows_than_allowed_exits_non_zero_with_one_line(
     events = make_decisions(blueprint, 8, seed=3)
     source = write_decision_lines(tmp_path / "decisions.jsonl", events, CORRUPT)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        bulk_score.run([
+    status = bulk_score.main([
             "--input", str(source), "--model_dir", str(serving_dir),
             "--blueprint", str(blueprint_path), "--output", str(out),
             "--max_failed_fraction", "0.1",
         ])  # fmt: skip
-    assert exit_info.value.code == 1
+    assert status == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("bulk_score: error: 2 of 10 rows failed")
     assert len(_lines(out / "scores")) == 8  # the outputs are written all the same
@@ -219,6 +219,11 @@ def test_avro_and_tfrecord_inputs_score_like_json_with_a_named_version(
           "--blueprint", "{blueprint}"], "no files match --input"),
         (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O",
           "--max_failed_fraction", "1.5"], "--max_failed_fraction must be in [0, 1]"),
+        # Misspelt and abbreviated flags are refused, not dropped with a warning by Beam.
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O",
+          "--max_faild_fraction", "0.5"], "unknown argument '--max_faild_fraction'"),
+        (["--input", "x.jsonl", "--model_dir", "{serving}", "--output", "O",
+          "--max_failed", "0.5"], "unknown argument '--max_failed'"),
     ],
 )  # fmt: skip
 def test_bad_arguments_exit_non_zero_with_one_line(
@@ -228,9 +233,7 @@ def test_bad_arguments_exit_non_zero_with_one_line(
         a.format(serving=serving_dir, blueprint=blueprint_path, missing=tmp_path / "none")
         for a in args
     ]
-    with pytest.raises(SystemExit) as exit_info:
-        bulk_score.run(filled)
-    assert exit_info.value.code == 2
+    assert bulk_score.main(filled) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("bulk_score: error:")
 
@@ -239,11 +242,11 @@ def test_missing_pii_key_exits_with_one_line(
     serving_dir, blueprint_path, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.delenv("LOOPLINE_PII_KEY", raising=False)
-    with pytest.raises(SystemExit):
-        bulk_score.run([
+    status = bulk_score.main([
             "--input", "x.jsonl", "--model_dir", str(serving_dir), "--output", str(tmp_path),
             "--blueprint", str(blueprint_path),
         ])  # fmt: skip
+    assert status == 2
     assert "LOOPLINE_PII_KEY" in capsys.readouterr().err
 
 
@@ -291,7 +294,7 @@ def test_a_tfrecord_whose_decision_id_is_not_utf8_is_a_dead_letter():
 )  # fmt: skip
 def test_the_failed_share_is_compared_with_max_failed_fraction(scored, failed, allowed, exits):
     if exits:
-        with pytest.raises(SystemExit):
+        with pytest.raises(FailedRun, match="rows failed"):
             bulk_score.check_failed_fraction(scored, failed, allowed)
     else:
         bulk_score.check_failed_fraction(scored, failed, allowed)

@@ -279,9 +279,7 @@ def test_what_two_arms_cannot_do_exits_with_one_line(
     (tmp_path / "x.tfrecord").write_text("")
     filled = [a.format(tmp=tmp_path, serving=two_models) for a in args]
     base = ["--model_dir", str(two_models), "--blueprint", str(EXAMPLE_BLUEPRINT)]
-    with pytest.raises(SystemExit) as exit_info:
-        bulk_score.run([*base, "--output", str(tmp_path / "out"), *filled])
-    assert exit_info.value.code == 2
+    assert bulk_score.main([*base, "--output", str(tmp_path / "out"), *filled]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("bulk_score: error:")
 

@@ -217,9 +217,9 @@ def test_bulk_scoring_job_carries_the_secret_key(serving_dir, tmp_path, secret_m
 def test_bulk_scoring_with_a_malformed_secret_fails_with_one_line(
     serving_dir, tmp_path, secret_manager, capsys
 ):
-    with pytest.raises(SystemExit) as info:
-        bulk_score.run(_score_args(serving_dir, tmp_path, "--pii_key_secret", "projects/p"))
-    assert info.value.code == 2
+    assert (
+        bulk_score.main(_score_args(serving_dir, tmp_path, "--pii_key_secret", "projects/p")) == 2
+    )
     line = _one_error_line(capsys)
     assert line.startswith("bulk_score: error:") and "--pii_key_secret" in line
     assert secret_manager.calls == []
