@@ -232,7 +232,8 @@ def policy_value(
     def at(estimate: ope.Estimate) -> dict:
         return _rounded(ope.with_confidence(estimate, confidence).as_dict())
 
-    logged = at(ope.ips(reward, pscore, pscore))  # weights 1: the mean reward, on-policy
+    # IPS with weights 1: the mean reward, the logged policy's own value.
+    logged = {**at(ope.ips(reward, pscore, pscore)), "estimator": "mean_reward"}
     figures.update(
         logged=logged,
         dr=at(ope.dr(reward, pscore, target_pscore, q_logged, q_target)),
