@@ -256,7 +256,7 @@ def policy_value(
         f"{gain['ci_low']:+.4f} to {gain['ci_high']:+.4f})"
     )
     if excluded["total"]:
-        compared += f", {excluded['total']} rows without a logged propensity left out"
+        compared += f", {excluded['total']} rows without a logged propensity or decision left out"
     allowed = f"-{tolerance:.4f} ({max_loss:.0%} of the logged value)"
     why = (
         f"policy value: {compared} is within the allowed loss {allowed}"

@@ -138,7 +138,7 @@ def test_rows_without_a_logged_propensity_or_decision_are_left_out_and_counted()
     )
     assert value.figures["excluded"] == {"total": 40, "no_propensity": 30, "no_decision": 10}
     assert value.figures["n"] == 1960 and value.figures["rows"] == 2000
-    assert "40 rows without a logged propensity left out" in value.why
+    assert "40 rows without a logged propensity or decision left out" in value.why
     kept = evidence.policy_value(
         log["reward"][40:], log["decision"][40:], log["pscore"][40:], log["p"][40:], POLICY,
         **NOTIFY, max_loss=0.05,
