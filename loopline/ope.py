@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -127,6 +127,69 @@ def dr(
       q_target: the outcome model's expected reward under the evaluated policy for that row's
         context (``sum over actions of target probability * estimate``).
     """
+    terms, weights, _ = _dr_terms(reward, pscore, target_pscore, q_logged, q_target)
+    return _mean_estimate(terms, weights, "dr")
+
+
+# --------------------------------------------------------------------------- against the log
+# A target policy compared with the policy that logged the data, on the same rows: the
+# training gate's question (pipelines.evidence), "would the candidate's policy earn less?".
+
+
+def with_confidence(estimate: Estimate, confidence: float) -> Estimate:
+    """The same estimate with its interval at another two-sided ``confidence`` (same ``se``).
+
+    >>> with_confidence(ips([1, 0, 1, 0], [1] * 4, [1] * 4), 0.90).ci
+    (0.0252..., 0.9747...)
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if not math.isfinite(estimate.se):
+        return estimate
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    half = z * estimate.se
+    return replace(estimate, ci=(estimate.value - half, estimate.value + half))
+
+
+def dr_gain(
+    reward: ArrayLike,
+    pscore: ArrayLike,
+    target_pscore: ArrayLike,
+    q_logged: ArrayLike,
+    q_target: ArrayLike,
+) -> Estimate:
+    """The target policy's DR value minus the logged policy's own value (the mean reward), on
+    the same rows: ``mean(q_target + w * (reward - q_logged) - reward)``.
+
+    Paired row by row, so what both values share (which rows, how they turned out) cancels in
+    the interval: it is much narrower than the two separate intervals would suggest.
+    """
+    terms, weights, reward = _dr_terms(reward, pscore, target_pscore, q_logged, q_target)
+    return _mean_estimate(terms - reward, weights, "dr_gain")
+
+
+def snips_gain(reward: ArrayLike, pscore: ArrayLike, target_pscore: ArrayLike) -> Estimate:
+    """The target policy's SNIPS value minus the logged policy's mean reward, on the same rows;
+    the interval from the paired influence terms ``w * (reward - snips) / mean(w) - (reward -
+    mean(reward))``. A ValueError when no logged action is one the target policy would take."""
+    reward, pscore, target_pscore = _checked(
+        reward=reward, pscore=pscore, target_pscore=target_pscore
+    )
+    target = snips(reward, pscore, target_pscore)
+    weights = target_pscore / pscore
+    logged = reward.mean()
+    influence = weights * (reward - target.value) / weights.mean() - (reward - logged)
+    return _estimate(target.value - float(logged), influence, weights, "snips_gain")
+
+
+def _dr_terms(
+    reward: ArrayLike,
+    pscore: ArrayLike,
+    target_pscore: ArrayLike,
+    q_logged: ArrayLike,
+    q_target: ArrayLike,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DR's per-row terms ``q_target + w * (reward - q_logged)``, the weights and the rewards."""
     reward, pscore, target_pscore, q_logged, q_target = _checked(
         reward=reward,
         pscore=pscore,
@@ -135,7 +198,7 @@ def dr(
         q_target=q_target,
     )
     weights = target_pscore / pscore
-    return _mean_estimate(q_target + weights * (reward - q_logged), weights, "dr")
+    return q_target + weights * (reward - q_logged), weights, reward
 
 
 def _mean_estimate(terms: np.ndarray, weights: np.ndarray, estimator: str) -> Estimate:

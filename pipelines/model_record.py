@@ -6,7 +6,8 @@ after the run: for a pushed model its registry id (``model_id``, a UUID) and hum
 trained on with their manifest counts, the StatisticsGen output the model was trained on, the
 hyperparameters the Trainer used, when training started and ended, the candidate's metrics per
 slice, the baseline it was compared with (and its metrics and the differences), the blessing
-decision and why. It is written for every run to ``PIPELINE_ROOT/records/<run>.json`` and, for
+decision and why, and the gate's figures (``evidence``) with the off-policy value of the
+candidate's policy next to the logged policy's (``policy_value``, pipelines.evidence). It is written for every run to ``PIPELINE_ROOT/records/<run>.json`` and, for
 a pushed model, next to the pushed version as ``SERVING_DIR/<version>.record.json``, where
 ``loopline.registry`` reads it. Both may be ``gs://`` paths (written through
 ``loopline.storage``).
@@ -264,6 +265,9 @@ def build(
         "metrics": {name: by_model.get("candidate", {}) for name, by_model in metrics.items()},
         "baseline": baseline,
         "evidence": verdict["figures"] if verdict else None,
+        # The candidate's policy evaluated off-policy against the logged one (DR, SNIPS, the
+        # logged value, their intervals, rows used and left out, and the reason in words).
+        "policy_value": verdict["figures"].get("policy_value") if verdict else None,
     }
 
 

@@ -3,7 +3,8 @@
 It runs after the Pusher, inside the pipeline, so a Vertex AI run (where no code of ours runs
 after the pipeline) registers its pushes exactly like a local run: for a pushed model it writes
 ``SERVING_DIR/<version>.record.json`` (a new ``model_id``, the blueprint, the StatisticsGen
-output, the hyperparameters, the Evaluator's metrics and verdict) and makes it the challenger
+output, the hyperparameters, the Evaluator's metrics and verdict, the EvidenceGate's reasons
+and figures with the candidate policy's off-policy value) and makes it the challenger
 in ``SERVING_DIR/aliases.json`` (``loopline.registry.register``). A run that did not push
 changes nothing. Locally, ``pipelines.train`` afterwards enriches the same record from ML
 Metadata (baseline, run times), keeping its ``model_id``.
@@ -12,6 +13,7 @@ Metadata (baseline, run times), keeping its ``model_id``.
         pushed_model=pusher.outputs["pushed_model"],
         evaluation=evaluator.outputs["evaluation"],
         statistics=statistics_gen.outputs["statistics"],
+        blessing=evidence_gate.outputs["blessing"],
         serving_dir=serving_dir,
         context=registration_context(blueprint, spans),
     )
@@ -48,12 +50,17 @@ def registration_context(blueprint, spans) -> str:
     )
 
 
-def push_record(pushed_model, evaluation, statistics, context: dict) -> dict | None:
-    """The serving record of a push (None when the Pusher did not push)."""
+def push_record(pushed_model, evaluation, statistics, context: dict, blessing=None) -> dict | None:
+    """The serving record of a push (None when the Pusher did not push); with the
+    EvidenceGate's ``blessing``, its reasons and figures (the off-policy value among them)."""
+    from pipelines import evidence
     from pipelines.model_record import read_metrics, read_validation
 
     if pushed_model.get_int_custom_property("pushed") != 1:
         return None
+    verdict = evidence.read(blessing.uri) if blessing is not None else None
+    figures = verdict["figures"] if verdict else {}
+    gate = f"; {verdict['why']}" if verdict else ""
     version = pushed_model.get_string_custom_property("pushed_version")
     ok, failures = read_validation(evaluation.uri)
     metrics = read_metrics(evaluation.uri)
@@ -65,7 +72,7 @@ def push_record(pushed_model, evaluation, statistics, context: dict) -> dict | N
         "blessed": True,  # the Pusher pushes blessed models only
         "pushed": True,
         "pushed_to": pushed_model.get_string_custom_property("pushed_destination"),
-        "why": f"passed every threshold {context['thresholds']}",
+        "why": f"passed every threshold {context['thresholds']}{gate}",
         "validation_ok": ok,
         "blueprint": context["blueprint"],
         "spans": context["spans"],
@@ -76,6 +83,8 @@ def push_record(pushed_model, evaluation, statistics, context: dict) -> dict | N
         "hyperparameters": context["hyperparameters"],
         "thresholds": context["thresholds"],
         "metrics": {name: by_model.get("candidate", {}) for name, by_model in metrics.items()},
+        "evidence": figures or None,
+        "policy_value": figures.get("policy_value"),
     }
 
 
@@ -84,13 +93,14 @@ def RegisterPush(
     pushed_model: _Input[_artifacts.PushedModel],
     evaluation: _Input[_artifacts.ModelEvaluation],
     statistics: _Input[_artifacts.ExampleStatistics],
+    blessing: _Input[_artifacts.ModelBlessing],
     serving_dir: tfx.dsl.components.Parameter[str],
     context: tfx.dsl.components.Parameter[str],
 ) -> None:
     """Writes the record of a push next to it and registers it as the challenger."""
     from loopline import registry, storage
 
-    record = push_record(pushed_model, evaluation, statistics, json.loads(context))
+    record = push_record(pushed_model, evaluation, statistics, json.loads(context), blessing)
     if record is None:
         return
     storage.write_json(registry.record_path(serving_dir, record["version"]), record)

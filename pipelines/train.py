@@ -55,6 +55,7 @@ from tfx.types import artifact_utils  # noqa: E402
 from loopline import storage  # noqa: E402
 from loopline.blueprint import RESERVED_NAMES, Blueprint, BlueprintError  # noqa: E402
 from loopline.errors import UsageError  # noqa: E402
+from loopline.policy import PolicyError, policy_from_blueprint  # noqa: E402
 from loopline.spans import Span, SpanError, find_spans, read_span  # noqa: E402
 from pipelines import evidence  # noqa: E402
 from pipelines.blueprint_io import read_blueprint  # noqa: E402
@@ -287,7 +288,9 @@ def thresholds(blueprint: Blueprint) -> dict:
     """The blessing thresholds from ``model.thresholds``, with defaults.
 
     For a binary label the gate also wants ``min_positives`` positive labels in the gated
-    slices and the AUC above ``min_auc`` at ``confidence`` (pipelines.evidence)."""
+    slices, the AUC above ``min_auc`` at ``confidence``, and the candidate's policy to lose
+    at most ``max_policy_value_loss`` of the logged policy's value at ``confidence``
+    (pipelines.evidence)."""
     given = dict(blueprint.model.get("thresholds") or {})
     if blueprint.label.type == "int":
         min_positives = given.get("min_positives", evidence.DEFAULT_MIN_POSITIVES)
@@ -312,11 +315,20 @@ def thresholds(blueprint: Blueprint) -> dict:
                 "model.thresholds.confidence",
                 f"must be a number in (0, 1), such as 0.95, got {confidence!r}",
             )
+        max_loss = given.get("max_policy_value_loss", evidence.DEFAULT_MAX_POLICY_VALUE_LOSS)
+        if isinstance(max_loss, bool) or not isinstance(max_loss, int | float) or max_loss < 0:
+            raise BlueprintError(
+                blueprint.source,
+                "model.thresholds.max_policy_value_loss",
+                f"must be a number >= 0 (a share of the logged policy's value, such as 0.05), "
+                f"got {max_loss!r}",
+            )
         return {
             "min_auc": float(given.get("min_auc", 0.5)),
             "max_auc_regression": float(given.get("max_auc_regression", 0.01)),
             "min_positives": min_positives,
             "confidence": float(confidence),
+            "max_policy_value_loss": float(max_loss),
         }
     out = {"max_rmse_regression": float(given.get("max_rmse_regression", 0.0))}
     if "max_rmse" in given:
@@ -456,15 +468,44 @@ def _gate(
 
 
 def gate_settings(blueprint: Blueprint, recorded: bool = True) -> str:
-    """The EvidenceGate's parameter: the gated slices' names and the thresholds, as JSON."""
+    """The EvidenceGate's parameter: the gated slices' names, the thresholds and what the
+    off-policy check of the candidate's policy needs (``policy_check``), as JSON."""
     return json.dumps(
         {
             "gated": [slice_name(s) for s in gated_slices(blueprint, recorded)],
             "thresholds": thresholds(blueprint),
             "binary": blueprint.label.type == "int",
+            "policy_check": policy_check_settings(blueprint, recorded),
         },
         sort_keys=True,
     )
+
+
+def policy_check_settings(blueprint: Blueprint, recorded: bool = True) -> dict:
+    """What the gate's off-policy check needs: the blueprint's policy, the label (the reward),
+    after which decisions it is observable and what it is otherwise (its default). Without a
+    binary label, a policy that turns one score into a decision, or examples that record the
+    decision provenance, the check cannot run, and ``skipped`` says why."""
+    label = blueprint.label
+    try:
+        policy = policy_from_blueprint(blueprint).describe()
+    except PolicyError as e:
+        raise BlueprintError(blueprint.source, "policy", str(e)) from None
+    skipped = None
+    if label.type != "int":
+        skipped = "the off-policy check needs a binary label"
+    elif policy["type"] not in evidence.JUDGED_POLICIES:
+        skipped = f"the off-policy check cannot evaluate a {policy['type']} policy"
+    elif not recorded:
+        skipped = "the examples do not record the decision and its propensity"
+    return {
+        "skipped": skipped,
+        "policy": policy,
+        "label": label.name,
+        "label_type": label.type,
+        "observable": [label.is_observable({"decision": d}) for d in (0, 1)],
+        "unobservable_reward": float(label.default),
+    }
 
 
 # --------------------------------------------------------------------------- the gate
@@ -524,18 +565,51 @@ def _candidate_metrics(evaluation_uri: str) -> dict[str, dict]:
     return metrics
 
 
+def check_policy_value(model_uri: str, examples_uri: str, config: dict):
+    """The gate's off-policy check (pipelines.evidence.policy_value) of the candidate in a
+    Trainer's model artifact, on the eval split of an ExampleGen's examples artifact (the rows
+    the Evaluator judged): the candidate's SavedModel scores them, the blueprint's policy turns
+    the scores into decisions. A check that cannot run (``config["policy_check"]["skipped"]``)
+    does not refuse the candidate; its reason is recorded."""
+    from tfx.utils import path_utils
+
+    check = config["policy_check"]
+    if check["skipped"]:
+        why = f"policy value not checked: {check['skipped']}"
+        return evidence.PolicyValue(True, why, {"skipped": check["skipped"], "why": why})
+    files = tfx.dsl.io.fileio.glob(os.path.join(examples_uri, "Split-eval", "*"))
+    rows = evidence.read_logged_rows(
+        path_utils.serving_model_path(model_uri), files, check["label"], check["label_type"]
+    )
+    limits = config["thresholds"]
+    return evidence.policy_value(
+        rows.reward,
+        rows.decision,
+        rows.propensity,
+        rows.score,
+        check["policy"],
+        observable=tuple(check["observable"]),
+        unobservable_reward=check["unobservable_reward"],
+        max_loss=limits["max_policy_value_loss"],
+        confidence=limits["confidence"],
+    )
+
+
 @tfx.dsl.components.component
 def EvidenceGate(
     evaluation: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ModelEvaluation],
     evaluator_blessing: tfx.dsl.components.InputArtifact[
         tfx.types.standard_artifacts.ModelBlessing
     ],
+    model: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Model],
+    examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
     blessing: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ModelBlessing],
     settings: tfx.dsl.components.Parameter[str],
 ) -> None:
     """Blesses the candidate when the Evaluator did and the evidence holds (pipelines.evidence:
-    enough positive labels, the AUC's interval above the floor); the Pusher and the Resolver
-    of later runs read this blessing. Its ``why`` and ``evidence.json`` say what was judged."""
+    enough positive labels, the AUC's interval above the floor, its policy evaluated off-policy
+    on the eval split not worse than the logged policy); the Pusher and the Resolver of later
+    runs read this blessing. Its ``why`` and ``evidence.json`` say what was judged."""
     config = json.loads(settings)
     evaluator_blessed = evaluator_blessing.get_int_custom_property("blessed") == 1
     if config["binary"]:
@@ -544,6 +618,7 @@ def EvidenceGate(
             config["gated"],
             config["thresholds"],
             evaluator_blessed,
+            policy=check_policy_value(model.uri, examples.uri, config),
         )
     else:
         verdict = evidence.Evidence(
@@ -634,6 +709,8 @@ def create_pipeline(
     evidence_gate = EvidenceGate(
         evaluation=evaluator.outputs["evaluation"],
         evaluator_blessing=evaluator.outputs["blessing"],
+        model=trainer.outputs["model"],
+        examples=example_gen.outputs["examples"],
         settings=gate_settings(blueprint, recorded),
     ).with_id(EVIDENCE_GATE_ID)
     pusher = tfx.components.Pusher(
@@ -648,6 +725,7 @@ def create_pipeline(
     register = RegisterPush(
         pushed_model=pusher.outputs["pushed_model"],
         evaluation=evaluator.outputs["evaluation"],
+        blessing=evidence_gate.outputs["blessing"],
         statistics=statistics_gen.outputs["statistics"],
         serving_dir=serving_dir,
         context=registration_context(blueprint, list(source.spans)),

@@ -200,7 +200,9 @@ def test_gate_judged_the_observable_rows_with_an_interval_and_enough_positives(f
     truths = first_run["truths"]
     positives = sum(t.eval_labels[i] for t in truths for i in t.eval_observable)
     verdict = first_run["verdict"]
-    assert verdict["blessed"] and verdict["why"] == f"enough evidence: {positives} positives"
+    assert verdict["blessed"] and verdict["why"].startswith(
+        f"enough evidence: {positives} positives"
+    )
     figures = verdict["figures"]["slices"]["decision=1"]
     assert figures["positives"] == positives
     low, high = figures["auc_interval"]
@@ -416,9 +418,15 @@ def test_thresholds_ask_for_50_positives_at_95_percent_confidence_by_default(blu
         "max_auc_regression": 0.01,
         "min_positives": 50,
         "confidence": 0.95,
+        "max_policy_value_loss": 0.6,  # examples/notify.yaml's
     }
     settings = json.loads(train.gate_settings(blueprint))
-    assert settings == {"gated": ["decision=1"], "thresholds": limits, "binary": True}
+    assert settings == {
+        "gated": ["decision=1"],
+        "thresholds": limits,
+        "binary": True,
+        "policy_check": train.policy_check_settings(blueprint),
+    }
 
 
 @pytest.mark.parametrize(
@@ -470,7 +478,8 @@ def test_pusher_and_resolver_read_the_evidence_gates_blessing(tmp_path, blueprin
     contexts = [q.name.field_value.string_value for q in blessings.context_queries]
     assert f"{train.pipeline_name(blueprint)}.{train.EVIDENCE_GATE_ID}" in contexts
     assert blessings.output_key == "blessing"
-    assert set(nodes["EvidenceGate"].upstream_nodes) == {"Evaluator"}
+    # The Evaluator's verdict, and the candidate and the eval examples for the off-policy check.
+    assert set(nodes["EvidenceGate"].upstream_nodes) == {"Evaluator", "Trainer", "ImportExampleGen"}
 
 
 def test_vertex_spec_compiles_from_options(tmp_path):
