@@ -27,14 +27,14 @@ from apache_beam.io.gcp.pubsub import parse_subscription
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from loopline.blueprint import Blueprint, BlueprintError, parse_duration
-from loopline.events import DECISION, OBSERVATION
+from loopline.events import DECISION, OBSERVATION, parse_event_time
 from loopline.privacy import PayloadPrivacy
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import UsageError, counter_summary, parse_options
 from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
 from transforms.examples import PiiKeyMissing, pii_key
-from transforms.join import JoinDecisions
+from transforms.join import ALL_TIME, JoinDecisions, ObservationRange
 from transforms.manifest import COUNT_NAMES, MANIFEST
 from transforms.sources import FILE_FORMATS, NoFilesMatched, ReadEvents
 from transforms.span import SpanInputs, WriteSpan
@@ -89,6 +89,20 @@ class JoinDecisionsOptions(PipelineOptions):
             "access control (default: none, and rejected/ holds redacted payloads only)",
         )
         parser.add_argument(
+            "--observations_from",
+            default=None,
+            help="batch: start (inclusive) of the span's own observations' event times, an "
+            "RFC 3339 instant with a zone (e.g. 2026-11-01T00:00:00Z); an observation with no "
+            "decision in the job from before it is counted out of range, not as an orphan",
+        )
+        parser.add_argument(
+            "--observations_until",
+            default=None,
+            help="batch: end (exclusive) of the span's own observations' event times, e.g. "
+            "2026-11-02T00:00:00Z; observations of the job's decisions count toward their "
+            "labels whatever their time (read the next day's logs too for the label window)",
+        )
+        parser.add_argument(
             "--output_window",
             default="1h",
             help="streaming: event-time window of each batch of output files and its manifest",
@@ -119,6 +133,14 @@ class JoinConfig:
         if self.output_window_ms <= 0:
             raise _usage("--output_window must be longer than zero")
         self.num_shards = _num_shards(options.num_shards)
+        self.observation_range = _observation_range(
+            options.observations_from, options.observations_until
+        )
+        if streaming and self.observation_range != ALL_TIME:
+            raise _usage(
+                "--observations_from and --observations_until are for batch jobs; a streaming "
+                "job writes one span per --output_window"
+            )
         if options.format not in FILE_FORMATS:
             raise _usage(
                 f"--format must be one of {', '.join(FILE_FORMATS)}, got {options.format!r}"
@@ -169,6 +191,25 @@ def _duration(value: str, flag: str) -> int:
         return parse_duration(value)
     except ValueError as e:
         raise _usage(f"{flag}: {e}") from None
+
+
+def _instant(value: str | None, flag: str) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return parse_event_time(value)
+    except ValueError as e:
+        raise _usage(f"{flag}: {e}") from None
+
+
+def _observation_range(start: str | None, end: str | None) -> ObservationRange:
+    observation_range = ObservationRange(
+        _instant(start, "--observations_from"), _instant(end, "--observations_until")
+    )
+    first, last = observation_range
+    if first is not None and last is not None and last <= first:
+        raise _usage(f"--observations_until {end} must be later than --observations_from {start}")
+    return observation_range
 
 
 def _num_shards(value: str | None) -> int | None:
@@ -231,7 +272,9 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
             WriteQuarantine(config.quarantine)
         )
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
-        bp, allowed_lateness_ms=config.allowed_lateness_ms
+        bp,
+        allowed_lateness_ms=config.allowed_lateness_ms,
+        observation_range=config.observation_range,
     )
     rejected_decisions, rejected_observations = decisions.rejected, observations.rejected
     if config.streaming:
@@ -257,6 +300,7 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
         num_shards=config.num_shards,
         allowed_lateness_ms=config.allowed_lateness_ms,
         output_window_ms=config.output_window_ms if config.streaming else None,
+        observation_range=config.observation_range,
     )
 
 

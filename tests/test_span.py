@@ -36,6 +36,7 @@ from transforms.split import is_eval
 
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 MINUTE = 60_000
+HOUR = 3_600_000
 
 PLAIN = parse_blueprint(
     "name: plain\nversion: 4\neval_fraction: 0.3\n"
@@ -86,10 +87,12 @@ def _small_span() -> dict:
         ],
         duplicate_decisions=[_decision(1, T0 + 7)],
         duplicate_observations=[_observation(1, T0 + MINUTE)],
+        # Another day's observation: counted, written nowhere, outside the event-time range.
+        out_of_range_observations=[_observation(8, T0 + 30 * HOUR)],
         rejected_decisions=[Refusal("bad_json", "decision", "{not json", "not valid JSON")],
         rejected_observations=[Refusal("bad_time", "observation", '{"x":1}', "no time")],
         raw_decisions=["line"] * 5,
-        raw_observations=["line"] * 7,
+        raw_observations=["line"] * 8,
     )
 
 
@@ -175,11 +178,12 @@ def test_manifest_counts_reconcile(small):
         "examples_default": 1,
         "duplicate_decisions": 1,
         "rejected_decisions": 1,
-        "observations_in": 7,
+        "observations_in": 8,
         "observations_used": 3,
         "observations_out_of_window": 1,
         "observations_orphan": 1,
         "observations_late": 0,
+        "observations_out_of_range": 1,
         "duplicate_observations": 1,
         "rejected_observations": 1,
         "examples_train": split["train"],
@@ -337,7 +341,6 @@ def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
     assert manifest["observations_used"] == 3 and manifest["observations_orphan"] == 1
 
 
-HOUR = 3_600_000
 _STREAM_TAGS = list(SpanInputs._fields)
 
 

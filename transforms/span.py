@@ -79,6 +79,7 @@ class SpanInputs(NamedTuple):
     unmatched: Any  # PCollection[UnmatchedObservation]
     duplicate_decisions: Any  # PCollection[DecisionEvent]
     duplicate_observations: Any  # PCollection[ObservationEvent]
+    out_of_range_observations: Any  # PCollection[ObservationEvent]: another span's, not written
     rejected_decisions: Any  # PCollection[Refusal]
     rejected_observations: Any  # PCollection[Refusal]
     raw_decisions: Any  # PCollection of what was read
@@ -110,6 +111,7 @@ class SpanInputs(NamedTuple):
                 join.joined | f"UsedObservations[{where}]" >> beam.FlatMap(_used_observations),
                 join.unmatched,
                 join.duplicate_observations,
+                join.out_of_range,
                 rejected_observations,
             ) | f"ObservationsSeen[{where}]" >> beam.Flatten()
         return cls(
@@ -117,6 +119,7 @@ class SpanInputs(NamedTuple):
             join.unmatched,
             join.duplicate_decisions,
             join.duplicate_observations,
+            join.out_of_range,
             rejected_decisions,
             rejected_observations,
             raw_decisions,
@@ -212,6 +215,8 @@ class WriteSpan(beam.PTransform):
         num_shards: files per output (per window when streaming); None lets the runner choose
             in batch (one file per bundle, no shuffle) and means 1 in streaming.
         allowed_lateness_ms: recorded in the manifest's window settings.
+        observation_range: the span's own observation range ``(from_ms, until_ms)`` the join
+            ran with (``JoinDecisions(observation_range=...)``), recorded in the manifest.
         output_window_ms: streaming: the event-time length of each output window's span.
 
     Applied to ``SpanInputs``; returns ``SpanResult``.
@@ -228,6 +233,7 @@ class WriteSpan(beam.PTransform):
         num_shards: int | None = None,
         allowed_lateness_ms: int = 0,
         output_window_ms: int | None = None,
+        observation_range: tuple[int | None, int | None] = (None, None),
     ):
         super().__init__()
         if blueprint.privacy.pseudonymise and not key:
@@ -243,6 +249,7 @@ class WriteSpan(beam.PTransform):
         self.blueprint = blueprint
         self.key = key
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.observation_range = tuple(observation_range)
         self.run_id = uuid.uuid4().hex[:16]
         if output_window_ms is None:
             self.layout: Any = BatchLayout(output_dir, num_shards)
@@ -271,6 +278,9 @@ class WriteSpan(beam.PTransform):
             ),
             "duplicate_observations": layout.join_output(
                 "duplicate_observations", inputs.duplicate_observations
+            ),
+            "out_of_range_observations": layout.join_output(
+                "out_of_range_observations", inputs.out_of_range_observations
             ),
             "rejected_decisions": layout.dead_letters(
                 "rejected_decisions", inputs.rejected_decisions
@@ -318,6 +328,8 @@ class WriteSpan(beam.PTransform):
                     | f"ToStats[{name}]" >> beam.Map(SpanStats.of_count, name)
                 )
         all_stats = stats | "FlattenStats" >> beam.Flatten()
-        spec = ManifestSpec(bp, self.allowed_lateness_ms, layout.counted_inputs)
+        spec = ManifestSpec(
+            bp, self.allowed_lateness_ms, layout.counted_inputs, self.observation_range
+        )
         manifests = layout.commit(pipeline, all_stats, files, gate, self.run_id, spec)
         return SpanResult(manifests)
