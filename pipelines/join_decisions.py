@@ -253,11 +253,11 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
     decision_messages, observation_messages = raw_decisions, raw_observations
     if config.streaming:
         timed_decisions = raw_decisions | "AssignEventTime[decisions]" >> assign_event_time(
-            DECISION, config.allowed_lateness_ms
+            DECISION, config.allowed_lateness_ms, privacy=config.privacy
         )
         timed_observations = raw_observations | (
             "AssignEventTime[observations]"
-            >> assign_event_time(OBSERVATION, config.allowed_lateness_ms)
+            >> assign_event_time(OBSERVATION, config.allowed_lateness_ms, privacy=config.privacy)
         )
         decision_messages = timed_decisions.messages
         observation_messages = timed_observations.messages
@@ -277,21 +277,26 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
         observation_range=config.observation_range,
     )
     rejected_decisions, rejected_observations = decisions.rejected, observations.rejected
+    late_decisions = late_observations = None  # a batch job has no watermark to be behind
     if config.streaming:
-        # bad_time and late messages are dead letters of the read; until WriteSpan has a
-        # late/ directory of its own, late ones go to rejected/ with reason "late".
+        # bad_time messages are dead letters of the read (rejected/); late ones go to late/.
         rejected_decisions = (
             rejected_decisions,
             timed_decisions.rejected,
-            timed_decisions.late,
         ) | "FlattenRejected[decisions]" >> beam.Flatten()
         rejected_observations = (
             rejected_observations,
             timed_observations.rejected,
-            timed_observations.late,
         ) | "FlattenRejected[observations]" >> beam.Flatten()
+        late_decisions, late_observations = timed_decisions.late, timed_observations.late
     inputs = SpanInputs.from_join(
-        join, rejected_decisions, rejected_observations, raw_decisions, raw_observations
+        join,
+        rejected_decisions,
+        rejected_observations,
+        raw_decisions,
+        raw_observations,
+        late_decisions,
+        late_observations,
     )
     return inputs | "WriteSpan" >> WriteSpan(
         config.output,

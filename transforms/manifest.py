@@ -31,11 +31,17 @@ OUTPUTS = {
     "eval": (("examples", "eval"), ".tfrecord.gz"),
     "unmatched_observations": (("unmatched_observations",), ".jsonl"),
     "rejected": (("rejected",), ".jsonl"),
+    "late": (("late",), ".jsonl"),
 }
 
 # What each input count is the sum of when nothing lost an event (DESIGN.md's identities).
 INPUT_PARTS = {
-    "decisions_in": ("examples_written", "duplicate_decisions", "rejected_decisions"),
+    "decisions_in": (
+        "examples_written",
+        "duplicate_decisions",
+        "rejected_decisions",
+        "late_decisions",
+    ),
     "observations_in": (
         "observations_used",
         "observations_out_of_window",
@@ -44,6 +50,7 @@ INPUT_PARTS = {
         "observations_out_of_range",
         "duplicate_observations",
         "rejected_observations",
+        "late_observations",
     ),
 }
 # reconciliation check -> (total, the counts it must equal the sum of)
@@ -61,6 +68,7 @@ COUNT_NAMES = (
     "examples_default",
     "duplicate_decisions",
     "rejected_decisions",
+    "late_decisions",
     "observations_in",
     "observations_used",
     "observations_out_of_window",
@@ -69,6 +77,7 @@ COUNT_NAMES = (
     "observations_out_of_range",
     "duplicate_observations",
     "rejected_observations",
+    "late_observations",
     "examples_train",
     "examples_eval",
 )

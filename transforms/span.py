@@ -6,6 +6,7 @@
     OUTPUT/examples/eval/part-*.tfrecord.gz
     OUTPUT/unmatched_observations/part-*.jsonl  {"reason": "orphan"|"out_of_window", "event": {...}}
     OUTPUT/rejected/part-*.jsonl                {"reason", "detail", "source", "payload"}
+    OUTPUT/late/part-*.jsonl                    the same shape, reason "late" (streaming only)
     OUTPUT/manifest.json                        last: counts, and every file with its records
 
 The counts are computed inside the pipeline (``transforms.span_stats``, one combine per input),
@@ -82,6 +83,8 @@ class SpanInputs(NamedTuple):
     out_of_range_observations: Any  # PCollection[ObservationEvent]: another span's, not written
     rejected_decisions: Any  # PCollection[Refusal]
     rejected_observations: Any  # PCollection[Refusal]
+    late_decisions: Any  # PCollection[Refusal]: behind the watermark beyond the lateness
+    late_observations: Any  # PCollection[Refusal]
     raw_decisions: Any  # PCollection of what was read
     raw_observations: Any
 
@@ -93,18 +96,28 @@ class SpanInputs(NamedTuple):
         rejected_observations: Any,
         raw_decisions: Any = None,
         raw_observations: Any = None,
+        late_decisions: Any = None,
+        late_observations: Any = None,
     ) -> SpanInputs:
         """Bundles a ``JoinDecisions`` result with the parse steps' dead letters.
 
         Without ``raw_decisions`` (``raw_observations``), every decision (observation) the
-        outputs hold counts as read: the input count is then the sum of its parts.
+        outputs hold counts as read: the input count is then the sum of its parts. Without
+        ``late_decisions`` (``late_observations``: what ``transforms.streaming`` found late),
+        there are none: a batch job has no watermark to be behind.
         """
         where = join.joined.producer.full_label
+        pipeline = join.joined.pipeline
+        if late_decisions is None:
+            late_decisions = pipeline | f"NoLateDecisions[{where}]" >> beam.Create([])
+        if late_observations is None:
+            late_observations = pipeline | f"NoLateObservations[{where}]" >> beam.Create([])
         if raw_decisions is None:
             raw_decisions = (
                 join.joined,
                 join.duplicate_decisions,
                 rejected_decisions,
+                late_decisions,
             ) | f"DecisionsSeen[{where}]" >> beam.Flatten()
         if raw_observations is None:
             raw_observations = (
@@ -113,6 +126,7 @@ class SpanInputs(NamedTuple):
                 join.duplicate_observations,
                 join.out_of_range,
                 rejected_observations,
+                late_observations,
             ) | f"ObservationsSeen[{where}]" >> beam.Flatten()
         return cls(
             join.joined,
@@ -122,6 +136,8 @@ class SpanInputs(NamedTuple):
             join.out_of_range,
             rejected_decisions,
             rejected_observations,
+            late_decisions,
+            late_observations,
             raw_decisions,
             raw_observations,
         )
@@ -288,6 +304,8 @@ class WriteSpan(beam.PTransform):
             "rejected_observations": layout.dead_letters(
                 "rejected_observations", inputs.rejected_observations
             ),
+            "late_decisions": layout.dead_letters("late_decisions", inputs.late_decisions),
+            "late_observations": layout.dead_letters("late_observations", inputs.late_observations),
         }
         encoded = parts["joined"] | "EncodeExamples" >> beam.ParDo(
             EncodeExamples(bp, self.key)
@@ -300,6 +318,9 @@ class WriteSpan(beam.PTransform):
             "rejected": (parts["rejected_decisions"], parts["rejected_observations"])
             | "FlattenRejected" >> beam.Flatten()
             | "RejectedToJson" >> beam.Map(_refusal_json),
+            "late": (parts["late_decisions"], parts["late_observations"])
+            | "FlattenLate" >> beam.Flatten()
+            | "LateToJson" >> beam.Map(_refusal_json),
         }
         formats = {TRAIN: TFRECORD_GZIP, EVAL: TFRECORD_GZIP}
         temp_root = temp_dir(self.output_dir, self.run_id)

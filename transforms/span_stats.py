@@ -188,6 +188,14 @@ def add_rejected_observation(stats: SpanStats, refusal: Refusal) -> None:
     stats.rejected["observation"][refusal.reason] += 1
 
 
+def add_late_decision(stats: SpanStats, late: Refusal) -> None:
+    stats.counts["late_decisions"] += 1
+
+
+def add_late_observation(stats: SpanStats, late: Refusal) -> None:
+    stats.counts["late_observations"] += 1
+
+
 def adders(blueprint: Blueprint) -> dict[str, Callable[[SpanStats, Any], None]]:
     """For each counted input of ``SpanInputs`` (by field name), how its elements add up."""
     return {
@@ -202,6 +210,8 @@ def adders(blueprint: Blueprint) -> dict[str, Callable[[SpanStats, Any], None]]:
         "out_of_range_observations": add_out_of_range_observation,
         "rejected_decisions": add_rejected_decision,
         "rejected_observations": add_rejected_observation,
+        "late_decisions": add_late_decision,
+        "late_observations": add_late_observation,
     }
 
 
