@@ -274,6 +274,8 @@ def build(pipeline: beam.Pipeline, config: JoinConfig) -> Any:
     join = (decisions.events, observations.events) | "JoinDecisions" >> JoinDecisions(
         bp,
         allowed_lateness_ms=config.allowed_lateness_ms,
+        # A streaming job joins in sessions whatever its source says about boundedness.
+        windowing="session" if config.streaming else "auto",
         observation_range=config.observation_range,
     )
     rejected_decisions, rejected_observations = decisions.rejected, observations.rejected
