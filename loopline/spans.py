@@ -3,7 +3,8 @@
 A span is one join output: ``SPAN/examples/{train,eval}/*.tfrecord.gz`` plus ``SPAN/manifest.json``,
 which the join writes last, so a span is complete exactly when its manifest exists. A dataset
 root keeps spans by blueprint name and date, ``ROOT/<name>/<YYYY-MM-DD>/``, so users name data
-by decision type and day rather than by path. The root may be local or ``gs://`` (the daily
+by decision type and day rather than by path; a streaming join writing to ``ROOT/<name>`` adds
+one span per output window, ``ROOT/<name>/<YYYY-MM-DDTHHMMSS.sssZ>/``, found the same way. The root may be local or ``gs://`` (the daily
 DAG's bucket): everything goes through ``loopline.storage``.
 
     >>> spans = find_spans("gs://b/data", "notify", newest=2)  # the two newest complete spans
@@ -22,7 +23,9 @@ from loopline import storage
 SPLITS = ("train", "eval")
 EXAMPLE_FILES = "*.tfrecord.gz"
 MANIFEST = "manifest.json"
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# A batch span is named by its day; a streaming job's span by its output window's start
+# (RFC 3339 without ':', e.g. 2026-11-01T120000.000Z). Both sort by time as strings.
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{6}\.\d{3}Z)?$")
 
 
 class SpanError(ValueError):

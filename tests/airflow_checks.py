@@ -204,7 +204,11 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
     stage = rendered["stage_observations"]
     check(
         stage["source_objects"]
-        == ["logs/notify/2026-11-01/observations-", "logs/notify/2026-11-02/observations-"],
+        == [
+            "logs/notify/2026-10-31/observations-",
+            "logs/notify/2026-11-01/observations-",
+            "logs/notify/2026-11-02/observations-",
+        ],
         f"staged {stage['source_objects']}",
     )
     check(stage["destination_object"] == "work/notify/2026-11-01/observations/", "staging dir")
@@ -222,6 +226,8 @@ def check_notify_rendering(rendered: dict, repo: Path) -> None:
         == {
             "decisions": f"{gs}/logs/notify/2026-11-01/decisions-*.jsonl",
             "observations": f"{gs}/work/notify/2026-11-01/observations/*.jsonl",
+            "observations_from": "2026-11-01T00:00:00Z",
+            "observations_until": "2026-11-02T00:00:00Z",
             "blueprint": f"{gs}/blueprints/notify.yaml",
             "output": f"{gs}/data/notify/2026-11-01",
             "allowed_lateness": "3600s",

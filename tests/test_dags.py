@@ -203,6 +203,12 @@ def test_join_renders_day_paths_and_job_name_for_2026_11_01(airflow_report):
         "gs://acme-loopline/logs/notify/2026-11-01/decisions-*.jsonl"
     )
     assert rendered["join"]["project_id"] == "acme-ml"
+    # The day's own observations; the staged logs of the days around it only label its decisions.
+    assert launch["parameters"]["observations_from"] == "2026-11-01T00:00:00Z"
+    assert launch["parameters"]["observations_until"] == "2026-11-02T00:00:00Z"
+    assert rendered["stage_observations"]["source_objects"] == [
+        f"logs/notify/{day}/observations-" for day in ("2026-10-31", "2026-11-01", "2026-11-02")
+    ]
     # Day end 2026-11-02T00:00Z + 1h label window + 1h lateness + 1h log flush.
     assert rendered["wait_for_label_window"]["target_time"] == "2026-11-02T03:00:00+00:00"
     assert rendered["train"]["parameter_values"] == {

@@ -23,6 +23,7 @@ from transforms.join import (
     ORPHAN,
     OUT_OF_WINDOW,
     JoinDecisions,
+    ObservationRange,
     classify_decision_group,
     session_gap_ms,
 )
@@ -81,7 +82,14 @@ def run_join(blueprint, decisions, observations, check, **join_args):
     return result
 
 
-def expect(outputs, joined=(), unmatched=(), duplicate_decisions=(), duplicate_observations=()):
+def expect(
+    outputs,
+    joined=(),
+    unmatched=(),
+    duplicate_decisions=(),
+    duplicate_observations=(),
+    out_of_range=(),
+):
     assert_that(
         outputs.joined | "Summarise" >> beam.Map(summary), equal_to(list(joined)), label="Joined"
     )
@@ -95,6 +103,61 @@ def expect(outputs, joined=(), unmatched=(), duplicate_decisions=(), duplicate_o
     )
     assert_that(
         outputs.duplicate_observations, equal_to(list(duplicate_observations)), label="DuplicateObs"
+    )
+    assert_that(outputs.out_of_range, equal_to(list(out_of_range)), label="OutOfRange")
+
+
+# ---------------------------------------------------------------------------------------------
+# Day boundaries: the span's own observation range
+
+DAY = 24 * HOUR
+DAY_START = T0 - 12 * HOUR  # 2026-11-01T00:00:00Z
+ONE_DAY = ObservationRange(DAY_START, DAY_START + DAY)
+
+
+def test_orphan_after_the_range_is_out_of_range_not_an_orphan(blueprint):
+    next_days = observation("d-next", at=DAY_START + DAY + 10 * MINUTE)
+    run_join(
+        blueprint,
+        [],
+        [next_days],
+        lambda out: expect(out, out_of_range=[next_days]),
+        observation_range=ONE_DAY,
+    )
+
+
+def test_orphan_inside_the_range_is_still_an_orphan(blueprint):
+    stray = observation("nobody", at=DAY_START + DAY - 1)
+    run_join(
+        blueprint,
+        [],
+        [stray],
+        lambda out: expect(out, unmatched=[(ORPHAN, stray)]),
+        observation_range=ONE_DAY,
+    )
+
+
+def test_range_start_is_inclusive_and_end_exclusive(blueprint):
+    first, after = observation("a", at=DAY_START), observation("b", at=DAY_START + DAY)
+    before = observation("c", at=DAY_START - 1)
+    run_join(
+        blueprint,
+        [],
+        [first, after, before],
+        lambda out: expect(out, unmatched=[(ORPHAN, first)], out_of_range=[after, before]),
+        observation_range=ONE_DAY,
+    )
+
+
+def test_observation_of_a_decision_here_counts_after_the_range_ends(blueprint):
+    late_decision = decision("d-late", at=DAY_START + DAY - 5 * MINUTE)
+    next_day_click = observation("d-late", at=DAY_START + DAY + 20 * MINUTE)
+    run_join(
+        blueprint,
+        [late_decision],
+        [next_day_click],
+        lambda out: expect(out, joined=[("d-late", 1, OBSERVED, 1)]),
+        observation_range=ONE_DAY,
     )
 
 
@@ -362,7 +425,10 @@ def test_counters_report_every_manifest_count(blueprint):
     decisions = [decision("d1"), decision("d1", at=T0 + 1), decision("d2")]
     click = observation("d1", at=T0 + MINUTE)
     observations = [click, click, observation("d1", at=T0 + 2 * HOUR), observation("d9")]
-    result = run_join(blueprint, decisions, observations, lambda out: None)
+    observations.append(observation("d8", at=DAY_START + DAY))  # the next day's
+    result = run_join(
+        blueprint, decisions, observations, lambda out: None, observation_range=ONE_DAY
+    )
     counters = {
         c.key.metric.name: c.committed
         for c in result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))[
@@ -371,7 +437,7 @@ def test_counters_report_every_manifest_count(blueprint):
     }
     assert counters == {
         "decisions_in": 3,
-        "observations_in": 4,
+        "observations_in": 5,
         "examples_written": 2,
         "examples_observed": 1,
         "examples_default": 1,
@@ -380,6 +446,7 @@ def test_counters_report_every_manifest_count(blueprint):
         "observations_used": 1,
         "observations_out_of_window": 1,
         "observations_orphan": 1,
+        "observations_out_of_range": 1,
     }
 
 

@@ -212,7 +212,7 @@ def private_span(simulated_logs, tmp_path_factory) -> tuple[Path, Path]:
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOPLINE_PII_KEY", KEY)
-        config = join_decisions.JoinConfig(
+        config = join_decisions.resolve(
             options.view_as(join_decisions.JoinDecisionsOptions), streaming=False
         )
         with beam.Pipeline(options=options) as pipeline:

@@ -1,5 +1,6 @@
 """pipelines.join_decisions end to end on simulated logs, checked against the raw files."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -9,11 +10,13 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 import tensorflow as tf
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline import avro
 from loopline.blueprint import load_blueprint
 from loopline.events import parse_decision_json, parse_observation_json
-from pipelines.join_decisions import run
+from pipelines.join_decisions import JoinDecisionsOptions, resolve, run
+from pipelines.launch import UsageError
 from tests.join_fixtures import join_args, simulate_logs
 from transforms.manifest import COUNT_NAMES, MANIFEST
 from transforms.sources import ReadEvents, bigquery_row_to_record
@@ -239,6 +242,29 @@ def test_pseudonymising_blueprint_without_key_fails_at_start(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "LOOPLINE_PII_KEY" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resolve_refuses_bad_arguments_with_a_usage_error_not_an_exit(logs, tmp_path, pii_key):
+    options = PipelineOptions(_args(logs, tmp_path / "out", "--num_shards", "0"))
+    with pytest.raises(UsageError, match="--num_shards must be a whole number"):
+        resolve(options.view_as(JoinDecisionsOptions), streaming=False)
+    config = resolve(
+        PipelineOptions(_args(logs, tmp_path / "out")).view_as(JoinDecisionsOptions), False
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.output = "elsewhere"
+
+
+def test_input_pattern_matching_no_file_is_refused_before_the_pipeline_is_built(
+    tmp_path, capsys, pii_key
+):
+    with pytest.raises(SystemExit) as info:
+        run(_args(tmp_path, tmp_path / "out"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"join_decisions: error: --decisions '{tmp_path}/decisions-*.jsonl' matches no files"
+    ]
 
 
 def test_streaming_needs_subscriptions(tmp_path, capsys, pii_key):

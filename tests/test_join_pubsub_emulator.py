@@ -308,18 +308,23 @@ def test_unmatched_observations_carry_their_reason(runs):
 
 def test_bad_event_time_attributes_are_rejected_as_bad_time(runs):
     stream_out, _, _ = runs
-    rejected = _lines(stream_out, "rejected") + _lines(stream_out, "late")
+    rejected = _lines(stream_out, "rejected")
     bad_time = sorted(r["source"] for r in rejected if r["reason"] == "bad_time")
     assert bad_time == ["decision", "observation"]
     assert [r["source"] for r in rejected if r["reason"] == "bad_json"] == ["decision"]
 
 
-def test_backfill_older_than_the_allowed_lateness_is_late_with_a_reason(runs):
+def test_backfill_older_than_the_allowed_lateness_goes_to_late_with_a_reason(runs):
     stream_out, _, _ = runs
-    late = [
-        r
-        for r in _lines(stream_out, "rejected") + _lines(stream_out, "late")
-        if r["reason"] == "late"
+    late = _lines(stream_out, "late")
+    assert sorted((r["reason"], r["source"]) for r in late) == [
+        ("late", "decision"),
+        ("late", "observation"),
     ]
-    assert sorted(r["source"] for r in late) == ["decision", "observation"]
     assert all("allowed lateness 6000 ms" in r["detail"] for r in late)
+    assert not [r for r in _lines(stream_out, "rejected") if r["reason"] == "late"]
+    manifests = _manifests(stream_out)
+    assert sum(m["late_decisions"] for m in manifests) == 1
+    assert sum(m["late_observations"] for m in manifests) == 1
+    # The backfill's payload keeps no raw private value (the blueprint pseudonymises user_id).
+    assert not [r for r in late if FEATURES["user_id"] in json.dumps(r)]

@@ -151,6 +151,7 @@ class _FakePubSub(beam.PTransform):
     calls: list[dict] = []
     streams: dict = {}
     script: list = SCRIPT
+    make_stream = staticmethod(_pubsub_test_stream)  # script -> TestStream
 
     def __init__(self, subscription: str, with_attributes: bool, **others):
         super().__init__()
@@ -162,7 +163,7 @@ class _FakePubSub(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin):
         key = id(pbegin.pipeline)
         if key not in self.streams:
-            self.streams[key] = pbegin | "PubSubTestStream" >> _pubsub_test_stream(self.script)
+            self.streams[key] = pbegin | "PubSubTestStream" >> self.make_stream(self.script)
         return self.streams[key][SUBSCRIPTIONS[self.subscription]] | "Messages" >> beam.Map(
             lambda message: message
         )

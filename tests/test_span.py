@@ -36,6 +36,7 @@ from transforms.split import is_eval
 
 T0 = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 MINUTE = 60_000
+HOUR = 3_600_000
 
 PLAIN = parse_blueprint(
     "name: plain\nversion: 4\neval_fraction: 0.3\n"
@@ -86,10 +87,14 @@ def _small_span() -> dict:
         ],
         duplicate_decisions=[_decision(1, T0 + 7)],
         duplicate_observations=[_observation(1, T0 + MINUTE)],
+        # Another day's observation: counted, written nowhere, outside the event-time range.
+        out_of_range_observations=[_observation(8, T0 + 30 * HOUR)],
         rejected_decisions=[Refusal("bad_json", "decision", "{not json", "not valid JSON")],
         rejected_observations=[Refusal("bad_time", "observation", '{"x":1}', "no time")],
+        late_decisions=[],
+        late_observations=[],
         raw_decisions=["line"] * 5,
-        raw_observations=["line"] * 7,
+        raw_observations=["line"] * 8,
     )
 
 
@@ -175,13 +180,16 @@ def test_manifest_counts_reconcile(small):
         "examples_default": 1,
         "duplicate_decisions": 1,
         "rejected_decisions": 1,
-        "observations_in": 7,
+        "late_decisions": 0,
+        "observations_in": 8,
         "observations_used": 3,
         "observations_out_of_window": 1,
         "observations_orphan": 1,
         "observations_late": 0,
+        "observations_out_of_range": 1,
         "duplicate_observations": 1,
         "rejected_observations": 1,
+        "late_observations": 0,
         "examples_train": split["train"],
         "examples_eval": split["eval"],
     }
@@ -224,6 +232,24 @@ def test_late_observations_are_counted_on_their_own_and_reconcile(tmp_path):
     manifest = _run_span(tmp_path, parts)
     assert manifest["observations_late"] == 1 and manifest["observations_orphan"] == 0
     assert manifest["reconciles"] is True
+
+
+def test_late_events_go_to_late_with_their_reason_and_are_counted(tmp_path):
+    parts = {name: [] for name in SpanInputs._fields}
+    backfill = Refusal("late", "decision", '{"decision_id":"d-old"}', "published 2 h late")
+    parts["late_decisions"] = [backfill]
+    parts["late_observations"] = [Refusal("late", "observation", "{}", "published 3 h late")]
+    parts["raw_decisions"], parts["raw_observations"] = ["line"], ["line"]
+    manifest = _run_span(tmp_path, parts)
+    late = _lines(str(tmp_path / "span" / "late" / "*.jsonl"))
+    assert sorted((r["reason"], r["source"]) for r in late) == [
+        ("late", "decision"),
+        ("late", "observation"),
+    ]
+    assert not _lines(str(tmp_path / "span" / "rejected" / "*.jsonl"))
+    assert (manifest["late_decisions"], manifest["late_observations"]) == (1, 1)
+    assert manifest["rejected_decisions"] == 0 and manifest["reconciles"] is True
+    assert len(manifest["files"]["late"]) == 1
 
 
 def test_manifest_is_written_after_every_other_file(small):
@@ -337,7 +363,6 @@ def test_join_api_doc_example_runs_as_written(tmp_path, monkeypatch, pii_key):
     assert manifest["observations_used"] == 3 and manifest["observations_orphan"] == 1
 
 
-HOUR = 3_600_000
 _STREAM_TAGS = list(SpanInputs._fields)
 
 

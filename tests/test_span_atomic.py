@@ -90,7 +90,8 @@ def test_commit_writes_manifest_listing_every_file_with_its_records(tmp_path):
     ]
     manifest = commit_span(span, "run-a", files, None, _listing)
     assert listed_files(manifest) == span_files(span)
-    assert sorted(manifest["records"].values()) == [0, 0, 0, 1, 2]  # empty train/eval/unmatched
+    # Empty train, eval, unmatched_observations and late files, then the two rejected ones.
+    assert sorted(manifest["records"].values()) == [0, 0, 0, 0, 1, 2]
     assert not (tmp_path / "span" / CLAIM).exists()
 
 

@@ -61,6 +61,14 @@ def test_other_blueprints_and_stray_directories_are_ignored(storage_root):
     assert [s.date for s in find_spans(storage_root.uri, "notify", newest=1)] == ["2026-11-01"]
 
 
+def test_streaming_window_spans_are_found_in_time_order_with_daily_ones(storage_root):
+    for name in ("2026-11-01", "2026-11-02T000000.000Z", "2026-11-02T120000.000Z"):
+        make_span(storage_root, f"notify/{name}")
+    make_span(storage_root, "notify/2026-11-02T12:00:00Z")  # not a window label: ignored
+    spans = find_spans(storage_root.uri, "notify", newest=2)
+    assert [s.date for s in spans] == ["2026-11-02T000000.000Z", "2026-11-02T120000.000Z"]
+
+
 def test_too_few_complete_spans_is_an_error_naming_the_incomplete_ones(storage_root):
     make_span(storage_root, "notify/2026-11-01")
     make_span(storage_root, "notify/2026-11-02", manifest=False)

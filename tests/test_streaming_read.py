@@ -6,6 +6,8 @@ without ``timestamp_attribute``. (Against the real emulator: tests/test_join_pub
 
 from __future__ import annotations
 
+import json
+
 import apache_beam as beam
 import pytest
 from apache_beam.io.gcp.pubsub import PubsubMessage
@@ -14,6 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from loopline.events import BAD_TIME, format_event_time
+from loopline.privacy import PayloadPrivacy
 from transforms.sources import ReadEvents
 from transforms.streaming import LATE, assign_event_time, event_time_of
 
@@ -120,3 +123,26 @@ def test_pubsub_source_reads_attributes_and_leaves_the_timestamp_to_assign_event
     monkeypatch.setattr(beam.io, "ReadFromPubSub", Recording)
     _ = beam.Pipeline() | ReadEvents("decision", subscription="projects/loopline/subscriptions/d")
     assert calls == [{"subscription": "projects/loopline/subscriptions/d", "with_attributes": True}]
+
+
+def test_refused_and_late_payloads_keep_no_private_value(blueprint):
+    privacy = PayloadPrivacy.from_blueprint(blueprint, b"k")  # notify: user_id, email private
+    payload = b'{"decision_id": "d1", "features": {"user_id": "u-1", "email": "a@example.com"}}'
+    messages = [
+        _published(T0, payload),  # no event_time attribute: bad_time
+        _published(T0 + LATENESS + 1, payload, event_time=format_event_time(T0)),  # late
+    ]
+    raw_values = ("u-1", "a@example.com")
+
+    def private_values(refusal) -> list[str]:
+        text = json.dumps(refusal.to_dict())
+        return [refusal.reason, *(value for value in raw_values if value in text)]
+
+    with TestPipeline() as p:
+        events = (
+            p
+            | beam.Create(messages)
+            | assign_event_time("decision", allowed_lateness_ms=LATENESS, privacy=privacy)
+        )
+        assert_that(events.rejected | beam.Map(private_values), equal_to([[BAD_TIME]]), "Rejected")
+        assert_that(events.late | "Late" >> beam.Map(private_values), equal_to([[LATE]]), "Late")

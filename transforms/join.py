@@ -9,6 +9,15 @@ event on exactly one of the other outputs.
     >>> joined = (decisions, observations) | JoinDecisions(blueprint)
     >>> joined.joined        # JoinedDecision, one per decision_id
     >>> joined.unmatched     # UnmatchedObservation: orphan, out_of_window, late_observation
+    >>> joined.out_of_range  # ObservationEvent: no decision here, outside the span's own range
+
+Day boundaries (batch). A daily span's decisions are one day's, but their labels need the next
+day's observations too. ``observation_range`` names the event-time range ``[start, end)`` of
+the span's *own* observations (normally the decisions' day): an observation of a decision in
+this join is classified as always, whatever its time; one with no decision here is an
+``orphan`` only inside the range, and outside it ``out_of_range``: it belongs to a
+neighbouring day's span (whose own join matches it or calls it an orphan), so it is counted
+but written nowhere.
 
 Windowing. In batch (bounded inputs, ``windowing="auto"``) the join groups over all time in
 the global window, which is exact. On unbounded inputs the same CoGroupByKey runs over
@@ -80,6 +89,7 @@ DEFAULT = "default"
 ORPHAN = "orphan"
 OUT_OF_WINDOW = "out_of_window"
 LATE_OBSERVATION = "late_observation"
+OUT_OF_RANGE = "out_of_range"
 
 WINDOWINGS = ("auto", "global", "session")
 
@@ -88,6 +98,7 @@ _JOINED = "joined"
 _UNMATCHED = "unmatched"
 _DUPLICATE_DECISIONS = "duplicate_decisions"
 _DUPLICATE_OBSERVATIONS = "duplicate_observations"
+_OUT_OF_RANGE = "out_of_range"
 
 # Counters in namespace loopline.join, one per count of DESIGN.md's manifest.
 COUNTERS = (
@@ -102,6 +113,7 @@ COUNTERS = (
     "observations_out_of_window",
     "observations_orphan",
     "observations_late",
+    "observations_out_of_range",
 )
 METRICS_NAMESPACE = "loopline.join"
 _UNMATCHED_COUNTERS = {
@@ -145,6 +157,26 @@ class UnmatchedObservation:
         return {"reason": self.reason, "event": self.event.to_dict()}
 
 
+class ObservationRange(NamedTuple):
+    """The event-time range ``[start_ms, end_ms)`` of a span's own observations; None leaves
+    that side open. An observation with no decision in the join is an orphan only inside it.
+
+    >>> ObservationRange(0, 10).contains(10)
+    False
+    """
+
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    def contains(self, event_time_ms: int) -> bool:
+        return (self.start_ms is None or self.start_ms <= event_time_ms) and (
+            self.end_ms is None or event_time_ms < self.end_ms
+        )
+
+
+ALL_TIME = ObservationRange()
+
+
 class JoinOutputs(NamedTuple):
     """The PCollections the join produces; every input event lands in exactly one of them."""
 
@@ -152,6 +184,7 @@ class JoinOutputs(NamedTuple):
     unmatched: object  # PCollection[UnmatchedObservation]: orphan, out_of_window, late_observation
     duplicate_decisions: object  # PCollection[DecisionEvent]
     duplicate_observations: object  # PCollection[ObservationEvent]
+    out_of_range: object  # PCollection[ObservationEvent]: no decision here, not the span's own
 
 
 class GroupOutcome(NamedTuple):
@@ -161,6 +194,7 @@ class GroupOutcome(NamedTuple):
     unmatched: list[UnmatchedObservation]
     duplicate_decisions: list[DecisionEvent]
     duplicate_observations: list[ObservationEvent]
+    out_of_range: Sequence[ObservationEvent] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,14 +206,16 @@ def classify_decision_group(
     observations: Sequence[ObservationEvent],
     label: Label,
     label_fn: LabelFn | None = None,
+    observation_range: ObservationRange = ALL_TIME,
 ) -> GroupOutcome:
     """Applies DESIGN.md's join semantics to the events of one decision_id.
 
     The earliest decision is kept (ties broken by canonical JSON), the others are duplicates;
     an observation whose canonical JSON repeats an earlier one is a duplicate; each remaining
     observation counts toward the label when ``td - backward_slack <= to <= td + window``, else
-    it is out of window; without a decision they are all orphans. The result never depends on
-    the order of the inputs.
+    it is out of window; without a decision they are orphans, or ``out_of_range`` when their
+    event time is outside ``observation_range``. The result never depends on the order of the
+    inputs.
 
         >>> outcome = classify_decision_group([decision], [observation], blueprint.label)
         >>> outcome.joined.label, outcome.joined.join_status
@@ -187,8 +223,14 @@ def classify_decision_group(
     """
     unique, duplicate_observations = _dedup_observations(observations)
     if not decisions:
+        orphans = [o for o in unique if observation_range.contains(o.event_time_ms)]
+        out_of_range = [o for o in unique if not observation_range.contains(o.event_time_ms)]
         return GroupOutcome(
-            None, [UnmatchedObservation(ORPHAN, o) for o in unique], [], duplicate_observations
+            None,
+            [UnmatchedObservation(ORPHAN, o) for o in orphans],
+            [],
+            duplicate_observations,
+            out_of_range,
         )
     if len(decisions) == 1:
         kept, duplicate_decisions = decisions[0], []
@@ -318,6 +360,9 @@ def _route(outcome: GroupOutcome, n_decisions: int, n_observations: int, tally: 
         yield beam.pvalue.TaggedOutput(_DUPLICATE_DECISIONS, d)
     for o in outcome.duplicate_observations:
         yield beam.pvalue.TaggedOutput(_DUPLICATE_OBSERVATIONS, o)
+    tally["observations_out_of_range"] += len(outcome.out_of_range)
+    for o in outcome.out_of_range:
+        yield beam.pvalue.TaggedOutput(_OUT_OF_RANGE, o)
 
 
 class _ClassifyDecisionGroup(beam.DoFn):
@@ -326,9 +371,10 @@ class _ClassifyDecisionGroup(beam.DoFn):
     Counters are tallied per bundle and flushed once, to keep per-element overhead low.
     """
 
-    def __init__(self, label: Label, label_fn: LabelFn | None):
+    def __init__(self, label: Label, label_fn: LabelFn | None, observation_range: ObservationRange):
         self._label = label
         self._label_fn = label_fn
+        self._observation_range = observation_range
 
     def setup(self) -> None:
         self._counters = {name: Metrics.counter(METRICS_NAMESPACE, name) for name in COUNTERS}
@@ -340,7 +386,9 @@ class _ClassifyDecisionGroup(beam.DoFn):
         key, rows = element
         decision_id = key[0] if isinstance(key, tuple) else key  # streaming: (id, session)
         decisions, observations = _events_of(decision_id, rows)
-        outcome = classify_decision_group(decisions, observations, self._label, self._label_fn)
+        outcome = classify_decision_group(
+            decisions, observations, self._label, self._label_fn, self._observation_range
+        )
         yield from _route(outcome, len(decisions), len(observations), self._tally)
 
     def finish_bundle(self) -> None:
@@ -528,7 +576,8 @@ class JoinDecisions(beam.PTransform):
     ``ObservationEvent`` timestamped by event time (``ParseDecisions`` / ``ParseObservations``
     do that); returns ``JoinOutputs``. ``label_fn`` replaces the blueprint's named aggregation
     with a Python callable ``(decision, counted_observations) -> number | None`` (None means the
-    default label). See the module docstring for the windowing and late data.
+    default label). ``observation_range`` bounds the span's own observations (module
+    docstring, "Day boundaries"). See the module docstring for the windowing and late data.
 
         >>> outputs = (decisions, observations) | "Join" >> JoinDecisions(
         ...     blueprint, label_fn=lambda d, obs: sum(o.observations.get("click", 0) for o in obs) or None)
@@ -540,6 +589,7 @@ class JoinDecisions(beam.PTransform):
         allowed_lateness_ms: int = 0,
         windowing: str = "auto",
         label_fn: LabelFn | None = None,
+        observation_range: ObservationRange = ALL_TIME,
     ):
         super().__init__()
         if windowing not in WINDOWINGS:
@@ -560,6 +610,7 @@ class JoinDecisions(beam.PTransform):
         self._allowed_lateness_ms = allowed_lateness_ms
         self._windowing = windowing
         self._label_fn = label_fn
+        self._observation_range = ObservationRange(*observation_range)
 
     def expand(self, pcolls) -> JoinOutputs:
         decisions, observations = pcolls
@@ -595,12 +646,12 @@ class JoinDecisions(beam.PTransform):
             rows
             | "CoGroupByDecisionId" >> beam.GroupByKey()
             | "Classify"
-            >> beam.ParDo(_ClassifyDecisionGroup(label, self._label_fn)).with_outputs(
-                *tags, main=_JOINED
-            )
+            >> beam.ParDo(
+                _ClassifyDecisionGroup(label, self._label_fn, self._observation_range)
+            ).with_outputs(*tags, _OUT_OF_RANGE, main=_JOINED)
         )
         if not streaming:
-            return JoinOutputs(*(results[tag] for tag in (_JOINED, *tags)))
+            return JoinOutputs(*(results[tag] for tag in (_JOINED, *tags, _OUT_OF_RANGE)))
         return JoinOutputs(
             results[_JOINED],
             *(
@@ -613,6 +664,7 @@ class JoinDecisions(beam.PTransform):
                 | f"Flatten[{tag}]" >> beam.Flatten()
                 for tag in tags
             ),
+            results[_OUT_OF_RANGE],
         )
 
     @staticmethod

@@ -31,18 +31,26 @@ OUTPUTS = {
     "eval": (("examples", "eval"), ".tfrecord.gz"),
     "unmatched_observations": (("unmatched_observations",), ".jsonl"),
     "rejected": (("rejected",), ".jsonl"),
+    "late": (("late",), ".jsonl"),
 }
 
 # What each input count is the sum of when nothing lost an event (DESIGN.md's identities).
 INPUT_PARTS = {
-    "decisions_in": ("examples_written", "duplicate_decisions", "rejected_decisions"),
+    "decisions_in": (
+        "examples_written",
+        "duplicate_decisions",
+        "rejected_decisions",
+        "late_decisions",
+    ),
     "observations_in": (
         "observations_used",
         "observations_out_of_window",
         "observations_orphan",
         "observations_late",
+        "observations_out_of_range",
         "duplicate_observations",
         "rejected_observations",
+        "late_observations",
     ),
 }
 # reconciliation check -> (total, the counts it must equal the sum of)
@@ -60,13 +68,16 @@ COUNT_NAMES = (
     "examples_default",
     "duplicate_decisions",
     "rejected_decisions",
+    "late_decisions",
     "observations_in",
     "observations_used",
     "observations_out_of_window",
     "observations_orphan",
     "observations_late",
+    "observations_out_of_range",
     "duplicate_observations",
     "rejected_observations",
+    "late_observations",
     "examples_train",
     "examples_eval",
 )
@@ -122,6 +133,7 @@ def build_manifest(
     allowed_lateness_ms: int,
     files: dict[str, list[tuple[str, int]]],
     counted_inputs: frozenset[str] = frozenset(),
+    observation_range: tuple[int | None, int | None] = (None, None),
 ) -> dict:
     """The manifest of DESIGN.md from merged span stats and the written ``(path, records)``.
 
@@ -129,6 +141,9 @@ def build_manifest(
     counted from what was read; the others are the sums of their parts, so they reconcile by
     construction. ``files`` lists every file of the span by output; the manifest keeps the
     paths under ``files`` and each file's record count under ``records_per_file``.
+    ``observation_range`` is the span's own observation range ``[from, until)`` in epoch ms
+    (None: open), recorded under ``observation_range``; observations outside it with no
+    decision in the span are ``observations_out_of_range``.
     """
     counts = span_counts(stats, counted_inputs)
     checks = reconciliation(counts, stats)
@@ -165,9 +180,13 @@ def build_manifest(
             "label_default": label.default,
             "eval_fraction": blueprint.eval_fraction,
         },
+        "observation_range": {
+            "from": _instant(observation_range[0]),
+            "until": _instant(observation_range[1]),
+        },
         "event_time_range": {
-            "min": None if stats.min_time_ms is None else format_event_time(stats.min_time_ms),
-            "max": None if stats.max_time_ms is None else format_event_time(stats.max_time_ms),
+            "min": _instant(stats.min_time_ms),
+            "max": _instant(stats.max_time_ms),
         },
         "label_delay": stats.delay_quantiles(),
         "alternative_windows": {
@@ -179,6 +198,10 @@ def build_manifest(
             path: records for entries in listed.values() for path, records in entries
         },
     }
+
+
+def _instant(ms: int | None) -> str | None:
+    return None if ms is None else format_event_time(ms)
 
 
 def listed_files(manifest: dict[str, Any]) -> list[str]:

@@ -144,7 +144,7 @@ class ReadEvents(beam.PTransform):
         if self.pattern and self.validate:
             # Here rather than in __init__: a launcher makes its sources while it checks its
             # arguments, and a usage error found later must not be hidden behind this one.
-            _require_files(self.pattern, f"--{self.kind}s")
+            require_files(self.pattern, f"--{self.kind}s")
         if self.pattern and self.parse_format == "avro":
             return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern, validate=self.validate)
         if self.pattern:
@@ -166,8 +166,9 @@ class ReadEvents(beam.PTransform):
         )
 
 
-def _require_files(pattern: str, flag: str) -> None:
-    """Raises ``NoFilesMatched`` with one sentence when ``pattern`` matches no file."""
+def require_files(pattern: str, flag: str) -> None:
+    """Raises ``NoFilesMatched`` with one sentence, naming ``flag``, when ``pattern`` matches no
+    file (or cannot be listed): what a launcher checks before it builds a pipeline."""
     try:
         files = FileSystems.match([pattern])[0].metadata_list
     except Exception as e:  # noqa: BLE001 - Beam's BeamIOError carries a per-pattern dict

@@ -6,6 +6,7 @@
     OUTPUT/examples/eval/part-*.tfrecord.gz
     OUTPUT/unmatched_observations/part-*.jsonl  {"reason": "orphan"|"out_of_window", "event": {...}}
     OUTPUT/rejected/part-*.jsonl                {"reason", "detail", "source", "payload"}
+    OUTPUT/late/part-*.jsonl                    the same shape, reason "late" (streaming only)
     OUTPUT/manifest.json                        last: counts, and every file with its records
 
 The counts are computed inside the pipeline (``transforms.span_stats``, one combine per input),
@@ -75,8 +76,11 @@ class SpanInputs(NamedTuple):
     unmatched: Any  # PCollection[UnmatchedObservation]
     duplicate_decisions: Any  # PCollection[DecisionEvent]
     duplicate_observations: Any  # PCollection[ObservationEvent]
+    out_of_range_observations: Any  # PCollection[ObservationEvent]: another span's, not written
     rejected_decisions: Any  # PCollection[Refusal]
     rejected_observations: Any  # PCollection[Refusal]
+    late_decisions: Any  # PCollection[Refusal]: behind the watermark beyond the lateness
+    late_observations: Any  # PCollection[Refusal]
     raw_decisions: Any  # PCollection of what was read
     raw_observations: Any
 
@@ -88,33 +92,48 @@ class SpanInputs(NamedTuple):
         rejected_observations: Any,
         raw_decisions: Any = None,
         raw_observations: Any = None,
+        late_decisions: Any = None,
+        late_observations: Any = None,
     ) -> SpanInputs:
         """Bundles a ``JoinDecisions`` result with the parse steps' dead letters.
 
         Without ``raw_decisions`` (``raw_observations``), every decision (observation) the
-        outputs hold counts as read: the input count is then the sum of its parts.
+        outputs hold counts as read: the input count is then the sum of its parts. Without
+        ``late_decisions`` (``late_observations``: what ``transforms.streaming`` found late),
+        there are none: a batch job has no watermark to be behind.
         """
         where = join.joined.producer.full_label
+        pipeline = join.joined.pipeline
+        if late_decisions is None:
+            late_decisions = pipeline | f"NoLateDecisions[{where}]" >> beam.Create([])
+        if late_observations is None:
+            late_observations = pipeline | f"NoLateObservations[{where}]" >> beam.Create([])
         if raw_decisions is None:
             raw_decisions = (
                 join.joined,
                 join.duplicate_decisions,
                 rejected_decisions,
+                late_decisions,
             ) | f"DecisionsSeen[{where}]" >> beam.Flatten()
         if raw_observations is None:
             raw_observations = (
                 join.joined | f"UsedObservations[{where}]" >> beam.FlatMap(_used_observations),
                 join.unmatched,
                 join.duplicate_observations,
+                join.out_of_range,
                 rejected_observations,
+                late_observations,
             ) | f"ObservationsSeen[{where}]" >> beam.Flatten()
         return cls(
             join.joined,
             join.unmatched,
             join.duplicate_decisions,
             join.duplicate_observations,
+            join.out_of_range,
             rejected_decisions,
             rejected_observations,
+            late_decisions,
+            late_observations,
             raw_decisions,
             raw_observations,
         )
@@ -208,6 +227,8 @@ class WriteSpan(beam.PTransform):
         num_shards: files per output (per window when streaming); None lets the runner choose
             in batch (one file per bundle, no shuffle) and means 1 in streaming.
         allowed_lateness_ms: recorded in the manifest's window settings.
+        observation_range: the span's own observation range ``(from_ms, until_ms)`` the join
+            ran with (``JoinDecisions(observation_range=...)``), recorded in the manifest.
         output_window_ms: streaming: the event-time length of each output window's span.
 
     Applied to ``SpanInputs``; returns ``SpanResult``.
@@ -224,6 +245,7 @@ class WriteSpan(beam.PTransform):
         num_shards: int | None = None,
         allowed_lateness_ms: int = 0,
         output_window_ms: int | None = None,
+        observation_range: tuple[int | None, int | None] = (None, None),
     ):
         super().__init__()
         if blueprint.privacy.pseudonymise and not key:
@@ -239,6 +261,7 @@ class WriteSpan(beam.PTransform):
         self.blueprint = blueprint
         self.key = key
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.observation_range = tuple(observation_range)
         self.run_id = uuid.uuid4().hex[:16]
         if output_window_ms is None:
             self.layout: Any = BatchLayout(output_dir, num_shards)
@@ -268,12 +291,17 @@ class WriteSpan(beam.PTransform):
             "duplicate_observations": layout.join_output(
                 "duplicate_observations", inputs.duplicate_observations
             ),
+            "out_of_range_observations": layout.join_output(
+                "out_of_range_observations", inputs.out_of_range_observations
+            ),
             "rejected_decisions": layout.dead_letters(
                 "rejected_decisions", inputs.rejected_decisions
             ),
             "rejected_observations": layout.dead_letters(
                 "rejected_observations", inputs.rejected_observations
             ),
+            "late_decisions": layout.dead_letters("late_decisions", inputs.late_decisions),
+            "late_observations": layout.dead_letters("late_observations", inputs.late_observations),
         }
         encoded = parts["joined"] | "EncodeExamples" >> beam.ParDo(
             EncodeExamples(bp, self.key)
@@ -286,6 +314,9 @@ class WriteSpan(beam.PTransform):
             "rejected": (parts["rejected_decisions"], parts["rejected_observations"])
             | "FlattenRejected" >> beam.Flatten()
             | "RejectedToJson" >> beam.Map(_refusal_json),
+            "late": (parts["late_decisions"], parts["late_observations"])
+            | "FlattenLate" >> beam.Flatten()
+            | "LateToJson" >> beam.Map(_refusal_json),
         }
         formats = {TRAIN: TFRECORD_GZIP, EVAL: TFRECORD_GZIP}
         temp_root = temp_dir(self.output_dir, self.run_id)
@@ -314,6 +345,8 @@ class WriteSpan(beam.PTransform):
                     | f"ToStats[{name}]" >> beam.Map(SpanStats.of_count, name)
                 )
         all_stats = stats | "FlattenStats" >> beam.Flatten()
-        spec = ManifestSpec(bp, self.allowed_lateness_ms, layout.counted_inputs)
+        spec = ManifestSpec(
+            bp, self.allowed_lateness_ms, layout.counted_inputs, self.observation_range
+        )
         manifests = layout.commit(pipeline, all_stats, files, gate, self.run_id, spec)
         return SpanResult(manifests)

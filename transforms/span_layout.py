@@ -40,10 +40,16 @@ class ManifestSpec(NamedTuple):
     blueprint: Blueprint
     allowed_lateness_ms: int
     counted_inputs: frozenset
+    observation_range: tuple = (None, None)
 
     def build(self, stats: SpanStats, files: dict) -> dict:
         return build_manifest(
-            stats, self.blueprint, self.allowed_lateness_ms, files, self.counted_inputs
+            stats,
+            self.blueprint,
+            self.allowed_lateness_ms,
+            files,
+            self.counted_inputs,
+            self.observation_range,
         )
 
 

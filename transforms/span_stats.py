@@ -173,6 +173,11 @@ def add_duplicate_observation(stats: SpanStats, observation: Any) -> None:
     stats.see_time(observation.event_time_ms)
 
 
+def add_out_of_range_observation(stats: SpanStats, observation: Any) -> None:
+    # Another span's observation: counted, but it does not widen this span's event-time range.
+    stats.counts["observations_out_of_range"] += 1
+
+
 def add_rejected_decision(stats: SpanStats, refusal: Refusal) -> None:
     stats.counts["rejected_decisions"] += 1
     stats.rejected["decision"][refusal.reason] += 1
@@ -181,6 +186,14 @@ def add_rejected_decision(stats: SpanStats, refusal: Refusal) -> None:
 def add_rejected_observation(stats: SpanStats, refusal: Refusal) -> None:
     stats.counts["rejected_observations"] += 1
     stats.rejected["observation"][refusal.reason] += 1
+
+
+def add_late_decision(stats: SpanStats, late: Refusal) -> None:
+    stats.counts["late_decisions"] += 1
+
+
+def add_late_observation(stats: SpanStats, late: Refusal) -> None:
+    stats.counts["late_observations"] += 1
 
 
 def adders(blueprint: Blueprint) -> dict[str, Callable[[SpanStats, Any], None]]:
@@ -194,8 +207,11 @@ def adders(blueprint: Blueprint) -> dict[str, Callable[[SpanStats, Any], None]]:
         "unmatched": add_unmatched,
         "duplicate_decisions": add_duplicate_decision,
         "duplicate_observations": add_duplicate_observation,
+        "out_of_range_observations": add_out_of_range_observation,
         "rejected_decisions": add_rejected_decision,
         "rejected_observations": add_rejected_observation,
+        "late_decisions": add_late_decision,
+        "late_observations": add_late_observation,
     }
 
 

@@ -13,6 +13,10 @@ no ``timestamp_attribute`` (each element is stamped with its publish time), and
   the join could only report it beyond the horizon, or not at all once its session is gone;
 * every other message goes on stamped with its event time.
 
+With ``privacy`` (a ``loopline.privacy.PayloadPrivacy``), the payload of a refused or late
+message is redacted as the parse steps redact theirs (``transforms.events.redact``): no raw
+value the blueprint keeps private reaches ``rejected/`` or ``late/``.
+
 Lateness is measured at the source, from the publish time, which is what the read's watermark
 is made of: a message held back in the subscription (a job restarted after an hour) is not
 late, a message published late is, on every runner and however far the watermark has got.
@@ -43,6 +47,8 @@ from loopline.events import (
     format_event_time,
     parse_event_time,
 )
+from loopline.privacy import PayloadPrivacy
+from transforms.events import redact
 from transforms.sources import EVENT_TIME_ATTRIBUTE
 
 LATE = "late"
@@ -90,10 +96,17 @@ class AssignEventTime(beam.DoFn):
     gives without ``timestamp_attribute``).
     """
 
-    def __init__(self, kind: str, allowed_lateness_ms: int, attribute: str = EVENT_TIME_ATTRIBUTE):
+    def __init__(
+        self,
+        kind: str,
+        allowed_lateness_ms: int,
+        attribute: str = EVENT_TIME_ATTRIBUTE,
+        privacy: PayloadPrivacy | None = None,
+    ):
         self._kind = kind
         self._allowed_lateness_ms = allowed_lateness_ms
         self._attribute = attribute
+        self._privacy = privacy
 
     def setup(self) -> None:
         self._read = Metrics.counter(METRICS_NAMESPACE, f"{self._kind}s_read")
@@ -106,9 +119,8 @@ class AssignEventTime(beam.DoFn):
             event_ms = event_time_of(getattr(message, "attributes", None), self._attribute)
         except (TypeError, ValueError) as e:
             self._bad_time.inc()
-            yield beam.pvalue.TaggedOutput(
-                _REJECTED, Refusal(BAD_TIME, self._kind, _payload_text(message), str(e))
-            )
+            refusal = Refusal(BAD_TIME, self._kind, _payload_text(message), str(e))
+            yield beam.pvalue.TaggedOutput(_REJECTED, self._redacted(refusal, message))
             return
         published_ms = timestamp.micros // 1000
         if published_ms - event_ms > self._allowed_lateness_ms:
@@ -118,21 +130,30 @@ class AssignEventTime(beam.DoFn):
                 f"{published_ms - event_ms} ms after its event time "
                 f"{format_event_time(event_ms)}; allowed lateness {self._allowed_lateness_ms} ms"
             )
-            yield beam.pvalue.TaggedOutput(
-                _LATE, Refusal(LATE, self._kind, _payload_text(message), detail)
-            )
+            refusal = Refusal(LATE, self._kind, _payload_text(message), detail)
+            yield beam.pvalue.TaggedOutput(_LATE, self._redacted(refusal, message))
             return
         yield TimestampedValue(message, Timestamp(micros=event_ms * 1000))
+
+    def _redacted(self, refusal: Refusal, message: Any) -> Refusal:
+        if self._privacy is None:
+            return refusal
+        return redact(refusal, getattr(message, "data", message), self._privacy)
 
 
 @beam.ptransform_fn
 def assign_event_time(
-    messages: Any, kind: str, allowed_lateness_ms: int, attribute: str = EVENT_TIME_ATTRIBUTE
+    messages: Any,
+    kind: str,
+    allowed_lateness_ms: int,
+    attribute: str = EVENT_TIME_ATTRIBUTE,
+    privacy: PayloadPrivacy | None = None,
 ) -> PubSubEvents:
     """``AssignEventTime`` on Pub/Sub messages stamped by publish time; ``PubSubEvents``.
 
     ``kind`` is ``decision`` or ``observation`` (it names the counters and dead letters);
-    ``attribute`` holds the event time (``loopline.sinks.PubSubSink`` writes ``event_time``).
+    ``attribute`` holds the event time (``loopline.sinks.PubSubSink`` writes ``event_time``);
+    ``privacy`` redacts the payloads of refused and late messages.
 
         >>> events = messages | assign_event_time("observation", allowed_lateness_ms=600_000)
         >>> parsed = events.messages | ParseObservations(blueprint, format="pubsub")
@@ -140,6 +161,6 @@ def assign_event_time(
     if kind not in (DECISION, OBSERVATION):
         raise ValueError(f"kind must be {DECISION!r} or {OBSERVATION!r}, got {kind!r}")
     results = messages | beam.ParDo(
-        AssignEventTime(kind, allowed_lateness_ms, attribute)
+        AssignEventTime(kind, allowed_lateness_ms, attribute, privacy)
     ).with_outputs(_REJECTED, _LATE, main=_MESSAGES)
     return PubSubEvents(results[_MESSAGES], results[_REJECTED], results[_LATE])

@@ -43,7 +43,12 @@ Bucket layout (one day = one UTC date, ``{{ ds }}``; every path is a function of
 and the day, so re-running a day rewrites the same paths, which are cleared first):
 
     logs/<name>/<day>/decisions-*.jsonl, observations-*.jsonl   the product's logs
-    work/<name>/<day>/observations/      the observations of the day's label horizon, staged
+    work/<name>/<day>/observations/      the observation logs that can hold the day's labels
+                                        (the day before through the label horizon's day),
+                                        staged; the join reads them with the day as its
+                                        --observations_from/--observations_until, so the
+                                        other days' own observations are out of its range,
+                                        never its orphans
     data/<name>/<day>/                   the join's span (manifest.json written last)
     pipeline_root/<name>/, serving/<name>/<version>/   TFX artifacts and pushed models
     serving/<name>/aliases.json          the registry: production, challenger, previous
@@ -126,6 +131,13 @@ def label_horizon(info: BlueprintInfo) -> timedelta:
 def observation_days(info: BlueprintInfo) -> int:
     """How many log days hold observations for one day of decisions (the day itself onward)."""
     return 1 + math.ceil(label_horizon(info) / timedelta(days=1))
+
+
+def observation_log_days(info: BlueprintInfo) -> range:
+    """The log days (offsets from the day) the join reads observations from: the day before
+    too, since a log file is filed under the day it was opened (up to ``LOG_FLUSH_DELAY``
+    before its last event) and an observation may precede its decision by the backward slack."""
+    return range(-1, observation_days(info))
 
 
 def duration_param(delta: timedelta) -> str:
@@ -273,7 +285,7 @@ def build_dag(info: BlueprintInfo) -> DAG:
             source_bucket=BUCKET,
             source_objects=[
                 f"logs/{name}/{{{{ macros.ds_add(ds, {day}) }}}}/observations-"
-                for day in range(observation_days(info))
+                for day in observation_log_days(info)
             ],
             destination_bucket=BUCKET,
             destination_object=staged_observations,
@@ -287,6 +299,9 @@ def build_dag(info: BlueprintInfo) -> DAG:
             {
                 "decisions": f"{GS}/logs/{name}/{{{{ ds }}}}/decisions-*.jsonl",
                 "observations": f"{GS}/{staged_observations}*.jsonl",
+                # The day's own observations; the staged logs around it only label its decisions.
+                "observations_from": "{{ ds }}T00:00:00Z",
+                "observations_until": f"{NEXT_DS}T00:00:00Z",
                 "blueprint": blueprint,
                 "output": span,
                 "allowed_lateness": duration_param(ALLOWED_LATENESS),
