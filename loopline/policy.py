@@ -16,12 +16,18 @@ Blueprint ``policy`` section (``type`` defaults to ``threshold``)::
     policy: {type: threshold, threshold: 0.5, fallback: 1}
     policy: {type: epsilon_greedy, threshold: 0.5, epsilon: 0.05, seed: 7}
     policy: {type: top_k, k: 3, group_feature: user_id}
-    policy: {type: thompson, arms: 2, prior: [1, 1], draws: 2000, seed: 7}
+    policy: {type: thompson, arms: 2, prior: [1, 1], draws: 2000, seed: 7,
+             posterior: gs://bucket/notify/thompson.json}
+
+A Thompson policy's ``posterior`` is the state file ``python -m pipelines.update_bandit`` keeps
+up to date from joined spans (``ThompsonSampling.state``); the policy starts from it when it
+exists, from the prior when no span has been learnt yet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -204,6 +210,31 @@ class ThompsonSampling(Policy):
         self.alpha[arm] += reward
         self.beta[arm] += 1.0 - reward
 
+    def learn(self, successes: Sequence[float], failures: Sequence[float]) -> None:
+        """Adds each arm's summed rewards and summed (1 - reward)s (``reward_counts``)."""
+        if len(successes) != self.arms or len(failures) != self.arms:
+            raise ValueError(f"counts for {self.arms} arms are needed")
+        for arm in range(self.arms):
+            self.alpha[arm] += float(successes[arm])
+            self.beta[arm] += float(failures[arm])
+
+    def state(self) -> dict:
+        """The posterior as a JSON-able document: ``{"arms", "alpha", "beta"}``."""
+        return {"arms": self.arms, "alpha": list(self.alpha), "beta": list(self.beta)}
+
+    def load_state(self, state: dict) -> ThompsonSampling:
+        """Replaces the posterior with ``state`` (as ``state()`` writes it); returns self.
+
+        PolicyError when it is for another number of arms or is not a posterior."""
+        alpha, beta = state.get("alpha"), state.get("beta")
+        if state.get("arms") != self.arms or not _posterior_side(alpha, self.arms):
+            raise PolicyError(f"a posterior state for {self.arms} arms is needed, got {state!r}")
+        if not _posterior_side(beta, self.arms):
+            raise PolicyError(f"a posterior state for {self.arms} arms is needed, got {state!r}")
+        self.alpha = [float(a) for a in alpha]
+        self.beta = [float(b) for b in beta]
+        return self
+
     def arm_probabilities(self) -> np.ndarray:
         """P(arm is best) under the posteriors, estimated with ``draws`` seeded draws."""
         state = (tuple(self.alpha), tuple(self.beta))
@@ -258,10 +289,36 @@ class FallbackPolicy(Policy):
         return {"type": "fallback", "decision": self.decision}
 
 
+def reward_counts(
+    arms: int, chosen: Sequence[int], rewards: Sequence[float]
+) -> tuple[list[float], list[float], int]:
+    """(successes per arm, failures per arm, rows skipped) from logged outcomes: row ``i`` chose
+    arm ``chosen[i]`` and earned ``rewards[i]`` in [0, 1] (a clicked label: 0 or 1).
+
+    A pure function over a span's columns (``pipelines.update_bandit`` reads them): a row whose
+    arm is not one of the policy's (an absent decision, -1) or whose reward is not in [0, 1] is
+    skipped and counted, never guessed.
+
+        >>> reward_counts(2, [0, 1, 1, -1], [1, 0, 1, 1])
+        ([1.0, 1.0], [0.0, 1.0], 1)
+    """
+    successes, failures, skipped = [0.0] * arms, [0.0] * arms, 0
+    for arm, reward in zip(chosen, rewards, strict=True):
+        reward = float(reward)
+        if not (0 <= arm < arms) or not 0.0 <= reward <= 1.0:
+            skipped += 1
+            continue
+        successes[int(arm)] += reward
+        failures[int(arm)] += 1.0 - reward
+    return successes, failures, skipped
+
+
 def policy_from_blueprint(blueprint, seed: int | None = None) -> Policy:
     """The policy a blueprint's ``policy`` section describes.
 
-    ``seed`` overrides ``policy.seed`` (default 0). Raises PolicyError naming the field.
+    ``seed`` overrides ``policy.seed`` (default 0). Raises PolicyError naming the field. A
+    Thompson policy with a ``posterior`` path starts from the state stored there (through
+    loopline.storage, so local or ``gs://``), from its prior while there is none yet.
 
         >>> policy_from_blueprint(load_blueprint("examples/notify.yaml")).describe()["type"]
         'epsilon_greedy'
@@ -276,7 +333,7 @@ def policy_from_blueprint(blueprint, seed: int | None = None) -> Policy:
         "threshold": {"threshold"},
         "epsilon_greedy": {"threshold", "epsilon"},
         "top_k": {"k", "group_feature"},
-        "thompson": {"arms", "prior", "draws"},
+        "thompson": {"arms", "prior", "draws", "posterior"},
     }
     if kind not in known:
         raise PolicyError(f"policy.type must be one of {', '.join(POLICY_TYPES)}, got {kind!r}")
@@ -298,12 +355,38 @@ def policy_from_blueprint(blueprint, seed: int | None = None) -> Policy:
         if group is not None and group not in blueprint.feature_names:
             raise PolicyError(f"policy.group_feature {group!r} is not a feature of the blueprint")
         return TopKPolicy(config.get("k", 1), group)
-    return ThompsonSampling(
+    thompson = ThompsonSampling(
         config.get("arms", 2),
         tuple(config.get("prior", (1.0, 1.0))),
         config.get("draws", 2000),
         seed,
     )
+    posterior = config.get("posterior")
+    if posterior is None:
+        return thompson
+    if not isinstance(posterior, str) or not posterior:
+        raise PolicyError(f"policy.posterior must be a path, got {posterior!r}")
+    from loopline import storage
+
+    data = storage.read_if_exists(posterior)
+    if data is None:
+        return thompson
+    try:
+        return thompson.load_state(json.loads(data))
+    except (ValueError, AttributeError) as e:
+        raise PolicyError(f"policy.posterior {posterior} is not a posterior state ({e})") from None
+
+
+def _posterior_side(values: Any, arms: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == arms
+        and all(_is_number(v) and v > 0 for v in values)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_probability(value: Any) -> bool:

@@ -10,6 +10,12 @@ file holds no per-decision-type code. Preprocessing by feature type:
 - ``int_list`` / ``float_list``: the mean and the length of the list, each z-scored;
 - pseudonymised identifiers (high-cardinality HMAC strings): hashed into buckets, not a vocabulary.
 
+The blueprint's ``model.encodings`` overrides that for a numeric feature whose number is not a
+quantity a z-score serves (``ENCODINGS``): ``categorical`` gives each value its own id, like a
+string (an hour of the day: the night and the evening differ, noon is not "between" them);
+``log`` z-scores ``log1p`` of a non-negative, heavy-tailed count (tenure in days: the first
+month differs, year 3 and year 4 do not), and of a list's mean.
+
 Training is treatment-aware. Transform also writes each row's sample weight (``SAMPLE_WEIGHT``)
 from its decision provenance, never a model input: 0 where the label was not observable
 (``label.observable_when``; for notify, a notification that was not sent), otherwise the
@@ -44,21 +50,45 @@ CATEGORICAL = "categorical"
 # The transformed column holding each row's weight in the loss (see the module docstring).
 SAMPLE_WEIGHT = "__sample_weight"
 
+# How a numeric feature may reach the model besides the default z-score (see the docstring).
+ENCODINGS = ("zscore", "log", "categorical")
+
 DEFAULT_MODEL = {
     "hidden_units": [32, 16],
     "epochs": 5,
     "batch_size": 128,
     "learning_rate": 0.003,
-    "hash_buckets": 100,
+    # L2 penalty on the hidden layers' weights: a span of a few thousand labelled rows meets
+    # a one-hot input of a thousand hashed ids, which an unpenalised network memorises.
+    "l2": 0.001,
+    # Enough buckets that a few hundred pseudonymised ids rarely share one (100 buckets for 200
+    # users put most of them in a shared bucket, blurring each user's own rate).
+    "hash_buckets": 1000,
     "vocab_top_k": 1000,
+    "encodings": {},
 }
 
 
 def model_settings(custom_config: dict) -> dict:
-    """The blueprint's ``model`` section over the defaults."""
+    """The blueprint's ``model`` section over the defaults; a ValueError names a bad encoding."""
     settings = dict(DEFAULT_MODEL)
     settings.update({k: v for k, v in (custom_config.get("model") or {}).items() if v is not None})
+    types = {f["name"]: f["type"] for f in custom_config.get("features", ())}
+    for name, encoding in dict(settings["encodings"]).items():
+        if encoding not in ENCODINGS:
+            raise ValueError(
+                f"model.encodings.{name}: {encoding!r} is not one of {', '.join(ENCODINGS)}"
+            )
+        ftype = types.get(name)
+        if ftype is None or ftype.startswith("string"):
+            raise ValueError(f"model.encodings.{name}: not a numeric feature of the blueprint")
+        if encoding == "categorical" and not ftype.startswith("int"):
+            raise ValueError(f"model.encodings.{name}: only int features can be categorical")
     return settings
+
+
+def _encoding(settings: dict, name: str) -> str:
+    return dict(settings["encodings"]).get(name, "zscore")
 
 
 def transformed_features(custom_config: dict) -> dict[str, tuple[str, str | None]]:
@@ -70,10 +100,13 @@ def transformed_features(custom_config: dict) -> dict[str, tuple[str, str | None
     {'country': ('categorical', 'country_vocab')}
     """
     hashed = set(custom_config.get("hashed", ()))
+    settings = model_settings(custom_config)
     plan: dict[str, tuple[str, str | None]] = {}
     for feature in custom_config["features"]:
         name, ftype = feature["name"], feature["type"]
-        if ftype in ("int", "float"):
+        if _encoding(settings, name) == "categorical":
+            plan[name] = (CATEGORICAL, f"{name}_vocab")
+        elif ftype in ("int", "float"):
             plan[name] = (NUMERIC, None)
         elif ftype in ("int_list", "float_list"):
             plan[f"{name}__mean"] = (NUMERIC, None)
@@ -93,8 +126,22 @@ def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
     for feature in custom_config["features"]:
         name, ftype = feature["name"], feature["type"]
         x = inputs[name]
-        if ftype in ("int", "float"):
-            outputs[name] = tft.scale_to_z_score(_scalar(x, 0, tf.float32))
+        encoding = _encoding(settings, name)
+        if encoding == "categorical":  # each value its own id: int_list -> a bag of ids
+            ids = _scalar(x, 0, tf.int64) if ftype == "int" else _sparse(x)
+            strings = (
+                tf.strings.as_string(ids)
+                if ftype == "int"
+                else tf.sparse.map_values(tf.strings.as_string, ids)
+            )
+            outputs[name] = tft.compute_and_apply_vocabulary(
+                strings,
+                top_k=settings["vocab_top_k"],
+                num_oov_buckets=1,
+                vocab_filename=f"{name}_vocab",
+            )
+        elif ftype in ("int", "float"):
+            outputs[name] = tft.scale_to_z_score(_scaled(_scalar(x, 0, tf.float32), encoding))
         elif ftype in ("int_list", "float_list"):
             values = tf.sparse.map_values(tf.cast, _sparse(x), tf.float32)
             total = tf.sparse.reduce_sum(values, axis=1, keepdims=True)
@@ -105,7 +152,7 @@ def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
                 tf.float32,
             )
             outputs[f"{name}__mean"] = tft.scale_to_z_score(
-                tf.reshape(tf.math.divide_no_nan(total, length), [-1, 1])
+                _scaled(tf.reshape(tf.math.divide_no_nan(total, length), [-1, 1]), encoding)
             )
             outputs[f"{name}__len"] = tft.scale_to_z_score(tf.reshape(length, [-1, 1]))
         else:  # string, string_list
@@ -155,6 +202,11 @@ def sample_weight(inputs: dict, label_config: dict, like: tf.Tensor) -> tf.Tenso
         clip = float(label_config.get("ips_clip", 10.0))
         weight *= tf.where(known, tf.minimum(inverse, clip), tf.ones_like(inverse))
     return weight
+
+
+def _scaled(x: tf.Tensor, encoding: str) -> tf.Tensor:
+    """``x`` before its z-score: ``log1p`` of its non-negative part for ``log``, else as is."""
+    return tf.math.log1p(tf.maximum(x, 0.0)) if encoding == "log" else x
 
 
 def _optional_scalar(x) -> tuple[tf.Tensor, tf.Tensor]:
@@ -219,8 +271,14 @@ def build_model(custom_config: dict, tf_transform_output) -> keras.Model:
                 )(inputs[name])
             )
     x = keras.layers.concatenate(encoded) if len(encoded) > 1 else encoded[0]
+    penalty = float(settings["l2"])
     for i, units in enumerate(settings["hidden_units"]):
-        x = keras.layers.Dense(int(units), activation="relu", name=f"hidden_{i}")(x)
+        x = keras.layers.Dense(
+            int(units),
+            activation="relu",
+            kernel_regularizer=keras.regularizers.l2(penalty) if penalty > 0 else None,
+            name=f"hidden_{i}",
+        )(x)
     binary = custom_config["label"]["type"] == "int"
     output = keras.layers.Dense(1, activation="sigmoid" if binary else None, name="score")(x)
     model = keras.Model(inputs=inputs, outputs=output)

@@ -1,6 +1,7 @@
 """Decision policies: exact thresholds and top-k, exploration rates and propensities, Thompson
 sampling learning, determinism for a seed."""
 
+import json
 import math
 import random
 from dataclasses import replace
@@ -16,6 +17,7 @@ from loopline.policy import (
     ThresholdPolicy,
     TopKPolicy,
     policy_from_blueprint,
+    reward_counts,
     unit_uniform,
 )
 
@@ -174,3 +176,122 @@ def test_policy_from_blueprint_builds_each_type(blueprint):
 def test_policy_from_blueprint_refuses_bad_sections(blueprint, section, field):
     with pytest.raises(PolicyError, match=field):
         policy_from_blueprint(replace(blueprint, policy=section))
+
+
+# ----------------------------------------------------------------- Thompson posteriors from spans
+
+
+def test_reward_counts_sum_each_arms_rewards_and_skip_rows_without_an_arm_or_a_reward():
+    successes, failures, skipped = reward_counts(3, [0, 2, 2, 1, -1, 5, 0], [1, 1, 0, 0, 1, 1, 7])
+    assert (successes, failures, skipped) == ([1.0, 0.0, 1.0], [0.0, 1.0, 1.0], 3)
+
+
+def test_thompson_state_round_trips_and_refuses_another_number_of_arms():
+    learnt = ThompsonSampling(arms=2, seed=1)
+    learnt.learn([3.0, 9.0], [40.0, 20.0])
+    restored = ThompsonSampling(arms=2, seed=1).load_state(learnt.state())
+    assert (restored.alpha, restored.beta) == ([4.0, 10.0], [41.0, 21.0])
+    assert restored.choose(0.0, "d") == learnt.choose(0.0, "d")
+    with pytest.raises(PolicyError, match="for 3 arms"):
+        ThompsonSampling(arms=3).load_state(learnt.state())
+
+
+def test_thompson_policy_starts_from_its_stored_posterior_or_from_the_prior(tmp_path, blueprint):
+    state = tmp_path / "thompson.json"
+    section = {"type": "thompson", "arms": 2, "prior": [1, 1], "posterior": str(state)}
+    fresh = policy_from_blueprint(replace(blueprint, policy=section))
+    assert (fresh.alpha, fresh.beta) == ([1.0, 1.0], [1.0, 1.0])  # no span learnt yet
+    state.write_text(json.dumps({"arms": 2, "alpha": [2.0, 30.0], "beta": [50.0, 70.0]}))
+    stored = policy_from_blueprint(replace(blueprint, policy=section))
+    assert (stored.alpha, stored.beta) == ([2.0, 30.0], [50.0, 70.0])
+    state.write_text("{not json")
+    with pytest.raises(PolicyError, match="policy.posterior"):
+        policy_from_blueprint(replace(blueprint, policy=section))
+
+
+TRUE_ARM_RATES = (0.05, 0.12)  # the simulated truth: arm 1 earns more than twice as often
+
+
+def _bandit_blueprint(tmp_path):
+    """The example blueprint with a two-armed Thompson policy whose every reward is observed,
+    written next to its state file: (path, blueprint)."""
+    import yaml
+
+    from loopline.blueprint import load_blueprint
+    from tests.conftest import EXAMPLE_BLUEPRINT
+
+    section = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
+    section["policy"] = {
+        "type": "thompson",
+        "arms": 2,
+        "seed": 3,
+        "posterior": str(tmp_path / "thompson.json"),
+    }
+    section["label"].pop("observable_when")
+    path = tmp_path / "bandit.yaml"
+    path.write_text(yaml.safe_dump(section))
+    return str(path), load_blueprint(path)
+
+
+def _write_span(span, rows):
+    """A complete span (manifest last) of examples holding just ``decision`` and the label."""
+    import tensorflow as tf
+
+    for split in ("train", "eval"):
+        folder = span / "examples" / split
+        folder.mkdir(parents=True)
+        options = tf.io.TFRecordOptions(compression_type="GZIP")
+        with tf.io.TFRecordWriter(str(folder / "part-0.tfrecord.gz"), options) as writer:
+            for i, (arm, clicked) in enumerate(rows):
+                if (i % 5 == 0) == (split == "eval"):
+                    feature = {
+                        "decision": tf.train.Feature(int64_list=tf.train.Int64List(value=[arm])),
+                        "clicked": tf.train.Feature(int64_list=tf.train.Int64List(value=[clicked])),
+                    }
+                    writer.write(
+                        tf.train.Example(
+                            features=tf.train.Features(feature=feature)
+                        ).SerializeToString()
+                    )
+    (span / "manifest.json").write_text(json.dumps({"span": span.name, "examples": len(rows)}))
+
+
+def test_posteriors_learnt_from_daily_spans_converge_and_shift_traffic_to_the_better_arm(tmp_path):
+    """Day after day the policy, started from the stored posterior, decides; the simulated
+    truth gives the rewards; the join's span goes to pipelines.update_bandit."""
+    from pipelines import update_bandit
+
+    path, bandit = _bandit_blueprint(tmp_path)
+    rng = random.Random(11)
+    shares = []
+    for day in range(6):
+        policy = policy_from_blueprint(bandit)
+        chosen = [policy.choose(0.0, f"day{day}-{i}").decision for i in range(2000)]
+        rows = [(arm, int(rng.random() < TRUE_ARM_RATES[arm])) for arm in chosen]
+        shares.append(sum(chosen) / len(chosen))
+        span = tmp_path / "data" / f"2026-11-0{day + 1}"
+        _write_span(span, rows)
+        assert update_bandit.run(["--span", str(span), "--blueprint", path]) == 0
+    learnt = policy_from_blueprint(bandit)
+    for arm, truth in enumerate(TRUE_ARM_RATES):
+        a, b = learnt.alpha[arm], learnt.beta[arm]
+        sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+        assert abs(a / (a + b) - truth) <= 4 * sd, (arm, a, b)
+    assert learnt.beta[1] + learnt.alpha[1] > 8000  # most of the 12,000 pulls went to arm 1
+    assert 0.3 <= shares[0] <= 0.7  # the prior: no arm preferred
+    assert shares[-1] >= 0.95, shares
+
+
+def test_a_span_is_learnt_once(tmp_path, capsys):
+    from pipelines import update_bandit
+
+    path, _ = _bandit_blueprint(tmp_path)
+    span = tmp_path / "data" / "2026-11-01"
+    _write_span(span, [(0, 1), (1, 0), (1, 1)] * 10)
+    argv = ["--span", str(span), "--blueprint", path]
+    assert update_bandit.run(argv) == 0
+    once = (tmp_path / "thompson.json").read_text()
+    assert update_bandit.run(argv) == 0
+    assert (tmp_path / "thompson.json").read_text() == once
+    assert "no change: span" in capsys.readouterr().out
+    assert json.loads(once)["alpha"] == [11.0, 11.0]
