@@ -127,9 +127,12 @@ def example_source(spans: list[Span], pipeline_root: str) -> ExampleSource:
     listed = {(i, split): manifest_files(span, split) for i, span in enumerate(spans)
               for split in ("train", "eval")}  # fmt: skip
     if len(spans) == 1 and all(
-        files == spans[0].split_files(split) for (_, split), files in listed.items()
+        files == spans[0].example_files(split) for (_, split), files in listed.items()
     ):
-        return ExampleSource(str(spans[0].path), tuple(spans))
+        # Read in place, local or gs:// (the daily DAG trains on the day's span in its bucket).
+        return ExampleSource(spans[0].uri, tuple(spans))
+    # Staging symlinks needs local spans (Span.path says so in one line for a remote one).
+    listed = {key: [Path(f) for f in files] for key, files in listed.items()}
     identity = "\n".join(
         f"{spans[i].path.resolve()}|{split}|{f.name}" for (i, split), files in listed.items()
         for f in files
@@ -147,14 +150,15 @@ def example_source(spans: list[Span], pipeline_root: str) -> ExampleSource:
     return ExampleSource(str(staged), tuple(spans))
 
 
-def manifest_files(span: Span, split: str) -> list[Path]:
+def manifest_files(span: Span, split: str) -> list[str]:
     """The example files of one split that the span's manifest lists, found by name in the
-    span's own directory (so a copied or moved span still reads). A manifest written before
-    spans listed their files (no ``files``) falls back to every file of the split."""
+    span's own directory (so a copied or moved span still reads), as paths or URIs like the
+    span's. A manifest written before spans listed their files (no ``files``) falls back to
+    every file of the split."""
     listed = span.manifest.get("files", {}).get(split)
     if listed is None:
-        return span.split_files(split)
-    return sorted(span.path / "examples" / split / PurePosixPath(p).name for p in listed)
+        return span.example_files(split)
+    return sorted(storage.join(span.uri, "examples", split, PurePosixPath(p).name) for p in listed)
 
 
 def runtime_example_source(default: str) -> ExampleSource:
@@ -363,8 +367,8 @@ def provenance_recorded(spans: list[Span], blueprint: Blueprint) -> bool:
     the gate must judge all rows: the observable slice would be missing."""
     columns = {column for column, _ in blueprint.label.observable_when}
     for span in spans:
-        example = _first_example(span.split_files("eval")) or _first_example(
-            span.split_files("train")
+        example = _first_example(span.example_files("eval")) or _first_example(
+            span.example_files("train")
         )
         if example is not None and not columns <= set(example.features.feature):
             return False
@@ -904,7 +908,8 @@ def build(config: TrainConfig) -> tfx.dsl.Pipeline:
     if config.compile_vertex:
         source = runtime_example_source(config.examples)
     else:
-        os.makedirs(config.pipeline_root, exist_ok=True)
+        if not storage.is_remote(config.pipeline_root):
+            os.makedirs(config.pipeline_root, exist_ok=True)
         source = example_source(list(config.spans), config.pipeline_root)
     schema_file = config.schema or write_blueprint_schema(config.blueprint, config.pipeline_root)
     return create_pipeline(

@@ -37,7 +37,8 @@ Everything environment-specific comes from Airflow Variables at run time (never 
     loopline_alert_email                optional, see loopline_dags.alerts
     loopline_pii_key_secret             the pseudonymisation key's Secret Manager version
                                         (projects/P/secrets/S/versions/V); needed only by
-                                        blueprints that pseudonymise (join and bulk scoring)
+                                        blueprints that pseudonymise (join, bulk scoring, and
+                                        monitoring when it has training statistics)
 
 Bucket layout (one day = one UTC date, ``{{ ds }}``; every path is a function of the blueprint
 and the day, so re-running a day rewrites the same paths, which are cleared first):
@@ -345,8 +346,10 @@ def build_dag(info: BlueprintInfo) -> DAG:
                 "blueprint": blueprint,
                 "manifest": f"{span}/manifest.json",
                 "output": f"{GS}/{monitor_prefix.rstrip('/')}",
-                # The production model's StatisticsGen output, for the skew report ("" = none).
+                # The serving model's StatisticsGen output, for the skew report ("" = none).
                 "training_stats": "{{ ti.xcom_pull(task_ids='find_training_stats') or '' }}",
+                # With training statistics, the scored features are pseudonymised as in training.
+                **pii_key,
             },
             hours=2,
         )

@@ -9,9 +9,11 @@ job. The answer is logged and kept as XCom for the record; it gates nothing: the
 scored with the ``production`` alias whether or not a model was pushed (the incumbent keeps
 scoring when the gate refuses a new model).
 
-Which statistics was the production model trained on? ``aliases.json`` names the production
-model id; its record (``SERVING_DIR/<version>.record.json``) names the StatisticsGen output
-(``"statistics": {"uri": ...}``), which the monitor compares the scored features with (skew).
+Which statistics was the serving model trained on? ``aliases.json`` names the production
+model id (until the first promotion, when production is the blueprint's fallback and no model,
+the challenger's: the only model that scored); its record (``SERVING_DIR/<version>.record.json``)
+names the StatisticsGen output (``"statistics": {"uri": ...}``), which the monitor compares the
+scored features with (skew).
 
     >>> newest_version(["1762000000/", "1762000000.record.json", "1762003600/saved_model.pb"])
     1762003600
@@ -76,12 +78,28 @@ def check_model_pushed(bucket: str, serving_prefix: str, **context: Any) -> str 
 
 def production_model_id(aliases: Any) -> str | None:
     """The model id ``aliases.json`` names as production, or None (no production model yet)."""
+    return alias_model_id(aliases, "production")
+
+
+def alias_model_id(aliases: Any, alias: str) -> str | None:
+    """The model id ``aliases.json`` names as ``alias``, or None (none yet)."""
     if not isinstance(aliases, dict):
         raise ValueError(f"{ALIASES} is not a JSON object")
-    model_id = aliases.get("production")
+    model_id = aliases.get(alias)
     if model_id is not None and not isinstance(model_id, str):
-        raise ValueError(f"{ALIASES}: production must be a model id or null, not {model_id!r}")
+        raise ValueError(f"{ALIASES}: {alias} must be a model id or null, not {model_id!r}")
     return model_id or None
+
+
+def serving_model_id(aliases: Any) -> tuple[str, str] | None:
+    """(alias, model id) of the model whose training data the scored features are compared
+    with: production's, else the challenger's (before the first promotion production is the
+    fallback policy, and the challenger the only model scoring), else None."""
+    for alias in ("production", "challenger"):
+        model_id = alias_model_id(aliases, alias)
+        if model_id is not None:
+            return alias, model_id
+    return None
 
 
 def training_statistics(record: Any) -> str | None:
@@ -109,9 +127,9 @@ def find_record(records: Iterable[tuple[str, Any]], model_id: str) -> tuple[str,
 
 
 def find_training_stats(bucket: str, serving_prefix: str, **_: Any) -> str:
-    """PythonOperator callable: the production model's training statistics uri (XCom), or ""
-    when there is no production model yet or its record names none (the monitor then makes no
-    skew report; the reason is logged)."""
+    """PythonOperator callable: the serving model's training statistics uri (XCom; production's,
+    else the challenger's), or "" when there is no model yet or its record names none (the
+    monitor then makes no skew report; the reason is logged)."""
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
 
     hook = GCSHook()
@@ -120,10 +138,11 @@ def find_training_stats(bucket: str, serving_prefix: str, **_: Any) -> str:
     if not hook.exists(bucket, prefix + ALIASES):
         print(f"no {ALIASES} in {where}: no production model, no training statistics for skew")
         return ""
-    model_id = production_model_id(json.loads(hook.download(bucket, prefix + ALIASES)))
-    if model_id is None:
-        print(f"{where}{ALIASES} names no production model: no training statistics for skew")
+    serving = serving_model_id(json.loads(hook.download(bucket, prefix + ALIASES)))
+    if serving is None:
+        print(f"{where}{ALIASES} names no model: no training statistics for skew")
         return ""
+    alias, model_id = serving
     names = [
         n for n in hook.list(bucket, prefix=prefix, delimiter="/") if n.endswith(RECORD_SUFFIX)
     ]
@@ -131,14 +150,14 @@ def find_training_stats(bucket: str, serving_prefix: str, **_: Any) -> str:
     if found is None:
         # A version pushed before the registry wrote records: serveable, but nothing says
         # what it was trained on.
-        print(f"production model {model_id} has no record in {where}: no skew report")
+        print(f"{alias} model {model_id} has no record in {where}: no skew report")
         return ""
     name, record = found
     uri = training_statistics(record)
     if uri is None:
         print(f"record gs://{bucket}/{name} names no training statistics: no skew report")
         return ""
-    print(f"production model {model_id} was trained on statistics {uri}")
+    print(f"{alias} model {model_id} was trained on statistics {uri}")
     return uri
 
 

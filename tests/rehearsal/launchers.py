@@ -32,7 +32,7 @@ import json
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,7 +54,9 @@ class Settings:
     journal: Path
     bucket: str
     timeout_s: int = 1800
-    blueprints: dict[str, str] = field(default_factory=dict)  # name -> file in examples/
+    # The blueprints baked into the image (cloudbuild.yaml compiles train-<name>.json with
+    # <name>.yaml from there); default the repository's examples/.
+    blueprint_dir: Path | None = None
 
 
 class JobFailed(RuntimeError):
@@ -104,7 +106,7 @@ def flex_template_argv(settings: Settings, body: dict) -> tuple[str, list[str]]:
 def train_argv(settings: Settings, template_path: str, pipeline_root: str, parameters: dict):
     """``python -m pipelines.train`` as cloudbuild.yaml compiled it into ``train-<name>.json``."""
     name = Path(template_path).stem.removeprefix("train-")
-    blueprint = settings.repo / "examples" / settings.blueprints.get(name, f"{name}.yaml")
+    blueprint = (settings.blueprint_dir or settings.repo / "examples") / f"{name}.yaml"
     return [
         settings.python,
         "-m",
@@ -117,6 +119,10 @@ def train_argv(settings: Settings, template_path: str, pipeline_root: str, param
         pipeline_root,
         "--serving_dir",
         f"gs://{settings.bucket}/serving/{name}",
+        # Vertex AI keeps ML Metadata in its own store, not under the pipeline root (SQLite
+        # cannot live on gs://); one file per blueprint, kept across days for the baseline.
+        "--metadata_path",
+        str(settings.journal.parent / f"vertex-metadata-{name}.sqlite"),
     ]
 
 
