@@ -118,7 +118,9 @@ class BulkScoreOptions(PipelineOptions):
             nargs="?",
             const=True,
             default=False,
-            help="Also write the scored decisions as decision events under OUTPUT/decisions/.",
+            help="Also write the scored decisions as decision events under OUTPUT/decisions/: the "
+            "product's decision log, raw features included as the decision client logs them "
+            "(the join pseudonymises them); keep it with the product's logs.",
         )
         parser.add_argument(
             "--min_batch_size",

@@ -52,6 +52,7 @@ from loopline_dags.models import (  # noqa: E402
     newest_version,
     production_model_id,
     pushed_version,
+    record_names,
     training_statistics,
 )
 
@@ -274,6 +275,22 @@ def test_production_record_is_found_by_model_id_name_or_version():
     assert find_record(records, "1793590000") == records[0]
     assert find_record(records, "notify-1793599000") == records[1]
     assert find_record(records, "b111") is None
+
+
+def test_records_are_the_files_beside_the_version_directories():
+    # A full listing of the serving prefix, as GCSHook.list gives it without a delimiter (with
+    # one it returns only the directories, and the records were never found).
+    names = [
+        "serving/notify/aliases.json",
+        "serving/notify/1793590000.record.json",
+        "serving/notify/1793590000/saved_model.pb",
+        "serving/notify/1793590000/assets/x.record.json",
+        "serving/notify/1793599000.record.json",
+    ]
+    assert record_names(names, "serving/notify/") == [
+        "serving/notify/1793590000.record.json",
+        "serving/notify/1793599000.record.json",
+    ]
 
 
 def test_training_statistics_uri_comes_from_the_record():

@@ -112,6 +112,12 @@ def training_statistics(record: Any) -> str | None:
     return statistics if isinstance(statistics, str) and statistics else None
 
 
+def record_names(names: Iterable[str], prefix: str) -> list[str]:
+    """The model records (``<prefix><version>.record.json``) among object ``names`` listed under
+    the serving ``prefix``; files inside version directories are not records."""
+    return [n for n in names if n.endswith(RECORD_SUFFIX) and "/" not in n[len(prefix) :]]
+
+
 def find_record(records: Iterable[tuple[str, Any]], model_id: str) -> tuple[str, dict] | None:
     """The (name, record) among ``records`` whose ``model_id`` is ``model_id``, or None.
 
@@ -143,9 +149,9 @@ def find_training_stats(bucket: str, serving_prefix: str, **_: Any) -> str:
         print(f"{where}{ALIASES} names no model: no training statistics for skew")
         return ""
     alias, model_id = serving
-    names = [
-        n for n in hook.list(bucket, prefix=prefix, delimiter="/") if n.endswith(RECORD_SUFFIX)
-    ]
+    # No delimiter: GCSHook.list returns only the "directories" when a level has any, and the
+    # records sit beside the version directories.
+    names = record_names(hook.list(bucket, prefix=prefix), prefix)
     found = find_record(((n, json.loads(hook.download(bucket, n))) for n in names), model_id)
     if found is None:
         # A version pushed before the registry wrote records: serveable, but nothing says
