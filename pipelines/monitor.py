@@ -41,6 +41,7 @@ from apache_beam import coders
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from loopline import storage
 from loopline.blueprint import Blueprint, BlueprintError, Guardrail
 from loopline.events import DECISION, OBSERVATION
 from loopline.readout import (
@@ -172,7 +173,10 @@ def _checked(opts: MonitorOptions) -> Blueprint:
             _require_matches(f"--{flag}", getattr(opts, flag))
     for flag in ("training_stats", "schema", "manifest"):
         path = getattr(opts, flag)
-        if path and not FileSystems.exists(path):
+        # --training_stats is StatisticsGen's output directory: on GCS a prefix, not an object.
+        if path and not (
+            storage.exists(path) or (flag == "training_stats" and storage.is_dir(path))
+        ):
             raise MonitorError(f"--{flag} {path!r} does not exist")
     if opts.training_stats and not opts.decisions:
         raise MonitorError(

@@ -92,3 +92,20 @@ def test_span_discovery_on_gcs_passes_over_an_incomplete_span(dataset_on_gcs):
 def test_training_checks_the_examples_on_gcs_against_the_blueprint(dataset_on_gcs, blueprint):
     spans = find_spans(dataset_on_gcs, "notify", newest=1)
     check_examples_match_blueprint(spans, blueprint)  # raises on a mismatch
+
+
+def test_the_monitor_takes_a_statisticsgen_directory_on_gcs(gcs_path, tmp_path):
+    """The DAG passes StatisticsGen's output uri: on GCS a prefix with objects, not an object."""
+    from pipelines import monitor
+
+    stats = f"{gcs_path}/pipeline_root/StatisticsGen/statistics/4"
+    storage.write_bytes(f"{stats}/Split-train/FeatureStats.pb", b"stats")
+    (tmp_path / "s.jsonl").write_text("")
+    base = ["--scores", str(tmp_path / "s.jsonl"), "--decisions", str(tmp_path / "s.jsonl"),
+            "--observations", str(tmp_path / "s.jsonl"), "--blueprint", "examples/notify.yaml",
+            "--output", str(tmp_path / "out")]  # fmt: skip
+    options = monitor.MonitorOptions([*base, "--training_stats", stats])
+    monitor._checked(options)  # a directory of objects is accepted
+    missing = monitor.MonitorOptions([*base, "--training_stats", f"{gcs_path}/nothing/here"])
+    with pytest.raises(monitor.MonitorError, match="does not exist"):
+        monitor._checked(missing)

@@ -119,7 +119,7 @@ def trained(streamed, tmp_path_factory) -> tuple[int, str, dict]:
         contextlib.redirect_stderr(err),
     ):
         mp.setenv("LOOPLINE_PII_KEY", KEY)
-        rc = train.run(
+        rc = train.main(
             [
                 "--blueprint", str(EXAMPLE_BLUEPRINT), "--dataset_root", str(streamed),
                 "--spans", str(len(windows)), "--pipeline_root", str(base / "pipeline_root"),
