@@ -66,7 +66,13 @@ GATE = {
     "max_policy_value_loss": 100.0,  # the off-policy check too: a few hundred rows a day
 }
 # The monitor's flags, relaxed for the same reason (a flag fails the monitor task).
-MONITOR_FLAGS = {"min_auc": 0.0, "max_calibration_error": 1.0}
+MONITOR_FLAGS = {
+    "min_auc": 0.0,
+    "max_calibration_error": 1.0,
+    # A few hundred scored rows against a few hundred trained on: skew is noise here.
+    "max_skew_jensen_shannon": 1.0,
+    "max_skew_linf": 1.0,
+}
 VARIABLES = {
     "AIRFLOW_VAR_LOOPLINE_PROJECT": "loopline-rehearsal",
     "AIRFLOW_VAR_LOOPLINE_REGION": "local",
