@@ -120,7 +120,8 @@ class BulkScoreOptions(PipelineOptions):
             default=False,
             help="Also write the scored decisions as decision events under OUTPUT/decisions/: the "
             "product's decision log, raw features included as the decision client logs them "
-            "(the join pseudonymises them); keep it with the product's logs.",
+            "(the join pseudonymises them): the one output of this job with raw values, off "
+            "by default; keep it with the product's logs.",
         )
         parser.add_argument(
             "--min_batch_size",

@@ -427,7 +427,8 @@ def build_dag(info: BlueprintInfo) -> DAG:
                 "model_version": SCORING_ALIAS,
                 "blueprint": blueprint,
                 "output": f"{GS}/scores/{name}/{NEXT_DS}",
-                "log_decisions": "true",
+                # No --log_decisions: the product logs what it serves with the decision
+                # client, and a job writes no raw feature (the blueprint's privacy).
                 **pii_key,
             },
             hours=4,
