@@ -42,6 +42,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from loopline import registry, storage
 from loopline.blueprint import Blueprint, BlueprintError
+from loopline.events import DECISION
 from loopline.examples import PiiKeyMissing, check_pii_key_secret, pii_key
 from loopline.experiment import CHALLENGER, PRODUCTION
 from loopline.policy import FallbackPolicy, PolicyError, TopKPolicy, policy_from_blueprint
@@ -67,6 +68,7 @@ from transforms.model_handler import SavedModelHandler
 from transforms.score_output import WriteFailures, WriteScores
 from transforms.scoring_failures import BAD_EXAMPLE, MISSING_DECISION_ID
 from transforms.scoring_input import ReadDecisionBatches
+from transforms.sources import ReadEvents
 
 PROG = "bulk_score"
 ROLLOUT = "rollout"  # --model_version: both arms of the blueprint's rollout
@@ -208,20 +210,13 @@ class ScoringJob:
 
     options: BulkScoreOptions
     blueprint: Blueprint
-    input_format: str
+    source: ReadEvents  # batched
     key: bytes | None
     arms: ArmModels | None = None
 
-
-def _input_format(options: BulkScoreOptions) -> str:
-    if options.input_format != "auto":
-        return options.input_format
-    pattern = options.input.lower()
-    if pattern.endswith((".avro",)):
-        return "avro"
-    if ".tfrecord" in pattern or pattern.endswith((".tfr", ".tfr.gz")):
-        return "tfrecord"
-    return "json"
+    @property
+    def input_format(self) -> str:
+        return self.source.parse_format
 
 
 def _blueprint(options: BulkScoreOptions, record: dict) -> Blueprint:
@@ -343,7 +338,18 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, ServingModel | N
         raise ConfigError(
             f"--max_failed_fraction must be in [0, 1], got {options.max_failed_fraction}"
         )
-    input_format = "record" if options.input_table else _input_format(options)
+    try:
+        source = ReadEvents(
+            DECISION,
+            pattern=options.input,
+            table=options.input_table,
+            format=options.input_format if options.input else "auto",
+            batching=batching(options),
+            validate=False,  # checked below, naming --input
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    input_format = source.parse_format
     if options.log_decisions and input_format == "tfrecord":
         raise ConfigError("--log_decisions needs decision events as input, not TFRecord examples")
     aliases = _rollout_aliases(options)
@@ -367,7 +373,7 @@ def resolve_job(options: BulkScoreOptions) -> tuple[ScoringJob, ServingModel | N
         key = pii_key(blueprint, options.pii_key_secret)
     if options.input and not FileSystems.match([options.input])[0].metadata_list:
         raise ConfigError(f"no files match --input {options.input}")
-    return ScoringJob(options, blueprint, input_format, key, arms), serving_model
+    return ScoringJob(options, blueprint, source, key, arms), serving_model
 
 
 def batch_bounds(min_batch_size: int | None, max_batch_size: int | None) -> tuple[int, int]:
@@ -440,13 +446,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: ScoringJob, serving_model) -> N
     top-k's GroupByKey.
     """
     options, blueprint = job.options, job.blueprint
-    read = pipeline | "ReadDecisions" >> ReadDecisionBatches(
-        job.input_format,
-        options.input,
-        blueprint,
-        batching(options),
-        table=options.input_table,
-    )
+    read = pipeline | "ReadDecisions" >> ReadDecisionBatches(job.source, blueprint)
     scoring = read.keyed | "ScoreDecisions" >> _scoring(job, serving_model)
     _ = scoring.scored | "WriteScores" >> WriteScores(
         options.output, options.output_table, options.log_decisions

@@ -32,6 +32,7 @@ from loopline.blueprint import Blueprint, BlueprintError, parse_duration
 from loopline.events import DECISION, OBSERVATION, parse_event_time
 from loopline.examples import PiiKeyMissing, pii_key
 from loopline.privacy import PayloadPrivacy
+from loopline.vocabulary import FILE_FORMATS, Format
 from pipelines.blueprint_io import read_blueprint
 from pipelines.launch import UsageError, counter_summary, parse_options
 from pipelines.launch import main as launch_main
@@ -39,7 +40,7 @@ from pipelines.options import PII_KEY_SECRET_HELP, add_shared_argument
 from transforms.events import ParseDecisions, ParseObservations, WriteQuarantine
 from transforms.join import ALL_TIME, JoinDecisions, ObservationRange
 from transforms.manifest import COUNT_NAMES, MANIFEST
-from transforms.sources import FILE_FORMATS, NoFilesMatched, ReadEvents, require_files
+from transforms.sources import NoFilesMatched, ReadEvents, detect_format, require_files
 from transforms.span import SpanInputs, WriteSpan
 from transforms.span_commit import SpanClaimLost, write_json_atomically
 from transforms.streaming import assign_event_time
@@ -268,6 +269,11 @@ def _source(
             parse_subscription(subscription)
         except ValueError as e:
             raise UsageError(f"--{kind}s_subscription: {e}") from None
+    if pattern and detect_format(pattern, format) == Format.TFRECORD:
+        raise UsageError(
+            f"--{kind}s {pattern!r} names TFRecord files: the join reads events (JSON lines or "
+            "Avro; --format says which), not examples"
+        )
     return ReadEvents(kind, pattern=pattern, table=table, subscription=subscription, format=format)
 
 

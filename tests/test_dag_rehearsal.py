@@ -209,11 +209,7 @@ def test_no_object_a_job_wrote_holds_a_raw_identifier(rehearsal):
     # The scan finds them where they belong: the product's own logs.
     logs = [d for n, d in rehearsal["objects"].items() if n.startswith(f"logs/{NAME}/")]
     assert any(pattern.search(d) for d in logs)
-    written = {
-        n: d
-        for n, d in rehearsal["objects"].items()
-        if not n.startswith(PRODUCT_INPUTS)
-    }
+    written = {n: d for n, d in rehearsal["objects"].items() if not n.startswith(PRODUCT_INPUTS)}
     assert any(n.startswith(f"data/{NAME}/") for n in written)
     assert any(n.startswith(f"scores/{NAME}/") for n in written)
     leaks = {n: pattern.search(d).group().decode() for n, d in written.items() if pattern.search(d)}

@@ -267,6 +267,15 @@ def test_input_pattern_matching_no_file_is_refused_before_the_pipeline_is_built(
     ]
 
 
+def test_a_tfrecord_pattern_is_refused_the_join_reads_events(logs, tmp_path, capsys, pii_key):
+    args = [a.replace("decisions-*.jsonl", "examples/*.tfrecord.gz") for a in _args(logs, tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        run(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names TFRecord files: the join reads events" in err[0]
+
+
 def test_streaming_needs_subscriptions(tmp_path, capsys, pii_key):
     with pytest.raises(SystemExit):
         run([*_args(tmp_path, tmp_path / "out"), "--streaming"])

@@ -1,7 +1,10 @@
-"""transforms.sources.ReadLineBatches: every line of every file exactly once, as ReadFromText
-reads it, whatever the split points and batch sizes."""
+"""transforms.sources: ReadLineBatches gives every line of every file exactly once, as
+ReadFromText reads it, whatever the split points and batch sizes; ReadEvents reads each source
+the same way one input or a batch at a time."""
 
 import gzip
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import apache_beam as beam
@@ -143,3 +146,84 @@ def test_a_bigquery_json_column_too_deep_to_read_is_left_for_the_parser_to_refus
     deep = "[" * 100_000 + "]" * 100_000
     record = bigquery_row_to_record({"decision_id": "d1", "features": deep, "observations": "{}"})
     assert record == {"decision_id": "d1", "features": deep, "observations": {}}
+
+
+# --- ReadEvents with batching: the same inputs, a batch at a time --------------------------
+
+
+def _write_inputs(tmp_path: Path, rows: list[dict]) -> dict[str, str]:
+    """The same rows as JSON lines (two files), Avro and TFRecord files: a pattern per format."""
+    import fastavro
+    import tensorflow as tf
+
+    lines = [json.dumps(row).encode() for row in rows]
+    (tmp_path / "d-1.jsonl").write_bytes(b"\n".join(lines[:7]) + b"\n")
+    (tmp_path / "d-2.jsonl").write_bytes(b"\n".join(lines[7:]))
+    schema = {
+        "type": "record",
+        "name": "Row",
+        "fields": [{"name": "decision_id", "type": "string"}, {"name": "n", "type": "long"}],
+    }
+    with open(tmp_path / "d.avro", "wb") as f:
+        fastavro.writer(f, schema, rows)
+    with tf.io.TFRecordWriter(str(tmp_path / "d.tfrecord")) as writer:
+        for line in lines:
+            writer.write(line)
+    return {
+        "json": str(tmp_path / "d-*.jsonl"),
+        "avro": str(tmp_path / "d.avro"),
+        "tfrecord": str(tmp_path / "d.tfrecord"),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["json", "avro", "tfrecord"])
+@pytest.mark.parametrize(
+    "batching",
+    [
+        {"min_batch_size": 4, "max_batch_size": 6},
+        {"min_batch_size": 3, "max_batch_size": 5, "max_batch_duration_secs": 60},
+    ],
+    ids=["by-size", "stateful"],
+)
+def test_batched_read_events_gives_every_input_once_in_bounded_batches(tmp_path, fmt, batching):
+    rows = [{"decision_id": f"d-{i}", "n": i} for i in range(23)]
+    pattern = _write_inputs(tmp_path, rows)[fmt]
+    source = ReadEvents("decision", pattern=pattern, batching=batching)
+    assert source.parse_format == ReadEvents("decision", pattern=pattern).parse_format == fmt
+    expected = rows if fmt == "avro" else [json.dumps(row).encode() for row in rows]
+
+    def bounded(sizes):
+        assert sum(sizes) == len(rows) and max(sizes) <= batching["max_batch_size"], sizes
+
+    with TestPipeline() as p:
+        batches = p | source
+        assert_that(batches | beam.FlatMap(lambda batch: batch), equal_to(expected))
+        assert_that(batches | beam.Map(len), bounded, label="Bounded")
+
+
+def test_batched_read_events_decodes_bigquery_rows_like_the_unbatched_read(monkeypatch):
+    """The BigQuery branch (ReadFromBigQuery replaced by Create: no emulator takes Beam's
+    export) decodes TIMESTAMP and JSON columns the same way batched or not."""
+    when = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+    row = {"decision_id": "d-1", "event_time": when, "features": '{"country": "PT"}'}
+    monkeypatch.setattr(
+        beam.io, "ReadFromBigQuery", lambda table, **kwargs: beam.Create([row, dict(row)])
+    )
+    record = bigquery_row_to_record(row)
+    assert record["event_time"] == int(when.timestamp() * 1000)
+    with TestPipeline() as p:
+        one_by_one = p | "OneByOne" >> ReadEvents("decision", table="p:d.t")
+        batched = p | "Batched" >> ReadEvents("decision", table="p:d.t", batching={})
+        assert_that(one_by_one, equal_to([record, record]))
+        assert_that(
+            batched | beam.FlatMap(lambda batch: batch), equal_to([record, record]), label="B"
+        )
+
+
+def test_read_events_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="Pub/Sub is read event by event"):
+        ReadEvents("decision", subscription="projects/p/subscriptions/s", batching={})
+    with pytest.raises(ValueError, match="TFRecord examples are decisions, not observations"):
+        ReadEvents("observation", pattern="spans/*.tfrecord.gz")
+    with pytest.raises(ValueError, match="format must be one of auto, json, avro, tfrecord"):
+        ReadEvents("decision", pattern="d.parquet", format="parquet")

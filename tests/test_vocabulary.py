@@ -39,7 +39,7 @@ def test_the_steps_import_the_one_definition():
     from pipelines import bulk_score
     from transforms import events, scoring_input, sources
 
-    assert sources.FILE_FORMATS is FILE_FORMATS and events.FORMATS is PARSE_FORMATS
+    assert sources.SCORING_FILE_FORMATS is SCORING_FILE_FORMATS and events.FORMATS is PARSE_FORMATS
     assert scoring_input.FORMATS is SCORING_INPUT_FORMATS
     assert bulk_score.INPUT_FORMATS is SCORING_FILE_FORMATS
 

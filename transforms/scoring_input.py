@@ -1,7 +1,8 @@
 """Bulk scoring's input: decisions read and cut into batches right after the read, each batch
 parsed and keyed by ``decision_id`` as one element, refusals as dead letters.
 
-    read = p | ReadDecisionBatches("json", "logs/decisions-*.jsonl", blueprint, batching)
+    source = ReadEvents(DECISION, pattern="logs/decisions-*.jsonl", batching=batching)
+    read = p | ReadDecisionBatches(source, blueprint)
     read.keyed    # lists of (decision_id, DecisionEvent | serialized tf.Example)
     read.failed   # ScoringFailure, one per row that could not be parsed or keyed
 
@@ -11,11 +12,7 @@ for its windows).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import json
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import apache_beam as beam
 import tensorflow as tf
@@ -32,7 +29,7 @@ from transforms.scoring_failures import (
     MISSING_DECISION_ID,
     ScoringFailure,
 )
-from transforms.sources import ReadLineBatches
+from transforms.sources import ReadEvents
 
 FAILED = "failed"
 KEY_STEP = "KeyExamples"
@@ -66,21 +63,12 @@ def key_example(serialized: bytes) -> Keyed | ScoringFailure:
         )
 
 
-def bigquery_row(row: Mapping[str, Any]) -> Mapping[str, Any]:
-    """BigQuery keeps ``features`` as a JSON string column; decode it for the parser."""
-    features = row.get("features")
-    if isinstance(features, str):
-        # Undecodable JSON stays a string: the parser refuses it with the right reason.
-        with contextlib.suppress(ValueError):
-            row = {**row, "features": json.loads(features)}
-    return row
-
-
 class KeyBatch(beam.DoFn):
     """A batch of raw rows to ONE list of ``(decision_id, value)`` (none for an empty one); rows
     that cannot be keyed leave one by one, tagged ``failed``, as ScoringFailures.
 
-    For decision events (JSON lines, Avro records, BigQuery rows; ``fmt`` says which) the value is
+    For decision events (JSON lines, Avro records, BigQuery rows as ``ReadEvents`` decodes them;
+    ``fmt`` says which) the value is
     the ``DecisionEvent``, with ``transforms.events.parse_one``'s validation and ParseDecisions'
     counters (``loopline.parse``); for TFRecords (``fmt="tfrecord"``) it is the serialized
     example, keyed by its ``decision_id`` feature (refusals counted as ``loopline.score.<reason>``).
@@ -116,8 +104,6 @@ class KeyBatch(beam.DoFn):
             yield kept
 
     def _parse(self, raw) -> Keyed | ScoringFailure:
-        if self._fmt == "record":
-            raw = bigquery_row(raw)
         result = parse_one(raw, DECISION, self._fmt, self._blueprint)
         if isinstance(result, Refusal):
             self._rejected.inc()
@@ -128,75 +114,29 @@ class KeyBatch(beam.DoFn):
         return result.decision_id, result
 
 
-def join_chunks(chunks: list[list]) -> list:
-    """Batched chunks of lines as one batch of lines."""
-    return list(itertools.chain.from_iterable(chunks))
-
-
-def lines_of(chunk: list) -> list:
-    return chunk
-
-
 class DecisionBatches(NamedTuple):
     keyed: beam.PCollection  # list[(decision_id, DecisionEvent | bytes)]
     failed: beam.PCollection  # ScoringFailure
 
 
 class ReadDecisionBatches(beam.PTransform):
-    """Reads decisions in ``fmt`` from a file ``pattern`` (or, for ``record``, a BigQuery
-    ``table``) as batches within ``batching`` (``beam.BatchElements``' arguments), parsed and
-    keyed (``KeyBatch``).
+    """Decisions from a batched ``ReadEvents`` source (one made with ``batching``), parsed and
+    keyed a batch at a time (``KeyBatch``).
 
-    JSON lines are read in chunks of ``min_batch_size`` lines (``ReadLineBatches``) and batched
-    by line count, so that no step sees single lines; with ``max_batch_duration_secs`` (stateful
-    batching, which counts elements) the chunks are split back into lines first.
+        source = ReadEvents(DECISION, pattern="logs/d-*.jsonl", batching={"min_batch_size": 256})
+        read = p | ReadDecisionBatches(source, blueprint)
     """
 
-    def __init__(
-        self,
-        fmt: str,
-        pattern: str | None,
-        blueprint: Blueprint,
-        batching: Mapping[str, Any],
-        table: str | None = None,
-    ):
+    def __init__(self, source: ReadEvents, blueprint: Blueprint):
         super().__init__()
-        if fmt not in FORMATS:
-            raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        self._fmt = fmt
-        self._pattern = pattern
-        self._table = table
+        if source.kind != DECISION or source.batching is None:
+            raise ValueError("ReadDecisionBatches reads a batched ReadEvents source of decisions")
+        self._source = source
         self._blueprint = blueprint
-        self._batching = dict(batching)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> DecisionBatches:
-        batching = self._batching
-        if self._fmt == "json":
-            chunks = pbegin | "ReadLines" >> ReadLineBatches(
-                self._pattern, batch_lines=batching.get("min_batch_size", 1)
-            )
-            if "max_batch_duration_secs" in batching:
-                batches = (
-                    chunks
-                    | "Lines" >> beam.FlatMap(lines_of)
-                    | "Batch" >> beam.BatchElements(**batching)
-                )
-            else:
-                # Every batch holds min to max rows (but the last of a file range).
-                batches = (
-                    chunks
-                    | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
-                    | "JoinChunks" >> beam.Map(join_chunks)
-                )
-        else:
-            if self._fmt == "tfrecord":
-                raw = pbegin | "ReadExamples" >> beam.io.ReadFromTFRecord(self._pattern)
-            elif self._fmt == "record":
-                raw = pbegin | "ReadTable" >> beam.io.ReadFromBigQuery(table=self._table)
-            else:
-                raw = pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self._pattern)
-            batches = raw | "Batch" >> beam.BatchElements(**batching)
+        batches = pbegin | "Read" >> self._source
         keyed = batches | "ParseDecisions" >> beam.ParDo(
-            KeyBatch(self._blueprint, self._fmt)
+            KeyBatch(self._blueprint, self._source.parse_format)
         ).with_output_types(RowBatch).with_outputs(FAILED, main="keyed")
         return DecisionBatches(keyed.keyed, keyed[FAILED])

@@ -7,21 +7,27 @@ pipeline reads and parses the same way whatever the source:
     >>> raw = p | "ReadDecisions" >> source
     >>> parsed = raw | "ParseDecisions" >> ParseDecisions(blueprint, format=source.parse_format)
 
-* files: JSON lines through ``ReadFromText`` or Avro through ``ReadFromAvro`` (``format``
-  ``auto`` picks Avro for a pattern ending in ``.avro``, JSON lines otherwise). Lines are read
-  as ``bytes``: a line that is not UTF-8 reaches the parser, which refuses it as ``bad_json``,
-  instead of failing the whole read in ``ReadFromText``'s decoder. A pattern that matches no
-  file fails when the pipeline is built, with ``NoFilesMatched``;
+* files: JSON lines through ``ReadFromText``, Avro through ``ReadFromAvro`` or, for decisions
+  to score, the join's tf.Example TFRecords through ``ReadFromTFRecord`` (``format`` ``auto``
+  goes by the pattern's extension: ``.avro``, ``.tfrecord``/``.tfr``, else JSON lines). Lines
+  are read as ``bytes``: a line that is not UTF-8 reaches the parser, which refuses it as
+  ``bad_json``, instead of failing the whole read in ``ReadFromText``'s decoder. A pattern
+  that matches no file fails when the pipeline is built, with ``NoFilesMatched``;
 * BigQuery: ``ReadFromBigQuery`` rows, with ``TIMESTAMP`` columns as epoch milliseconds and
   JSON-string ``features`` / ``observations`` columns decoded (``format="record"``);
 * Pub/Sub: ``ReadFromPubSub`` messages with attributes, timestamped by their publish time
   (``format="pubsub"``), for streaming jobs; ``transforms.streaming.assign_event_time`` then
   stamps them with their ``event_time`` attribute.
+
+With ``batching`` (``beam.BatchElements``' arguments) a batch job's elements are lists of raw
+inputs rather than single ones, for steps that work a batch at a time (bulk scoring): JSON
+lines are then read in chunks (``ReadLineBatches``), so no step sees single lines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
@@ -32,7 +38,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from loopline.events import DECISION, OBSERVATION
-from loopline.vocabulary import FILE_FORMATS
+from loopline.vocabulary import SCORING_FILE_FORMATS, Format
 
 EVENT_TIME_ATTRIBUTE = "event_time"
 _JSON_COLUMNS = ("features", "observations")
@@ -44,16 +50,24 @@ READ_BLOCK_BYTES = 1 << 20
 
 
 def detect_format(pattern: str, format: str = "auto") -> str:
-    """``json`` or ``avro`` for a file pattern: the explicit ``format``, else by extension.
+    """``json``, ``avro`` or ``tfrecord`` for a file pattern: the explicit ``format``, else by
+    the pattern's extension.
 
     >>> detect_format("logs/decisions-*.avro"), detect_format("logs/decisions-*.jsonl")
     ('avro', 'json')
+    >>> detect_format("data/notify/*/examples/eval/*.tfrecord.gz")
+    'tfrecord'
     """
-    if format not in FILE_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FILE_FORMATS)}, got {format!r}")
-    if format != "auto":
-        return format
-    return "avro" if pattern.rstrip("*").lower().endswith(".avro") else "json"
+    if format not in SCORING_FILE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(SCORING_FILE_FORMATS)}, got {format!r}")
+    if format != Format.AUTO:
+        return Format(format).value
+    name = pattern.rstrip("*").lower()
+    if name.endswith(".avro"):
+        return Format.AVRO.value
+    if ".tfrecord" in name or name.endswith((".tfr", ".tfr.gz")):
+        return Format.TFRECORD.value
+    return Format.JSON.value
 
 
 def bigquery_row_to_record(row: dict) -> dict:
@@ -85,9 +99,14 @@ class ReadEvents(beam.PTransform):
         pattern: a file glob of JSON lines or Avro files (any Beam filesystem).
         table: a BigQuery table ``project:dataset.table`` or ``project.dataset.table``.
         subscription: a Pub/Sub subscription ``projects/P/subscriptions/S`` (streaming).
-        format: for files, ``auto`` (by extension), ``json`` or ``avro``.
+        format: for files, ``auto`` (by extension), ``json``, ``avro`` or (decisions only)
+            ``tfrecord``.
         bigquery_options: extra keyword arguments for ``ReadFromBigQuery`` (e.g. ``method``,
             ``gcs_location``).
+        batching: ``beam.BatchElements``' arguments: the elements are then lists of raw
+            inputs (not for Pub/Sub). JSON lines are read ``min_batch_size`` lines at a time
+            and batched by line count (split back into lines first under
+            ``max_batch_duration_secs``, stateful batching, which counts elements).
         validate: match a file pattern when the transform is applied, i.e. when the pipeline
             is built and before anything runs (as ``ReadFromText`` does), and raise
             ``NoFilesMatched`` (a ValueError), naming the join's flag (``--decisions`` or
@@ -105,6 +124,7 @@ class ReadEvents(beam.PTransform):
         format: str = "auto",
         bigquery_options: dict | None = None,
         validate: bool = True,
+        batching: dict | None = None,
     ):
         super().__init__()
         if kind not in (DECISION, OBSERVATION):
@@ -132,9 +152,14 @@ class ReadEvents(beam.PTransform):
         if pattern:
             self.parse_format = detect_format(pattern, format)
         elif table:
-            self.parse_format = "record"
+            self.parse_format = Format.RECORD.value
         else:
-            self.parse_format = "pubsub"
+            self.parse_format = Format.PUBSUB.value
+        if self.parse_format == Format.TFRECORD and kind != DECISION:
+            raise ValueError(f"TFRecord examples are decisions, not {kind}s: {pattern}")
+        if batching is not None and subscription:
+            raise ValueError("batching is for files and tables; Pub/Sub is read event by event")
+        self.batching = None if batching is None else dict(batching)
 
     @property
     def is_streaming(self) -> bool:
@@ -145,25 +170,85 @@ class ReadEvents(beam.PTransform):
             # Here rather than in __init__: a launcher makes its sources while it checks its
             # arguments, and a usage error found later must not be hidden behind this one.
             require_files(self.pattern, f"--{self.kind}s")
-        if self.pattern and self.parse_format == "avro":
-            return pbegin | "ReadAvro" >> beam.io.ReadFromAvro(self.pattern, validate=self.validate)
+        if self.batching is not None and self.parse_format == Format.JSON:
+            return pbegin | "ReadLineBatches" >> _BatchedLines(self.pattern, self.batching)
+        raw = pbegin | self._read()
+        if self.batching is None:
+            return raw
+        return raw | "Batch" >> beam.BatchElements(**self.batching)
+
+    def _read(self) -> beam.PTransform:
+        """The source itself: one raw input per element."""
+        if self.parse_format == Format.AVRO:
+            return "ReadAvro" >> beam.io.ReadFromAvro(self.pattern, validate=self.validate)
+        if self.parse_format == Format.TFRECORD:
+            return "ReadTFRecord" >> beam.io.ReadFromTFRecord(self.pattern, validate=self.validate)
         if self.pattern:
-            return pbegin | "ReadJsonLines" >> beam.io.ReadFromText(
+            return "ReadJsonLines" >> beam.io.ReadFromText(
                 self.pattern, coder=coders.BytesCoder(), validate=self.validate
             )
         if self.table:
-            return (
-                pbegin
-                | "ReadBigQuery"
-                >> beam.io.ReadFromBigQuery(table=self.table, **self.bigquery_options)
-                | "RowsToRecords" >> beam.Map(bigquery_row_to_record)
-            )
+            return "ReadBigQuery" >> _ReadBigQueryRecords(self.table, self.bigquery_options)
         # No timestamp_attribute: a value that does not parse would fail the read and be
         # redelivered forever. Elements carry their publish time; transforms.streaming's
         # AssignEventTime stamps them with the attribute, refusing bad ones as bad_time.
-        return pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(
+        return "ReadPubSub" >> beam.io.ReadFromPubSub(
             subscription=self.subscription, with_attributes=True
         )
+
+
+class _ReadBigQueryRecords(beam.PTransform):
+    """BigQuery rows as event records (``bigquery_row_to_record``)."""
+
+    def __init__(self, table: str, options: dict):
+        super().__init__()
+        self._table = table
+        self._options = options
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "Read" >> beam.io.ReadFromBigQuery(table=self._table, **self._options)
+            | "RowsToRecords" >> beam.Map(bigquery_row_to_record)
+        )
+
+
+class _BatchedLines(beam.PTransform):
+    """JSON lines as batches of ``batching``'s size: chunks of ``min_batch_size`` lines
+    (``ReadLineBatches``), batched by line count so every batch holds min to max lines (but the
+    last of a file range); with ``max_batch_duration_secs`` the chunks are split back into
+    lines first (stateful batching counts elements)."""
+
+    def __init__(self, pattern: str, batching: dict):
+        super().__init__()
+        self._pattern = pattern
+        self._batching = batching
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        batching = self._batching
+        chunks = pbegin | "Chunks" >> ReadLineBatches(
+            self._pattern, batch_lines=batching.get("min_batch_size", 1)
+        )
+        if "max_batch_duration_secs" in batching:
+            return (
+                chunks
+                | "Lines" >> beam.FlatMap(_lines_of)
+                | "Batch" >> beam.BatchElements(**batching)
+            )
+        return (
+            chunks
+            | "Batch" >> beam.BatchElements(element_size_fn=len, **batching)
+            | "JoinChunks" >> beam.Map(_join_chunks)
+        )
+
+
+def _join_chunks(chunks: list[list]) -> list:
+    """Batched chunks of lines as one batch of lines."""
+    return list(itertools.chain.from_iterable(chunks))
+
+
+def _lines_of(chunk: list) -> list:
+    return chunk
 
 
 def require_files(pattern: str, flag: str) -> None:
