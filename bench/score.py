@@ -44,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("LOOPLINE_PII_KEY", "bench-key-not-a-secret")
 
 from loopline.blueprint import load_blueprint  # noqa: E402
-from loopline.events import DECISION, Refusal  # noqa: E402
+from loopline.events import DECISION, DeadLetter  # noqa: E402
 from loopline.examples import features_to_example, pii_key  # noqa: E402
 from loopline.policy import policy_from_blueprint  # noqa: E402
 from loopline.registry import resolve_serving_model  # noqa: E402
@@ -96,7 +96,7 @@ def plain_loop(source: Path, serving: Path, blueprint, key, out: Path, batch_siz
         batch: list = []
         for line in lines:
             event = parse_one(line.rstrip("\n"), DECISION, "json", blueprint)
-            if isinstance(event, Refusal):
+            if isinstance(event, DeadLetter):
                 sink.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
                 continue
             batch.append(event)

@@ -21,11 +21,12 @@ from loopline.events import (
     BAD_AVRO,
     DECISION,
     OBSERVATION,
+    DeadLetter,
     DecisionEvent,
     ObservationEvent,
-    Refusal,
     decision_from_record,
     observation_from_record,
+    refusal,
 )
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -70,11 +71,11 @@ def to_record(event: DecisionEvent | ObservationEvent) -> dict:
 
 def from_record(
     record: Any, kind: str, blueprint: Blueprint | None = None
-) -> DecisionEvent | ObservationEvent | Refusal:
+) -> DecisionEvent | ObservationEvent | DeadLetter:
     """One decoded Avro record to an event or a refusal (the same rules as JSON lines)."""
     payload = _payload(record)
     if not isinstance(record, dict):
-        return Refusal(BAD_AVRO, kind, payload, "an Avro event must be a record")
+        return refusal(BAD_AVRO, kind, payload, "an Avro event must be a record")
     record = dict(record)
     if isinstance(record.get("event_time"), datetime):
         moment = record["event_time"]
@@ -88,7 +89,7 @@ def from_record(
 
 def read_events(
     fo: IO[bytes], kind: str, blueprint: Blueprint | None = None
-) -> Iterator[DecisionEvent | ObservationEvent | Refusal]:
+) -> Iterator[DecisionEvent | ObservationEvent | DeadLetter]:
     """Every record of an Avro container file as an event or a refusal."""
     for record in fastavro.reader(fo):
         yield from_record(record, kind, blueprint)

@@ -25,9 +25,9 @@ from typing import Any
 
 from loopline.blueprint import Blueprint
 from loopline.events import (
+    DeadLetter,
     DecisionEvent,
     ObservationEvent,
-    Refusal,
     observation_from_record,
     validate_features,
 )
@@ -172,7 +172,7 @@ class DecisionClient:
             else observations,
         }
         event = observation_from_record(record, self.blueprint)
-        if isinstance(event, Refusal):
+        if isinstance(event, DeadLetter):
             raise ValueError(
                 f"observation for decision {decision_id!r}: {event.detail} ({event.reason})"
             )

@@ -1,8 +1,9 @@
 """Decision and observation events, and their parsing (DESIGN.md, "Event contract").
 
-Parsing never raises on bad input: every parser returns either an event or a ``Refusal`` that
-carries a reason code, a sentence saying what is wrong, and the raw payload, so a Beam DoFn can
-route it to a dead-letter output.
+Parsing never raises on bad input: every parser returns either an event or a ``DeadLetter``
+that carries a reason code, a sentence saying what is wrong, and the raw payload, so a Beam DoFn
+can route it to a dead-letter output. ``DeadLetter`` is the one shape of every dead-letter
+output, the join's, scoring's and the monitor's alike.
 
 What is accepted is what every later step can write without failing or losing precision:
 
@@ -33,35 +34,25 @@ from datetime import datetime, timezone
 from typing import Any
 
 from loopline.blueprint import Blueprint
+from loopline.vocabulary import PARSE_REASONS, Reason
 
 DECISION = "decision"
 OBSERVATION = "observation"
 
-# Reason codes of a refusal; DESIGN.md's rejected/ output carries them as "reason".
-BAD_JSON = "bad_json"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
-BAD_TIME = "bad_time"
-UNKNOWN_FEATURE = "unknown_feature"
-MISSING_FEATURE = "missing_feature"
-FEATURE_TYPE = "feature_type"
-WRONG_DECISION_TYPE = "wrong_decision_type"
-LABEL_TYPE = "label_type"
-BAD_AVRO = "bad_avro"
-REASONS = (
-    BAD_JSON,
-    NOT_AN_OBJECT,
-    MISSING_FIELD,
-    WRONG_TYPE,
-    BAD_TIME,
-    UNKNOWN_FEATURE,
-    MISSING_FEATURE,
-    FEATURE_TYPE,
-    WRONG_DECISION_TYPE,
-    LABEL_TYPE,
-    BAD_AVRO,
-)
+# Reason codes of a refusal (loopline.vocabulary.Reason); DESIGN.md's rejected/ output carries
+# them as "reason".
+BAD_JSON = Reason.BAD_JSON
+NOT_AN_OBJECT = Reason.NOT_AN_OBJECT
+MISSING_FIELD = Reason.MISSING_FIELD
+WRONG_TYPE = Reason.WRONG_TYPE
+BAD_TIME = Reason.BAD_TIME
+UNKNOWN_FEATURE = Reason.UNKNOWN_FEATURE
+MISSING_FEATURE = Reason.MISSING_FEATURE
+FEATURE_TYPE = Reason.FEATURE_TYPE
+WRONG_DECISION_TYPE = Reason.WRONG_DECISION_TYPE
+LABEL_TYPE = Reason.LABEL_TYPE
+BAD_AVRO = Reason.BAD_AVRO
+REASONS = PARSE_REASONS
 
 # The accepted event-time range (see the module docstring): [2000-01-01, 2100-01-01) UTC, in
 # epoch milliseconds. Fixed rather than relative to now, so a rerun of old logs refuses exactly
@@ -154,23 +145,41 @@ class ObservationEvent:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """Why an input could not become an event; goes to ``rejected/`` with the payload: the raw
-    text as parsed, or (once a parse step has applied the blueprint's privacy, see
-    ``loopline.privacy.redact_payload``) its redacted form, a mapping."""
+class DeadLetter:
+    """An input or row that could not go on, and why: the one record of every dead-letter
+    output (the join's ``rejected/`` and ``late/``, scoring's ``failed/``, the monitor's refused
+    score rows). ``payload`` is the raw text as read, or (once a step has applied the
+    blueprint's privacy, see ``loopline.privacy.redact_payload``) its redacted form, a mapping.
 
-    reason: str
-    source: str  # DECISION or OBSERVATION
+        >>> DeadLetter(BAD_JSON, DECISION, "ParseDecisions", "not JSON", "{oops").to_dict()
+        {'reason': 'bad_json', 'source': 'decision', 'step': 'ParseDecisions', ...}
+    """
+
+    reason: str  # a loopline.vocabulary.Reason
+    source: str  # what it was read as: DECISION, OBSERVATION or a score row
+    step: str  # the step that refused it: ParseDecisions, EncodeDecisions, RunInference, ...
+    detail: str
     payload: str | dict
-    detail: str = ""
+    decision_id: str | None = None  # when the step knew it (scoring)
 
     def to_dict(self) -> dict:
         return {
             "reason": self.reason,
-            "detail": self.detail,
             "source": self.source,
+            "step": self.step,
+            "detail": self.detail,
+            "decision_id": self.decision_id,
             "payload": self.payload,
         }
+
+
+# The steps that parse each kind of event, as dead letters name them.
+PARSE_STEPS = {DECISION: "ParseDecisions", OBSERVATION: "ParseObservations"}
+
+
+def refusal(reason: str, kind: str, payload: str | dict, detail: str) -> DeadLetter:
+    """A parse step's dead letter: an input of ``kind`` that could not become an event."""
+    return DeadLetter(reason, kind, PARSE_STEPS[kind], detail, payload)
 
 
 class _Refused(Exception):
@@ -253,7 +262,7 @@ def format_event_time(ms: int) -> str:
 
 def parse_decision_json(
     payload: str | bytes, blueprint: Blueprint | None = None
-) -> DecisionEvent | Refusal:
+) -> DecisionEvent | DeadLetter:
     """One JSON line to a DecisionEvent, validated against ``blueprint`` when given."""
     raw, not_utf8 = _decode(payload)
     try:
@@ -261,12 +270,12 @@ def parse_decision_json(
             raise _Refused(BAD_JSON, not_utf8)
         return _decision(_load_json(raw), blueprint)
     except _Refused as r:
-        return Refusal(r.reason, DECISION, raw, r.detail)
+        return refusal(r.reason, DECISION, raw, r.detail)
 
 
 def parse_observation_json(
     payload: str | bytes, blueprint: Blueprint | None = None
-) -> ObservationEvent | Refusal:
+) -> ObservationEvent | DeadLetter:
     """One JSON line to an ObservationEvent; with a blueprint, the label value must be numeric."""
     raw, not_utf8 = _decode(payload)
     try:
@@ -274,29 +283,29 @@ def parse_observation_json(
             raise _Refused(BAD_JSON, not_utf8)
         return _observation(_load_json(raw), blueprint)
     except _Refused as r:
-        return Refusal(r.reason, OBSERVATION, raw, r.detail)
+        return refusal(r.reason, OBSERVATION, raw, r.detail)
 
 
 def decision_from_record(
     record: Any, blueprint: Blueprint | None = None, payload: str | None = None
-) -> DecisionEvent | Refusal:
+) -> DecisionEvent | DeadLetter:
     """A decoded record (Avro, BigQuery row, Pub/Sub JSON) to a DecisionEvent."""
     try:
         return _decision(record, blueprint)
     except _Refused as r:
-        return Refusal(
+        return refusal(
             r.reason, DECISION, payload if payload is not None else _dump(record), r.detail
         )
 
 
 def observation_from_record(
     record: Any, blueprint: Blueprint | None = None, payload: str | None = None
-) -> ObservationEvent | Refusal:
+) -> ObservationEvent | DeadLetter:
     """A decoded record (Avro, BigQuery row, Pub/Sub JSON) to an ObservationEvent."""
     try:
         return _observation(record, blueprint)
     except _Refused as r:
-        return Refusal(
+        return refusal(
             r.reason, OBSERVATION, payload if payload is not None else _dump(record), r.detail
         )
 

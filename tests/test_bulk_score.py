@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from loopline import avro
 from loopline.blueprint import load_blueprint
-from loopline.events import parse_decision_json
+from loopline.events import DeadLetter, parse_decision_json
 from loopline.examples import features_to_example
 from loopline.privacy import PayloadPrivacy
 from pipelines import bulk_score
@@ -89,6 +89,11 @@ def test_score_rows_carry_the_blueprint_policys_choice(json_run):
 def test_corrupt_lines_are_dead_letters_with_their_reason_and_payload(json_run):
     failed = _lines(json_run[2] / "failed")
     assert sorted(f["reason"] for f in failed) == ["bad_json", "missing_field"]
+    # The join's dead-letter record (rejected/), refused by the same parse step.
+    assert {(f["source"], f["step"], f["decision_id"]) for f in failed} == {
+        ("decision", "ParseDecisions", None)
+    }
+    assert all(f.keys() == DeadLetter.__dataclass_fields__.keys() for f in failed)
     # Payloads are kept with the blueprint's privacy applied (a line that is not JSON as its
     # digest): tests/test_bulk_score.py::test_failed_rows_keep_no_raw_identifier.
     redact = PayloadPrivacy.from_blueprint(load_blueprint(EXAMPLE_BLUEPRINT), KEY.encode()).redact

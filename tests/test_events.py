@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from loopline import avro, events
 from loopline.events import (
+    DeadLetter,
     DecisionEvent,
     ObservationEvent,
-    Refusal,
     format_event_time,
     parse_decision_json,
     parse_event_time,
@@ -148,7 +148,7 @@ def test_decision_round_trips_through_json(blueprint):
 )
 def test_bad_decisions_are_refused_with_a_specific_reason(blueprint, line, reason, detail):
     result = parse_decision_json(line, blueprint)
-    assert isinstance(result, Refusal)
+    assert isinstance(result, DeadLetter)
     assert (result.reason, result.source, result.payload) == (reason, "decision", line)
     assert detail in result.detail
 
@@ -164,7 +164,7 @@ def test_observation_parses_and_label_source_must_be_numeric(blueprint):
     event = parse_observation_json(line, blueprint)
     assert event == ObservationEvent("d-1", 1_700_000_000_000, {"click": 1, "dwell_seconds": 12.5})
     refused = parse_observation_json(line.replace('"click": 1', '"click": "yes"'), blueprint)
-    assert isinstance(refused, Refusal) and refused.reason == events.LABEL_TYPE
+    assert isinstance(refused, DeadLetter) and refused.reason == events.LABEL_TYPE
     # Without a blueprint the label source is not known, so the value is not judged.
     assert isinstance(
         parse_observation_json(line.replace('"click": 1', '"click": "yes"')), ObservationEvent
@@ -173,12 +173,12 @@ def test_observation_parses_and_label_source_must_be_numeric(blueprint):
 
 def test_bytes_payloads_are_decoded_and_kept(blueprint):
     result = parse_observation_json(b"\xff\xfe not json")
-    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert isinstance(result, DeadLetter) and result.reason == events.BAD_JSON
     assert result.source == "observation" and "not json" in result.payload
     # Valid JSON in bytes that are not UTF-8: refused, not parsed with replacement characters.
     line = decision_line().replace('"decision_id": "', '"decision_id": "\udcff', 1)
     mangled = parse_decision_json(line.encode("utf-8", "surrogateescape"), blueprint)
-    assert isinstance(mangled, Refusal) and mangled.reason == events.BAD_JSON
+    assert isinstance(mangled, DeadLetter) and mangled.reason == events.BAD_JSON
     assert "not valid UTF-8" in mangled.detail and "\ufffd" in mangled.payload
     assert isinstance(parse_decision_json(decision_line().encode(), blueprint), DecisionEvent)
 
@@ -200,7 +200,7 @@ def test_avro_record_failing_validation_is_refused(blueprint):
     record = avro.to_record(parse_decision_json(decision_line(), blueprint))
     record["features"] = {"tenure_days": 1}
     result = avro.from_record(record, "decision", blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.MISSING_FEATURE
+    assert isinstance(result, DeadLetter) and result.reason == events.MISSING_FEATURE
     assert json.loads(result.payload)["features"] == {"tenure_days": 1}
     assert avro.from_record([1], "decision").reason == events.BAD_AVRO
 
@@ -217,7 +217,7 @@ json_values = st.recursive(
 
 
 def _assert_event_or_reason(result, kind):
-    if isinstance(result, Refusal):
+    if isinstance(result, DeadLetter):
         assert result.reason in events.REASONS
         assert result.source == kind and result.detail
     else:
@@ -262,7 +262,7 @@ def test_mutated_features_yield_event_or_feature_refusal(blueprint, name, value)
     features = {**good_features(), name: value}
     result = parse_decision_json(decision_line(features=features), blueprint)
     _assert_event_or_reason(result, "decision")
-    if isinstance(result, Refusal):
+    if isinstance(result, DeadLetter):
         assert result.reason in (events.FEATURE_TYPE, events.MISSING_FEATURE)
 
 
@@ -290,7 +290,7 @@ T0_MS = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 )
 def test_event_time_outside_2000_to_2100_is_bad_time_with_a_unit_hint(blueprint, value, hint):
     result = parse_decision_json(decision_line(event_time=value), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.BAD_TIME
+    assert isinstance(result, DeadLetter) and result.reason == events.BAD_TIME
     assert hint in result.detail
 
 
@@ -321,7 +321,7 @@ def test_feature_values_a_tf_example_cannot_hold_are_feature_type(blueprint, nam
     result = parse_decision_json(
         decision_line(features={**good_features(), name: value}), blueprint
     )
-    assert isinstance(result, Refusal) and result.reason == events.FEATURE_TYPE
+    assert isinstance(result, DeadLetter) and result.reason == events.FEATURE_TYPE
     assert name in result.detail and detail in result.detail
 
 
@@ -363,7 +363,7 @@ def test_a_float_feature_is_accepted_exactly_when_float32_holds_it(blueprint, va
 @pytest.mark.parametrize("value", [10**400, 2**70, float("nan"), float("inf"), -0.5])
 def test_propensity_must_be_a_number_in_0_1(blueprint, value):
     result = parse_decision_json(decision_line(propensity=value), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.WRONG_TYPE
+    assert isinstance(result, DeadLetter) and result.reason == events.WRONG_TYPE
     assert "propensity" in result.detail
 
 
@@ -385,7 +385,7 @@ def observation_line(click):
 def test_label_values_beyond_the_int_label_column_are_label_type(blueprint, click, detail):
     assert blueprint.label.type == "int"
     result = parse_observation_json(observation_line(click), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.LABEL_TYPE
+    assert isinstance(result, DeadLetter) and result.reason == events.LABEL_TYPE
     assert detail in result.detail
 
 
@@ -396,7 +396,7 @@ def test_label_values_beyond_float32_are_label_type_for_a_float_label(blueprint)
         blueprint, label=dataclasses.replace(blueprint.label, type="float")
     )
     result = parse_observation_json(observation_line(1e308), float_label)
-    assert isinstance(result, Refusal) and "float32" in result.detail
+    assert isinstance(result, DeadLetter) and "float32" in result.detail
     assert isinstance(
         parse_observation_json(observation_line(2**63), float_label), ObservationEvent
     )
@@ -422,13 +422,13 @@ def test_a_byte_order_mark_at_the_start_of_a_line_is_skipped(blueprint):
 
 def test_a_byte_order_mark_elsewhere_is_bad_json(blueprint):
     result = parse_decision_json(" \ufeff" + decision_line(), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert isinstance(result, DeadLetter) and result.reason == events.BAD_JSON
 
 
 @pytest.mark.parametrize("field", ["decision_id", "decision_type", "model_id"])
 def test_an_id_with_a_lone_surrogate_is_wrong_type(blueprint, field):
     result = parse_decision_json(decision_line(**{field: "d-\udcff"}), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.WRONG_TYPE
+    assert isinstance(result, DeadLetter) and result.reason == events.WRONG_TYPE
 
 
 @pytest.mark.parametrize("name, value", [("user_id", 4242424242), ("email", ["a@example.com"])])
@@ -436,13 +436,13 @@ def test_a_refusal_detail_never_shows_a_private_feature_value(blueprint, name, v
     result = parse_decision_json(
         decision_line(features={**good_features(), name: value}), blueprint
     )
-    assert isinstance(result, Refusal) and result.reason == events.FEATURE_TYPE
+    assert isinstance(result, DeadLetter) and result.reason == events.FEATURE_TYPE
     assert str(value).strip("[]'") not in result.detail and name in result.detail
 
 
 def test_a_refusal_detail_describes_containers_by_type_and_size_only(blueprint):
     result = parse_decision_json(json.dumps([{"email": "a@example.com"}]), blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.NOT_AN_OBJECT
+    assert isinstance(result, DeadLetter) and result.reason == events.NOT_AN_OBJECT
     assert "list of 1 item" in result.detail and "example.com" not in result.detail
 
 
@@ -450,7 +450,7 @@ def test_json_nested_deeper_than_the_limit_is_bad_json(blueprint):
     deep = "[" * 500 + "]" * 500
     line = observation_line(1).replace('"observations": {', '"observations": {"x": ' + deep + ", ")
     result = parse_observation_json(line, blueprint)
-    assert isinstance(result, Refusal) and result.reason == events.BAD_JSON
+    assert isinstance(result, DeadLetter) and result.reason == events.BAD_JSON
     assert "nested deeper than 32" in result.detail
 
 
@@ -484,7 +484,7 @@ def test_an_event_without_score_or_arm_omits_them_in_its_json(blueprint):
 @pytest.mark.parametrize("score", ["0.4", True, [0.4], {"p": 0.4}, 10**400])
 def test_a_score_that_is_not_a_finite_number_is_wrong_type(blueprint, score):
     refusal = parse_decision_json(decision_line(score=score), blueprint)
-    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+    assert isinstance(refusal, DeadLetter) and refusal.reason == events.WRONG_TYPE
     assert "'score'" in refusal.detail
 
 
@@ -492,13 +492,13 @@ def test_a_score_that_is_not_a_finite_number_is_wrong_type(blueprint, score):
 def test_a_non_finite_score_is_wrong_type(blueprint, text):
     line = decision_line(score="PLACEHOLDER").replace('"PLACEHOLDER"', text)
     refusal = parse_decision_json(line, blueprint)
-    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+    assert isinstance(refusal, DeadLetter) and refusal.reason == events.WRONG_TYPE
 
 
 @pytest.mark.parametrize("arm", ["", 1, True, ["challenger"], "\udcff"])
 def test_an_arm_that_is_not_a_non_empty_string_is_wrong_type(blueprint, arm):
     refusal = decision_from_record_of(decision_line(), arm=arm, blueprint=blueprint)
-    assert isinstance(refusal, Refusal) and refusal.reason == events.WRONG_TYPE
+    assert isinstance(refusal, DeadLetter) and refusal.reason == events.WRONG_TYPE
     assert "'arm'" in refusal.detail
 
 

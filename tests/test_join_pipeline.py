@@ -132,7 +132,9 @@ def test_join_writes_the_design_layout_with_a_reconciled_manifest(span, logs):
     assert manifest["counters"]["write_span.examples_train"] == manifest["examples_train"]
     rejected = [json.loads(line) for line in _raw_lines(str(output / "rejected/*.jsonl"))]
     assert len(rejected) == manifest["rejected_decisions"] + manifest["rejected_observations"]
-    assert all(set(r) == {"reason", "detail", "source", "payload"} for r in rejected)
+    # DESIGN.md's record, plus the refusing step and (for scoring's) the decision id.
+    shape = {"reason", "source", "step", "detail", "decision_id", "payload"}
+    assert all(set(r) == shape for r in rejected)
 
 
 def test_manifest_is_written_after_every_other_file(span):

@@ -22,7 +22,7 @@ from loopline.events import (
     LABEL_TYPE,
     MISSING_FIELD,
     OBSERVATION,
-    Refusal,
+    DeadLetter,
 )
 from loopline.privacy import PayloadPrivacy, digest, pseudonymise
 from tests.test_join import FEATURES, MINUTE, T0, decision, observation
@@ -166,7 +166,7 @@ def test_pubsub_messages_parse_their_json_payload(blueprint):
 
 def test_unexpected_error_is_refused_as_internal_error_not_raised(blueprint):
     refusal = parse_one(ExplodingRecord(decision_id="d1"), DECISION, "record", blueprint)
-    assert isinstance(refusal, Refusal)
+    assert isinstance(refusal, DeadLetter)
     assert (refusal.reason, refusal.source) == (INTERNAL_ERROR, DECISION)
     assert refusal.detail == "RuntimeError: storage went away"
     assert json.loads(refusal.payload) == {"decision_id": "d1"}

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from loopline.blueprint import parse_blueprint
 from loopline.events import (
+    DeadLetter,
     DecisionEvent,
     ObservationEvent,
-    Refusal,
     parse_decision_json,
     parse_observation_json,
 )
@@ -75,8 +75,10 @@ def test_reported_counts_match_the_files(simulated, blueprint):
     assert len(observation_lines) == counts["observation_lines"]
 
     # malformed lines: every one is refused, for the reason the report gives
-    decision_refusals = Counter(e.reason for _, e in decision_lines if isinstance(e, Refusal))
-    observation_refusals = Counter(e.reason for _, e in observation_lines if isinstance(e, Refusal))
+    decision_refusals = Counter(e.reason for _, e in decision_lines if isinstance(e, DeadLetter))
+    observation_refusals = Counter(
+        e.reason for _, e in observation_lines if isinstance(e, DeadLetter)
+    )
     assert sum(decision_refusals.values()) == counts["malformed_decision_lines_injected"] > 0
     assert sum(observation_refusals.values()) == counts["malformed_observation_lines_injected"] > 0
     assert decision_refusals == report["malformed_by_reason"]["decision"]

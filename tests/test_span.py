@@ -12,7 +12,7 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from loopline.blueprint import parse_blueprint
-from loopline.events import DecisionEvent, ObservationEvent, Refusal
+from loopline.events import DeadLetter, DecisionEvent, ObservationEvent, refusal
 from loopline.examples import PiiKeyMissing
 from transforms.join import (
     DEFAULT,
@@ -89,8 +89,8 @@ def _small_span() -> dict:
         duplicate_observations=[_observation(1, T0 + MINUTE)],
         # Another day's observation: counted, written nowhere, outside the event-time range.
         out_of_range_observations=[_observation(8, T0 + 30 * HOUR)],
-        rejected_decisions=[Refusal("bad_json", "decision", "{not json", "not valid JSON")],
-        rejected_observations=[Refusal("bad_time", "observation", '{"x":1}', "no time")],
+        rejected_decisions=[refusal("bad_json", "decision", "{not json", "not valid JSON")],
+        rejected_observations=[refusal("bad_time", "observation", '{"x":1}', "no time")],
         late_decisions=[],
         late_observations=[],
         raw_decisions=["line"] * 5,
@@ -153,17 +153,26 @@ def test_unmatched_observations_are_written_with_their_reason(small):
     ]
 
 
-def test_dead_letters_are_written_with_reason_source_and_payload(small):
+def test_dead_letters_are_written_with_reason_source_step_and_payload(small):
     span, _ = small
     rejected = _lines(str(span / "rejected/*.jsonl"))
     assert sorted(rejected, key=lambda r: r["source"]) == [
         {
             "reason": "bad_json",
-            "detail": "not valid JSON",
             "source": "decision",
+            "step": "ParseDecisions",
+            "detail": "not valid JSON",
+            "decision_id": None,
             "payload": "{not json",
         },
-        {"reason": "bad_time", "detail": "no time", "source": "observation", "payload": '{"x":1}'},
+        {
+            "reason": "bad_time",
+            "source": "observation",
+            "step": "ParseObservations",
+            "detail": "no time",
+            "decision_id": None,
+            "payload": '{"x":1}',
+        },
     ]
 
 
@@ -236,9 +245,13 @@ def test_late_observations_are_counted_on_their_own_and_reconcile(tmp_path):
 
 def test_late_events_go_to_late_with_their_reason_and_are_counted(tmp_path):
     parts = {name: [] for name in SpanInputs._fields}
-    backfill = Refusal("late", "decision", '{"decision_id":"d-old"}', "published 2 h late")
+    backfill = DeadLetter(
+        "late", "decision", "AssignEventTime", "published 2 h late", '{"decision_id":"d-old"}'
+    )
     parts["late_decisions"] = [backfill]
-    parts["late_observations"] = [Refusal("late", "observation", "{}", "published 3 h late")]
+    parts["late_observations"] = [
+        DeadLetter("late", "observation", "AssignEventTime", "published 3 h late", "{}")
+    ]
     parts["raw_decisions"], parts["raw_observations"] = ["line"], ["line"]
     manifest = _run_span(tmp_path, parts)
     late = _lines(str(tmp_path / "span" / "late" / "*.jsonl"))
@@ -388,7 +401,7 @@ def streamed(tmp_path_factory) -> Path:
         tag="unmatched",
     )
     stream.add_elements(
-        [TimestampedValue(Refusal("bad_json", "decision", "{", "x"), (T0 + HOUR) / 1000)],
+        [TimestampedValue(refusal("bad_json", "decision", "{", "x"), (T0 + HOUR) / 1000)],
         tag="rejected_decisions",
     )
     for tag in _STREAM_TAGS:

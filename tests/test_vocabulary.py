@@ -7,9 +7,13 @@ import pytest
 from loopline.vocabulary import (
     FILE_FORMATS,
     PARSE_FORMATS,
+    PARSE_REASONS,
     SCORING_FILE_FORMATS,
     SCORING_INPUT_FORMATS,
     Format,
+    JoinStatus,
+    Reason,
+    Unmatched,
 )
 
 
@@ -49,3 +53,31 @@ def test_help_lists_the_formats_as_plain_words():
     from pipelines.launch import help_text
 
     assert "{auto,json,avro,tfrecord}" in help_text(BulkScoreOptions, "bulk_score")
+
+
+def test_reasons_and_statuses_keep_the_words_the_outputs_carry():
+    assert [str(r) for r in PARSE_REASONS] == [
+        "bad_json", "not_an_object", "missing_field", "wrong_type", "bad_time",
+        "unknown_feature", "missing_feature", "feature_type", "wrong_decision_type",
+        "label_type", "bad_avro",
+    ]  # fmt: skip
+    others = [r for r in Reason if r not in PARSE_REASONS]
+    assert others == [
+        "internal_error", "late",
+        "encode_failed", "inference_failed", "missing_decision_id", "bad_example",
+    ]  # fmt: skip
+    assert list(JoinStatus) == ["observed", "default"]
+    assert list(Unmatched) == ["orphan", "out_of_window", "late_observation", "out_of_range"]
+    assert JoinStatus.DEFAULT.encode() == b"default"  # the examples' join_status bytes
+
+
+def test_every_step_names_reasons_and_statuses_from_the_one_definition():
+    from loopline import events
+    from transforms import join, monitoring, scoring_failures
+
+    assert events.REASONS is PARSE_REASONS and events.BAD_AVRO is Reason.BAD_AVRO
+    assert monitoring.SCORE_BAD_TIME is events.BAD_TIME is Reason.BAD_TIME
+    assert scoring_failures.INFERENCE_FAILED is Reason.INFERENCE_FAILED
+    named = (join.OBSERVED, join.DEFAULT, join.ORPHAN, join.OUT_OF_WINDOW)
+    named += (join.LATE_OBSERVATION, join.OUT_OF_RANGE)
+    assert all(a is b for a, b in zip(named, [*JoinStatus, *Unmatched], strict=True))

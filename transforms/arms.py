@@ -8,7 +8,7 @@ arm's model, all models in ONE RunInference (Beam's ``KeyedModelHandler`` with a
         blueprint.rollout,
     )
     outputs.scored   # lists of ScoredDecision, each carrying its arm
-    outputs.failed   # ScoringFailure
+    outputs.failed   # DeadLetter
 
 The arm is the decision client's (``loopline.client.DecisionClient``): ``unit_arm`` hashes the
 raw value of the rollout's unit feature with ``loopline.experiment.assign_arm``, so a unit is in

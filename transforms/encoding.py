@@ -21,8 +21,8 @@ from transforms.scoring_failures import (
     COUNTER_NAMESPACE,
     ENCODE_FAILED,
     ENCODE_STEP,
-    ScoringFailure,
     payload,
+    scoring_failure,
 )
 
 FAILED = "failed"
@@ -92,7 +92,7 @@ class DecisionEncoder:
 class EncodeDecisions(beam.DoFn):
     """A batch of ``(decision_id, DecisionEvent | bytes)`` to ONE batch of ``(decision_id,
     EncodedDecision)`` (none for a batch with no encodable row); each row that cannot be encoded
-    leaves alone, tagged ``failed``, as a ScoringFailure (``encode_failed``)."""
+    leaves alone, tagged ``failed``, as a dead letter (``encode_failed``)."""
 
     def __init__(self, encoder: DecisionEncoder):
         self._encoder = encoder
@@ -106,7 +106,7 @@ class EncodeDecisions(beam.DoFn):
         for (decision_id, value), example in zip(batch, examples, strict=True):
             if isinstance(example, EncodeFailure):
                 self._encode_failed.inc()
-                failure = ScoringFailure(
+                failure = scoring_failure(
                     ENCODE_FAILED, ENCODE_STEP, example.detail, decision_id, payload(value)
                 )
                 yield beam.pvalue.TaggedOutput(FAILED, failure)

@@ -11,7 +11,7 @@
 
 Each event is validated against the blueprint by ``loopline.events`` and re-timestamped to
 its event time; every input that cannot become an event leaves on ``rejected`` as a
-``loopline.events.Refusal`` (reason, source, raw payload, detail). A DoFn here never raises
+``loopline.events.DeadLetter`` (reason, source, raw payload, detail). A DoFn here never raises
 on bad input: an unexpected exception becomes a refusal with reason ``internal_error``.
 
 With ``privacy`` (a ``loopline.privacy.PayloadPrivacy``), a refusal's payload is redacted where
@@ -25,7 +25,7 @@ job); otherwise that output is empty.
 
     >>> parsed = lines | "ParseDecisions" >> ParseDecisions(blueprint, privacy=privacy)
     >>> parsed.events       # DecisionEvent, timestamped by event_time
-    >>> parsed.rejected     # Refusal, payload redacted
+    >>> parsed.rejected     # DeadLetter, payload redacted
     >>> parsed.quarantined  # QuarantinedPayload, with privacy.quarantine only
 """
 
@@ -48,16 +48,18 @@ from loopline.events import (
     BAD_JSON,
     DECISION,
     OBSERVATION,
-    Refusal,
+    DeadLetter,
     decision_from_record,
     observation_from_record,
     parse_decision_json,
     parse_observation_json,
+    refusal,
 )
 from loopline.privacy import PayloadPrivacy, QuarantinedPayload, digest
 from loopline.vocabulary import PARSE_FORMATS as FORMATS
+from loopline.vocabulary import Reason
 
-INTERNAL_ERROR = "internal_error"
+INTERNAL_ERROR = Reason.INTERNAL_ERROR
 METRICS_NAMESPACE = "loopline.parse"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -70,19 +72,19 @@ class ParsedEvents(NamedTuple):
     """The outputs of a parse transform."""
 
     events: object  # PCollection[DecisionEvent | ObservationEvent], timestamped by event time
-    rejected: object  # PCollection[loopline.events.Refusal]
+    rejected: object  # PCollection[loopline.events.DeadLetter]
     quarantined: object = None  # PCollection[QuarantinedPayload]: empty unless quarantining
 
 
 def parse_one(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
-    """One raw input to an event or a ``Refusal``; never raises.
+    """One raw input to an event or a ``DeadLetter``; never raises.
 
     ``kind`` is ``decision`` or ``observation``, ``fmt`` one of FORMATS.
     """
     try:
         return _parse(raw, kind, fmt, blueprint)
     except Exception as e:  # noqa: BLE001 - bad input must never crash the pipeline
-        return Refusal(INTERNAL_ERROR, kind, _payload_text(raw), f"{type(e).__name__}: {e}")
+        return refusal(INTERNAL_ERROR, kind, _payload_text(raw), f"{type(e).__name__}: {e}")
 
 
 def _parse(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
@@ -91,7 +93,7 @@ def _parse(raw: Any, kind: str, fmt: str, blueprint: Blueprint | None):
         fmt = "json"
     if fmt == "json":
         if not isinstance(raw, str | bytes | bytearray):
-            return Refusal(
+            return refusal(
                 BAD_JSON,
                 kind,
                 _payload_text(raw),
@@ -120,7 +122,7 @@ def _as_dict(record: Any) -> Any:
     return record
 
 
-def redact(refusal: Refusal, raw: Any, privacy: PayloadPrivacy) -> Refusal:
+def redact(refusal: DeadLetter, raw: Any, privacy: PayloadPrivacy) -> DeadLetter:
     """``refusal`` with its payload redacted by ``privacy`` from the ``raw`` input; never raises.
 
     The raw bytes where there are any (a JSON line, a Pub/Sub message's data), else the
@@ -137,7 +139,7 @@ def redact(refusal: Refusal, raw: Any, privacy: PayloadPrivacy) -> Refusal:
     return dataclasses.replace(refusal, payload=payload, detail=detail)
 
 
-def quarantined(refusal: Refusal, raw: Any) -> QuarantinedPayload:
+def quarantined(refusal: DeadLetter, raw: Any) -> QuarantinedPayload:
     """The raw input of ``refusal``, for the quarantine location."""
     data = _raw_bytes(raw, refusal)
     if isinstance(data, str):
@@ -145,7 +147,7 @@ def quarantined(refusal: Refusal, raw: Any) -> QuarantinedPayload:
     return QuarantinedPayload(refusal.source, refusal.reason, bytes(data))
 
 
-def _raw_bytes(raw: Any, refusal: Refusal) -> bytes | str:
+def _raw_bytes(raw: Any, refusal: DeadLetter) -> bytes | str:
     if isinstance(raw, str | bytes | bytearray):
         return raw
     data = getattr(raw, "data", None)
@@ -189,7 +191,7 @@ class _ParseDoFn(beam.DoFn):
 
     def process(self, raw: Any):
         result = parse_one(raw, self._kind, self._fmt, self._blueprint)
-        if isinstance(result, Refusal):
+        if isinstance(result, DeadLetter):
             self._rejected_total.inc()
             self._rejected_counter(result.reason).inc()
             if self._privacy is not None:

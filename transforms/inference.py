@@ -8,7 +8,7 @@ The pushed model (DESIGN.md, "Model serving contract") is a TF SavedModel whose
     handler = SavedModelHandler(serving_model, min_batch_size=256)
     outputs = batches | ScoreBatches(handler, DecisionEncoder(blueprint, key), policy)
     outputs.scored   # lists of ScoredDecision: decision_id, score, decision, propensity, ...
-    outputs.failed   # ScoringFailure: reason, step, detail, decision_id, payload
+    outputs.failed   # DeadLetter: reason, source, step, detail, decision_id, payload
 
 Every step after the read handles a whole batch as ONE element: the encoding, one RunInference
 call (``BatchAsOneElement``), and the policy step; their batches are ``RowBatch``es, whose coder
@@ -33,7 +33,7 @@ from transforms.scoring_failures import inference_failures
 
 class ScoringOutputs(NamedTuple):
     scored: beam.PCollection  # list[ScoredDecision], one list per batch (or top-k group)
-    failed: beam.PCollection  # ScoringFailure
+    failed: beam.PCollection  # DeadLetter
 
 
 class ScoreBatches(beam.PTransform):

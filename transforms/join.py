@@ -82,14 +82,13 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from loopline.blueprint import Blueprint, Label
 from loopline.events import DecisionEvent, ObservationEvent
+from loopline.vocabulary import JoinStatus, Unmatched
 from transforms.labels import LabelFn, cast_label, compute_label
 
-OBSERVED = "observed"
-DEFAULT = "default"
-ORPHAN = "orphan"
-OUT_OF_WINDOW = "out_of_window"
-LATE_OBSERVATION = "late_observation"
-OUT_OF_RANGE = "out_of_range"
+# Join statuses and unmatched reasons (loopline.vocabulary), by their short names.
+OBSERVED, DEFAULT = JoinStatus.OBSERVED, JoinStatus.DEFAULT
+ORPHAN, OUT_OF_WINDOW = Unmatched.ORPHAN, Unmatched.OUT_OF_WINDOW
+LATE_OBSERVATION, OUT_OF_RANGE = Unmatched.LATE_OBSERVATION, Unmatched.OUT_OF_RANGE
 
 WINDOWINGS = ("auto", "global", "session")
 

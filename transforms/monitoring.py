@@ -26,7 +26,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from loopline.blueprint import Label
-from loopline.events import DecisionEvent, Refusal, parse_event_time
+from loopline.events import DeadLetter, DecisionEvent, parse_event_time
 from loopline.metrics import OutcomeSummary
 from loopline.ope import ValueSums
 from loopline.readout import (
@@ -41,16 +41,18 @@ from loopline.readout import (
     OBSERVABLE,
     DelayBins,
 )
+from loopline.vocabulary import Reason
 from transforms.join import DEFAULT, JoinedDecision
 
 SCORE = "score"
+PARSE_SCORES_STEP = "ParseScores"
 UNKNOWN_MODEL = "unknown"
 
-# Reason codes for score rows that cannot be used.
-SCORE_BAD_JSON = "bad_json"
-SCORE_MISSING_FIELD = "missing_field"
-SCORE_WRONG_TYPE = "wrong_type"
-SCORE_BAD_TIME = "bad_time"
+# Reason codes for score rows that cannot be used: the parsers' own (loopline.vocabulary).
+SCORE_BAD_JSON = Reason.BAD_JSON
+SCORE_MISSING_FIELD = Reason.MISSING_FIELD
+SCORE_WRONG_TYPE = Reason.WRONG_TYPE
+SCORE_BAD_TIME = Reason.BAD_TIME
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class ArmOutcome:
 
 class ScoreOutputs(NamedTuple):
     scores: beam.PCollection  # PCollection[ScoreRow]
-    rejected: beam.PCollection  # PCollection[Refusal]
+    rejected: beam.PCollection  # PCollection[DeadLetter]
 
 
 class MonitorOutputs(NamedTuple):
@@ -125,8 +127,8 @@ def utc_day(ms: int) -> str:
 
 def parse_score_row(
     line: str | bytes | dict, require_score: bool = True
-) -> ScoreRow | Refusal | None:
-    """A JSON line to a ScoreRow, or a Refusal saying why not.
+) -> ScoreRow | DeadLetter | None:
+    """A JSON line to a ScoreRow, or a DeadLetter saying why not.
 
     With ``require_score=False`` (decision logs that may carry a score) a line that is not a
     JSON object with a ``score`` gives None instead of a refusal. A row with a null score, an
@@ -135,8 +137,8 @@ def parse_score_row(
     """
     raw = line
 
-    def refuse(reason: str, detail: str) -> Refusal:
-        return Refusal(reason, SCORE, raw, detail)
+    def refuse(reason: str, detail: str) -> DeadLetter:
+        return DeadLetter(reason, SCORE, PARSE_SCORES_STEP, detail, raw)
 
     if isinstance(line, dict):  # a decoded record (Avro, BigQuery) of a decision log
         obj = line
@@ -215,7 +217,7 @@ class _ParseScoreDoFn(beam.DoFn):
         result = parse_score_row(line, self._require_score)
         if result is None:
             self._without.inc()
-        elif isinstance(result, Refusal):
+        elif isinstance(result, DeadLetter):
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(self.REJECTED, result)
         else:

@@ -12,14 +12,15 @@ rows, the scored decisions as logged decision events, and the dead letters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 
+from loopline.events import DeadLetter
 from loopline.privacy import PayloadPrivacy
 from transforms.policy_step import ScoredDecision
-from transforms.scoring_failures import ScoringFailure
 
 # score and model_id are null for the blueprint's fallback decision (a rollout arm without a
 # model), arm outside a rollout; a table created before they were nullable needs them relaxed
@@ -55,11 +56,11 @@ def table_rows(scored: Sequence[ScoredDecision]) -> list[dict]:
     return [s.to_row() for s in scored]
 
 
-def _redacted(failure: ScoringFailure, privacy: PayloadPrivacy) -> ScoringFailure:
-    return failure._replace(payload=privacy.redact(failure.payload))
+def _redacted(failure: DeadLetter, privacy: PayloadPrivacy) -> DeadLetter:
+    return dataclasses.replace(failure, payload=privacy.redact(failure.payload))
 
 
-def failure_json(failure: ScoringFailure) -> str:
+def failure_json(failure: DeadLetter) -> str:
     return json.dumps(failure.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
@@ -100,7 +101,7 @@ class WriteScores(beam.PTransform):
 
 
 class WriteFailures(beam.PTransform):
-    """Writes ScoringFailures as JSON lines under ``output/failed``.
+    """Writes scoring's dead letters (``DeadLetter``) as JSON lines under ``output/failed``.
 
     With ``privacy`` (the blueprint's, with its key) each payload is redacted first: a JSON
     event keeps its shape with dropped fields removed and pseudonymised ones HMAC'd, anything

@@ -1,39 +1,36 @@
-"""The dead-letter record of the scoring steps, and how a failed model call becomes one per row.
+"""Scoring's dead letters: the shared ``DeadLetter`` of a decision that could not be scored, and
+how a failed model call becomes one per row.
 
-ScoringFailure("encode_failed", "EncodeDecisions", "KeyError: 'country'", "d-1", "{...}")
+scoring_failure("encode_failed", "EncodeDecisions", "KeyError: 'country'", "d-1", "{...}")
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 
-from loopline.events import DecisionEvent
+from loopline.events import DECISION, DeadLetter, DecisionEvent
+from loopline.vocabulary import Reason
 
 # Dead-letter reasons of the scoring steps (parse refusals keep loopline.events' reasons).
-ENCODE_FAILED = "encode_failed"
-INFERENCE_FAILED = "inference_failed"
-MISSING_DECISION_ID = "missing_decision_id"
-BAD_EXAMPLE = "bad_example"
+ENCODE_FAILED = Reason.ENCODE_FAILED
+INFERENCE_FAILED = Reason.INFERENCE_FAILED
+MISSING_DECISION_ID = Reason.MISSING_DECISION_ID
+BAD_EXAMPLE = Reason.BAD_EXAMPLE
 
 ENCODE_STEP = "EncodeDecisions"
 INFERENCE_STEP = "RunInference"
 COUNTER_NAMESPACE = "loopline.score"
 
 
-class ScoringFailure(NamedTuple):
-    """A decision that could not be scored: the dead-letter record."""
-
-    reason: str
-    step: str
-    detail: str
-    decision_id: str | None
-    payload: str | dict  # the raw row, or its redacted form once written (WriteFailures)
-
-    def to_dict(self) -> dict:
-        return self._asdict()
+def scoring_failure(
+    reason: str, step: str, detail: str, decision_id: str | None, payload: str | dict
+) -> DeadLetter:
+    """The dead letter of a decision that could not be scored (``failed/``): the same record
+    as the join's ``rejected/``, its source a decision."""
+    return DeadLetter(reason, DECISION, step, detail, payload, decision_id)
 
 
 def payload(value: Any) -> str:
@@ -56,13 +53,13 @@ def exception_detail(error: Any) -> str:
     return str(error)[:2000]
 
 
-def inference_failures(failed: tuple) -> Iterable[ScoringFailure]:
+def inference_failures(failed: tuple) -> Iterable[DeadLetter]:
     """One failure per row of a batch whose model call raised (RunInference's dead letter:
     ``(batch of (decision_id, EncodedDecision), error)``)."""
     batch, error = failed
     detail = exception_detail(error)
     beam.metrics.Metrics.counter(COUNTER_NAMESPACE, INFERENCE_FAILED).inc(len(batch))
     for decision_id, encoded in batch:
-        yield ScoringFailure(
+        yield scoring_failure(
             INFERENCE_FAILED, INFERENCE_STEP, detail, decision_id, payload(encoded.source)
         )

@@ -4,7 +4,7 @@ parsed and keyed by ``decision_id`` as one element, refusals as dead letters.
     source = ReadEvents(DECISION, pattern="logs/decisions-*.jsonl", batching=batching)
     read = p | ReadDecisionBatches(source, blueprint)
     read.keyed    # lists of (decision_id, DecisionEvent | serialized tf.Example)
-    read.failed   # ScoringFailure, one per row that could not be parsed or keyed
+    read.failed   # DeadLetter, one per row that could not be parsed or keyed
 
 Scoring needs no event-time timestamps, so none are set (the join's ParseDecisions sets them
 for its windows).
@@ -18,7 +18,7 @@ import apache_beam as beam
 import tensorflow as tf
 
 from loopline.blueprint import Blueprint
-from loopline.events import DECISION, DecisionEvent, Refusal
+from loopline.events import DECISION, DeadLetter, DecisionEvent
 from loopline.vocabulary import SCORING_INPUT_FORMATS as FORMATS
 from transforms.batch_coder import RowBatch
 from transforms.events import METRICS_NAMESPACE as PARSE_NAMESPACE
@@ -27,7 +27,7 @@ from transforms.scoring_failures import (
     BAD_EXAMPLE,
     COUNTER_NAMESPACE,
     MISSING_DECISION_ID,
-    ScoringFailure,
+    scoring_failure,
 )
 from transforms.sources import ReadEvents
 
@@ -38,17 +38,17 @@ PARSE_STEP = "ParseDecisions"
 Keyed = tuple[str, DecisionEvent | bytes]
 
 
-def key_example(serialized: bytes) -> Keyed | ScoringFailure:
+def key_example(serialized: bytes) -> Keyed | DeadLetter:
     """A serialized tf.Example to ``(decision_id, bytes)`` using its ``decision_id`` feature."""
     try:
         example = tf.train.Example.FromString(serialized)
     except Exception as e:  # noqa: BLE001 - a corrupt record is a dead letter
-        return ScoringFailure(
+        return scoring_failure(
             BAD_EXAMPLE, KEY_STEP, f"{type(e).__name__}: {e}", None, serialized.hex()
         )
     ids = example.features.feature["decision_id"].bytes_list.value
     if len(ids) != 1:
-        return ScoringFailure(
+        return scoring_failure(
             MISSING_DECISION_ID,
             KEY_STEP,
             "the example has no single decision_id",
@@ -58,14 +58,14 @@ def key_example(serialized: bytes) -> Keyed | ScoringFailure:
     try:
         return ids[0].decode("utf-8"), serialized
     except UnicodeDecodeError as e:
-        return ScoringFailure(
+        return scoring_failure(
             BAD_EXAMPLE, KEY_STEP, f"decision_id is not UTF-8 ({e})", None, serialized.hex()
         )
 
 
 class KeyBatch(beam.DoFn):
     """A batch of raw rows to ONE list of ``(decision_id, value)`` (none for an empty one); rows
-    that cannot be keyed leave one by one, tagged ``failed``, as ScoringFailures.
+    that cannot be keyed leave one by one, tagged ``failed``, as dead letters (``scoring_failure``).
 
     For decision events (JSON lines, Avro records, BigQuery rows as ``ReadEvents`` decodes them;
     ``fmt`` says which) the value is
@@ -103,20 +103,20 @@ class KeyBatch(beam.DoFn):
         if kept:
             yield kept
 
-    def _parse(self, raw) -> Keyed | ScoringFailure:
+    def _parse(self, raw) -> Keyed | DeadLetter:
         result = parse_one(raw, DECISION, self._fmt, self._blueprint)
-        if isinstance(result, Refusal):
+        if isinstance(result, DeadLetter):
             self._rejected.inc()
             beam.metrics.Metrics.counter(
                 PARSE_NAMESPACE, f"decisions_rejected_{result.reason}"
             ).inc()
-            return ScoringFailure(result.reason, PARSE_STEP, result.detail, None, result.payload)
+            return scoring_failure(result.reason, PARSE_STEP, result.detail, None, result.payload)
         return result.decision_id, result
 
 
 class DecisionBatches(NamedTuple):
     keyed: beam.PCollection  # list[(decision_id, DecisionEvent | bytes)]
-    failed: beam.PCollection  # ScoringFailure
+    failed: beam.PCollection  # DeadLetter
 
 
 class ReadDecisionBatches(beam.PTransform):

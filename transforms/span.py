@@ -40,7 +40,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from loopline.blueprint import Blueprint
-from loopline.events import Refusal
+from loopline.events import DeadLetter
 from loopline.examples import PiiKeyMissing
 from loopline.privacy import apply_privacy
 from transforms.examples import joined_to_example, joined_to_examples
@@ -77,10 +77,10 @@ class SpanInputs(NamedTuple):
     duplicate_decisions: Any  # PCollection[DecisionEvent]
     duplicate_observations: Any  # PCollection[ObservationEvent]
     out_of_range_observations: Any  # PCollection[ObservationEvent]: another span's, not written
-    rejected_decisions: Any  # PCollection[Refusal]
-    rejected_observations: Any  # PCollection[Refusal]
-    late_decisions: Any  # PCollection[Refusal]: behind the watermark beyond the lateness
-    late_observations: Any  # PCollection[Refusal]
+    rejected_decisions: Any  # PCollection[DeadLetter]
+    rejected_observations: Any  # PCollection[DeadLetter]
+    late_decisions: Any  # PCollection[DeadLetter]: behind the watermark beyond the lateness
+    late_observations: Any  # PCollection[DeadLetter]
     raw_decisions: Any  # PCollection of what was read
     raw_observations: Any
 
@@ -211,7 +211,7 @@ def _unmatched_json(unmatched: Any, blueprint: Blueprint, key: bytes | None) -> 
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def _refusal_json(refusal: Refusal) -> str:
+def _refusal_json(refusal: DeadLetter) -> str:
     return json.dumps(refusal.to_dict(), sort_keys=True, separators=(",", ":"))
 
 

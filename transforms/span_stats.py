@@ -20,7 +20,7 @@ from typing import Any
 import apache_beam as beam
 
 from loopline.blueprint import Blueprint
-from loopline.events import Refusal
+from loopline.events import DeadLetter
 from transforms.join import DEFAULT, OBSERVED, JoinedDecision
 from transforms.manifest import UNMATCHED_COUNTS, alternative_windows_ms
 from transforms.split import is_eval
@@ -178,21 +178,21 @@ def add_out_of_range_observation(stats: SpanStats, observation: Any) -> None:
     stats.counts["observations_out_of_range"] += 1
 
 
-def add_rejected_decision(stats: SpanStats, refusal: Refusal) -> None:
+def add_rejected_decision(stats: SpanStats, refusal: DeadLetter) -> None:
     stats.counts["rejected_decisions"] += 1
     stats.rejected["decision"][refusal.reason] += 1
 
 
-def add_rejected_observation(stats: SpanStats, refusal: Refusal) -> None:
+def add_rejected_observation(stats: SpanStats, refusal: DeadLetter) -> None:
     stats.counts["rejected_observations"] += 1
     stats.rejected["observation"][refusal.reason] += 1
 
 
-def add_late_decision(stats: SpanStats, late: Refusal) -> None:
+def add_late_decision(stats: SpanStats, late: DeadLetter) -> None:
     stats.counts["late_decisions"] += 1
 
 
-def add_late_observation(stats: SpanStats, late: Refusal) -> None:
+def add_late_observation(stats: SpanStats, late: DeadLetter) -> None:
     stats.counts["late_observations"] += 1
 
 

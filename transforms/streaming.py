@@ -7,7 +7,7 @@ no ``timestamp_attribute`` (each element is stamped with its publish time), and
 ``AssignEventTime`` stamps them here:
 
 * a missing or unparsable ``event_time`` attribute sends the message to ``rejected`` with
-  reason ``bad_time`` (a ``loopline.events.Refusal``, like the parse steps' dead letters);
+  reason ``bad_time`` (a ``loopline.events.DeadLetter``, like the parse steps' dead letters);
 * a message published more than the allowed lateness after its event time (a backfill
   through Pub/Sub, a producer that buffered for hours) goes to ``late`` with reason ``late``:
   the join could only report it beyond the horizon, or not at all once its session is gone;
@@ -26,8 +26,8 @@ join's state catches the repeat (``transforms.join``).
     >>> raw = p | "ReadDecisions" >> ReadEvents(DECISION, subscription="projects/p/subscriptions/d")
     >>> events = raw | "AssignEventTime" >> assign_event_time(DECISION, allowed_lateness_ms=600_000)
     >>> events.messages   # PubsubMessage, timestamped by event time
-    >>> events.rejected   # Refusal(reason="bad_time")
-    >>> events.late       # Refusal(reason="late")
+    >>> events.rejected   # DeadLetter(reason="bad_time")
+    >>> events.late       # DeadLetter(reason="late")
 """
 
 from __future__ import annotations
@@ -43,16 +43,18 @@ from loopline.events import (
     BAD_TIME,
     DECISION,
     OBSERVATION,
-    Refusal,
+    DeadLetter,
     format_event_time,
     parse_event_time,
 )
 from loopline.privacy import PayloadPrivacy
+from loopline.vocabulary import Reason
 from transforms.events import redact
 from transforms.sources import EVENT_TIME_ATTRIBUTE
 
-LATE = "late"
+LATE = Reason.LATE
 METRICS_NAMESPACE = "loopline.pubsub"
+STEP = "AssignEventTime"  # as its dead letters name it
 
 _MESSAGES = "messages"
 _REJECTED = "rejected"
@@ -63,8 +65,8 @@ class PubSubEvents(NamedTuple):
     """The three outputs of ``assign_event_time``."""
 
     messages: Any  # PCollection[PubsubMessage], timestamped by event time
-    rejected: Any  # PCollection[Refusal]: bad_time
-    late: Any  # PCollection[Refusal]: late
+    rejected: Any  # PCollection[DeadLetter]: bad_time
+    late: Any  # PCollection[DeadLetter]: late
 
 
 def event_time_of(attributes: Any, attribute: str = EVENT_TIME_ATTRIBUTE) -> int:
@@ -119,7 +121,7 @@ class AssignEventTime(beam.DoFn):
             event_ms = event_time_of(getattr(message, "attributes", None), self._attribute)
         except (TypeError, ValueError) as e:
             self._bad_time.inc()
-            refusal = Refusal(BAD_TIME, self._kind, _payload_text(message), str(e))
+            refusal = DeadLetter(BAD_TIME, self._kind, STEP, str(e), _payload_text(message))
             yield beam.pvalue.TaggedOutput(_REJECTED, self._redacted(refusal, message))
             return
         published_ms = timestamp.micros // 1000
@@ -130,12 +132,12 @@ class AssignEventTime(beam.DoFn):
                 f"{published_ms - event_ms} ms after its event time "
                 f"{format_event_time(event_ms)}; allowed lateness {self._allowed_lateness_ms} ms"
             )
-            refusal = Refusal(LATE, self._kind, _payload_text(message), detail)
+            refusal = DeadLetter(LATE, self._kind, STEP, detail, _payload_text(message))
             yield beam.pvalue.TaggedOutput(_LATE, self._redacted(refusal, message))
             return
         yield TimestampedValue(message, Timestamp(micros=event_ms * 1000))
 
-    def _redacted(self, refusal: Refusal, message: Any) -> Refusal:
+    def _redacted(self, refusal: DeadLetter, message: Any) -> DeadLetter:
         if self._privacy is None:
             return refusal
         return redact(refusal, getattr(message, "data", message), self._privacy)
