@@ -1,6 +1,6 @@
 """The gate's evidence: a candidate is blessed on what its evaluation can show, not on a point.
 
-TFMA's thresholds (pipelines.train.eval_config) judge point estimates: an AUC above the floor,
+TFMA's thresholds (pipelines.train_config.eval_config) judge point estimates: an AUC above the floor,
 no regression against the baseline. On a small eval split a point estimate is noise (8 positive
 labels once decided a push), so the EvidenceGate component (pipelines.train) asks two more
 questions of the Evaluator's figures on the gated slices (the rows whose label is observable,

@@ -84,7 +84,7 @@ class _Run:
 def anomalies_of_latest_run(mlmd_path: str) -> list[str]:
     """The anomalies ExampleValidator reported in the latest run (empty when none, or when the
     run did not get that far)."""
-    from pipelines.train import anomalies_summary
+    from pipelines.gates import anomalies_summary
 
     if not os.path.exists(mlmd_path):
         return []
@@ -205,7 +205,8 @@ def build(
     A pushed model keeps the ``model_id`` the pipeline's RegisterPush gave it in
     ``serving_dir`` (a new one when there is no such record)."""
     from pipelines import evidence
-    from pipelines.train import EVIDENCE_GATE_ID, custom_config, thresholds
+    from pipelines.gates import EVIDENCE_GATE_ID
+    from pipelines.train_config import custom_config, thresholds
     from pipelines.trainer_module import model_settings
 
     run = _Run(mlmd_path)

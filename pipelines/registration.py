@@ -36,7 +36,7 @@ def registration_context(blueprint, spans) -> str:
     """What RegisterPush needs to know beyond the artifacts, as its JSON parameter: the
     blueprint's summary, the spans (none when compiled for Vertex AI, where the span is a
     runtime parameter), the blessing thresholds and the Trainer's hyperparameters."""
-    from pipelines.train import custom_config, thresholds
+    from pipelines.train_config import custom_config, thresholds
     from pipelines.trainer_module import model_settings
 
     return json.dumps(

@@ -248,27 +248,28 @@ def _blueprint(**changes):
 
 
 def test_the_allowed_loss_defaults_to_5_percent_and_the_example_allows_60_percent():
-    from pipelines import train
+    from pipelines import train_config
 
-    assert train.thresholds(_blueprint())["max_policy_value_loss"] == 0.6
+    assert train_config.thresholds(_blueprint())["max_policy_value_loss"] == 0.6
     unset = _blueprint(thresholds__max_policy_value_loss=None)
-    assert train.thresholds(unset)["max_policy_value_loss"] == 0.05
+    assert train_config.thresholds(unset)["max_policy_value_loss"] == 0.05
 
 
 @pytest.mark.parametrize("value", [-0.1, "half", True])
 def test_a_bad_allowed_loss_names_the_field(value):
-    from pipelines import train
+    from pipelines import train_config
 
     with pytest.raises(
-        train.BlueprintError, match=r"bp.yaml: model.thresholds.max_policy_value_loss: must be"
+        train_config.BlueprintError,
+        match=r"bp.yaml: model.thresholds.max_policy_value_loss: must be",
     ):
-        train.thresholds(_blueprint(thresholds__max_policy_value_loss=value))
+        train_config.thresholds(_blueprint(thresholds__max_policy_value_loss=value))
 
 
 def test_the_check_knows_the_reward_of_an_unobservable_decision():
-    from pipelines import train
+    from pipelines import train_config
 
-    settings = train.policy_check_settings(_blueprint())
+    settings = train_config.policy_check_settings(_blueprint())
     assert settings == {
         "skipped": None,
         "policy": {"type": "epsilon_greedy", "threshold": 0.1, "epsilon": 0.05, "seed": 7},
@@ -288,14 +289,16 @@ def test_the_check_knows_the_reward_of_an_unobservable_decision():
     ],
 )  # fmt: skip
 def test_a_check_that_cannot_run_says_why(changes, recorded, reason):
-    from pipelines import train
+    from pipelines import train_config
 
-    settings = train.policy_check_settings(_blueprint(**changes), recorded)
+    settings = train_config.policy_check_settings(_blueprint(**changes), recorded)
     assert settings["skipped"] == reason
 
 
 def test_a_policy_the_check_cannot_build_is_a_blueprint_error():
-    from pipelines import train
+    from pipelines import train_config
 
-    with pytest.raises(train.BlueprintError, match=r"bp.yaml: policy: policy.epsilon must be"):
-        train.policy_check_settings(_blueprint(policy__epsilon=2))
+    with pytest.raises(
+        train_config.BlueprintError, match=r"bp.yaml: policy: policy.epsilon must be"
+    ):
+        train_config.policy_check_settings(_blueprint(policy__epsilon=2))

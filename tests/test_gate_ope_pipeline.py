@@ -13,7 +13,7 @@ import json
 import pytest
 import yaml
 
-from pipelines import train
+from pipelines import gates, train_config
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.test_train import KEY, gate_verdict, run_train, versions
 from tests.train_fixtures import write_span
@@ -96,8 +96,8 @@ def test_the_same_model_under_the_example_policy_is_not_worse(timid_run, bluepri
     root = timid_run["root"]
     (model,) = (root / "Trainer" / "model").glob("*")
     (examples,) = (root / "ImportExampleGen" / "examples").glob("*")
-    config = json.loads(train.gate_settings(blueprint))
-    value = train.check_policy_value(str(model), str(examples), config)
+    config = json.loads(train_config.gate_settings(blueprint))
+    value = gates.check_policy_value(str(model), str(examples), config)
     assert value.passed, value.why
     refused = timid_run["record"]["policy_value"]
     assert value.figures["logged"] == refused["logged"]  # the same rows, the same log

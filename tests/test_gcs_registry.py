@@ -15,7 +15,7 @@ import pytest
 
 from loopline import registry, storage
 from loopline.spans import find_spans
-from pipelines.train import check_examples_match_blueprint
+from pipelines.train_examples import check_examples_match_blueprint
 from tests.train_fixtures import write_span
 
 

@@ -7,13 +7,13 @@ import json
 
 from tfx import v1 as tfx
 
-from pipelines import train
+from pipelines import train, train_config, train_examples
 from pipelines.registration import push_record, registration_context
 
 
 def test_the_training_pipeline_registers_after_the_pusher(tmp_path, blueprint):
-    source = train.runtime_example_source("gs://b/data/notify/2026-11-01")
-    schema = train.write_blueprint_schema(blueprint, str(tmp_path))
+    source = train_examples.runtime_example_source("gs://b/data/notify/2026-11-01")
+    schema = train_config.write_blueprint_schema(blueprint, str(tmp_path))
     pipeline = train.create_pipeline(blueprint, source, str(tmp_path), "gs://b/serving", schema)
     register = pipeline.components[-1]
     assert register.id == "RegisterPush"
@@ -26,7 +26,7 @@ def test_the_context_names_hyperparameters_thresholds_and_blueprint(blueprint):
     context = json.loads(registration_context(blueprint, []))
     assert context["blueprint"] == blueprint.summary()
     assert context["hyperparameters"]["hidden_units"] == blueprint.model["hidden_units"]
-    assert context["thresholds"] == train.thresholds(blueprint)
+    assert context["thresholds"] == train_config.thresholds(blueprint)
     assert context["spans"] == []  # compiled for Vertex AI: the span is a runtime parameter
 
 

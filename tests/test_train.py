@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+import tensorflow_model_analysis as tfma
 import yaml
+from tensorflow_metadata.proto.v0 import schema_pb2
 
 from loopline import registry
 from loopline.blueprint import blueprint_from_dict
-from pipelines import evidence, train, trainer_module
+from pipelines import evidence, gates, train, train_config, train_examples, trainer_module
 from tests.conftest import EXAMPLE_BLUEPRINT
 from tests.train_fixtures import (
     LOGGING_EPSILON,
@@ -69,7 +71,7 @@ def versions(serving_dir: Path) -> list[str]:
 def gate_verdict(root: Path) -> dict:
     """The verdict of the latest EvidenceGate run under a pipeline root."""
     written = sorted(
-        (root / train.EVIDENCE_GATE_ID).glob(f"blessing/*/{evidence.EVIDENCE_FILE}"),
+        (root / gates.EVIDENCE_GATE_ID).glob(f"blessing/*/{evidence.EVIDENCE_FILE}"),
         key=os.path.getmtime,
     )
     return json.loads(written[-1].read_text())
@@ -333,8 +335,8 @@ def test_feature_of_another_type_is_named(tmp_path, blueprint):
     for feature in data["features"]:
         if feature["name"] == "tenure_days":
             feature["type"] = "float"
-    with pytest.raises(train.ExampleMismatch, match="'tenure_days' holds int64_list"):
-        train.check_examples_match_blueprint(
+    with pytest.raises(train_examples.ExampleMismatch, match="'tenure_days' holds int64_list"):
+        train_examples.check_examples_match_blueprint(
             [train.read_span(span)], blueprint_from_dict(data, source="changed.yaml")
         )
 
@@ -358,20 +360,20 @@ def test_incomplete_span_is_a_one_line_error(tmp_path, blueprint):
 
 
 def test_blueprint_schema_requires_every_feature_with_its_type(blueprint):
-    schema = {f.name: f for f in train.blueprint_schema(blueprint).feature}
+    schema = {f.name: f for f in train_config.blueprint_schema(blueprint).feature}
     assert "email" not in schema  # dropped by the blueprint's privacy section
-    assert schema["tenure_days"].type == train.schema_pb2.INT
+    assert schema["tenure_days"].type == schema_pb2.INT
     assert schema["tenure_days"].presence.min_fraction == 1.0
     assert [d.size for d in schema["tenure_days"].shape.dim] == [1]
-    assert schema["recent_clicks"].type == train.schema_pb2.FLOAT
+    assert schema["recent_clicks"].type == schema_pb2.FLOAT
     assert not schema["recent_clicks"].HasField("shape")  # a list: any length
-    assert schema["clicked"].type == train.schema_pb2.INT
+    assert schema["clicked"].type == schema_pb2.INT
     assert schema["model_id"].presence.min_fraction == 0.0  # only when the decision had one
     assert schema["join_status"].domain == "join_status"
 
 
 def test_eval_config_gates_auc_on_the_observable_rows_with_blueprint_thresholds(blueprint):
-    config = train.eval_config(blueprint)
+    config = train_config.eval_config(blueprint)
     assert config.model_specs[0].signature_name == "serving_default"
     assert config.model_specs[0].label_key == "clicked"
     assert [(list(s.feature_keys), dict(s.feature_values)) for s in config.slicing_specs] == [
@@ -394,25 +396,27 @@ def test_eval_config_gates_auc_on_the_observable_rows_with_blueprint_thresholds(
 def test_without_observable_when_the_gate_judges_every_row(blueprint):
     data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
     del data["label"]["observable_when"]
-    config = train.eval_config(blueprint_from_dict(data))
+    config = train_config.eval_config(blueprint_from_dict(data))
     assert [list(s.feature_keys) for s in config.slicing_specs] == [
         [],
         ["join_status"],
         ["platform"],
     ]
     gated = next(m for m in config.metrics_specs[0].metrics if m.per_slice_thresholds)
-    assert list(gated.per_slice_thresholds[0].slicing_specs) == [train.tfma.SlicingSpec()]
+    assert list(gated.per_slice_thresholds[0].slicing_specs) == [tfma.SlicingSpec()]
 
 
 def test_several_observable_values_gate_each_combination_as_its_own_slice(blueprint):
     data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
     data["label"]["observable_when"] = {"decision": [1, 2], "arm": ["production"]}
-    names = [train.slice_name(s) for s in train.gated_slices(blueprint_from_dict(data))]
+    names = [
+        train_config.slice_name(s) for s in train_config.gated_slices(blueprint_from_dict(data))
+    ]
     assert names == ["arm=production, decision=1", "arm=production, decision=2"]
 
 
 def test_thresholds_ask_for_50_positives_at_95_percent_confidence_by_default(blueprint):
-    limits = train.thresholds(blueprint)
+    limits = train_config.thresholds(blueprint)
     assert limits == {
         "min_auc": 0.6,
         "max_auc_regression": 0.01,
@@ -420,12 +424,12 @@ def test_thresholds_ask_for_50_positives_at_95_percent_confidence_by_default(blu
         "confidence": 0.95,
         "max_policy_value_loss": 0.6,  # examples/notify.yaml's
     }
-    settings = json.loads(train.gate_settings(blueprint))
+    settings = json.loads(train_config.gate_settings(blueprint))
     assert settings == {
         "gated": ["decision=1"],
         "thresholds": limits,
         "binary": True,
-        "policy_check": train.policy_check_settings(blueprint),
+        "policy_check": train_config.policy_check_settings(blueprint),
     }
 
 
@@ -436,7 +440,7 @@ def test_bad_evidence_threshold_names_the_field(field, value):
     data = yaml.safe_load(EXAMPLE_BLUEPRINT.read_text())
     data["model"]["thresholds"][field] = value
     with pytest.raises(train.BlueprintError, match=rf"bp.yaml: model.thresholds.{field}: must"):
-        train.thresholds(blueprint_from_dict(data, source="bp.yaml"))
+        train_config.thresholds(blueprint_from_dict(data, source="bp.yaml"))
 
 
 def test_spans_without_provenance_are_judged_on_every_row(tmp_path, blueprint):
@@ -445,11 +449,11 @@ def test_spans_without_provenance_are_judged_on_every_row(tmp_path, blueprint):
     write_span(tmp_path / "old", blueprint, 40, seed=9, key=KEY.encode(), provenance=False)
     write_span(tmp_path / "new", blueprint, 40, seed=9, key=KEY.encode())
     old, new = train.read_span(tmp_path / "old"), train.read_span(tmp_path / "new")
-    assert train.provenance_recorded([new], blueprint)
-    assert not train.provenance_recorded([new, old], blueprint)
-    settings = json.loads(train.gate_settings(blueprint, recorded=False))
+    assert train_examples.provenance_recorded([new], blueprint)
+    assert not train_examples.provenance_recorded([new, old], blueprint)
+    settings = json.loads(train_config.gate_settings(blueprint, recorded=False))
     assert settings["gated"] == ["overall"]
-    slices = train.eval_config(blueprint, recorded=False).slicing_specs
+    slices = train_config.eval_config(blueprint, recorded=False).slicing_specs
     assert all(not s.feature_values for s in slices)
 
 
@@ -460,14 +464,14 @@ def test_pusher_and_resolver_read_the_evidence_gates_blessing(tmp_path, blueprin
 
     span = tmp_path / "span"
     write_span(span, blueprint, 40, seed=9, key=KEY.encode())
-    source = train.example_source([train.read_span(span)], str(tmp_path / "root"))
+    source = train_examples.example_source([train.read_span(span)], str(tmp_path / "root"))
     pipeline = train.create_pipeline(
         blueprint, source, str(tmp_path / "root"), str(tmp_path / "serving"), "schema.pbtxt"
     )
     ir = compiler.Compiler().compile(pipeline)
     nodes = {n.pipeline_node.node_info.id: n.pipeline_node for n in ir.nodes}
     pusher_input = nodes["Pusher"].inputs.inputs["model_blessing"].channels[0]
-    assert pusher_input.producer_node_query.id == train.EVIDENCE_GATE_ID
+    assert pusher_input.producer_node_query.id == gates.EVIDENCE_GATE_ID
     # The Resolver's query for blessings: the EvidenceGate's output only.
     resolver = nodes["latest_blessed_model_resolver"].inputs.inputs
     (blessings,) = [
@@ -476,7 +480,7 @@ def test_pusher_and_resolver_read_the_evidence_gates_blessing(tmp_path, blueprin
         if spec.channels and spec.channels[0].artifact_query.type.name == "ModelBlessing"
     ]
     contexts = [q.name.field_value.string_value for q in blessings.context_queries]
-    assert f"{train.pipeline_name(blueprint)}.{train.EVIDENCE_GATE_ID}" in contexts
+    assert f"{train.pipeline_name(blueprint)}.{gates.EVIDENCE_GATE_ID}" in contexts
     assert blessings.output_key == "blessing"
     # The Evaluator's verdict, and the candidate and the eval examples for the off-policy check.
     assert set(nodes["EvidenceGate"].upstream_nodes) == {"Evaluator", "Trainer", "ImportExampleGen"}
@@ -747,25 +751,25 @@ def test_fixture_logging_policy_logs_the_probability_of_its_decision():
 
 
 def test_blueprint_schema_types_the_provenance_columns_and_leaves_them_optional(blueprint):
-    schema = {f.name: f for f in train.blueprint_schema(blueprint).feature}
-    types = {name: schema[name].type for name in train.PROVENANCE_COLUMNS}
+    schema = {f.name: f for f in train_config.blueprint_schema(blueprint).feature}
+    types = {name: schema[name].type for name in train_config.PROVENANCE_COLUMNS}
     assert types == {
-        "decision": train.schema_pb2.INT,
-        "propensity": train.schema_pb2.FLOAT,
-        "arm": train.schema_pb2.BYTES,
-        "model_id": train.schema_pb2.BYTES,
+        "decision": schema_pb2.INT,
+        "propensity": schema_pb2.FLOAT,
+        "arm": schema_pb2.BYTES,
+        "model_id": schema_pb2.BYTES,
     }
     # Spans written before the join recorded provenance lack them.
     assert all(schema[name].presence.min_fraction == 0.0 for name in types)
 
 
 def test_provenance_columns_are_not_model_inputs(blueprint):
-    inputs = set(trainer_module.transformed_features(train.custom_config(blueprint)))
-    assert inputs and not inputs & {*train.PROVENANCE_COLUMNS, trainer_module.SAMPLE_WEIGHT}
+    inputs = set(trainer_module.transformed_features(train_config.custom_config(blueprint)))
+    assert inputs and not inputs & {*train_config.PROVENANCE_COLUMNS, trainer_module.SAMPLE_WEIGHT}
 
 
 def test_custom_config_carries_the_labels_observability_and_ips_clip(blueprint):
-    label = train.custom_config(blueprint)["label"]
+    label = train_config.custom_config(blueprint)["label"]
     assert label == {
         "name": "clicked",
         "type": "int",

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipelines import train, trainer_module  # noqa: E402
+from pipelines import train_config, trainer_module  # noqa: E402
 
 FEATURES = [
     {"name": "hour_of_day", "type": "int"},
@@ -36,7 +36,7 @@ def _config(encodings: dict) -> dict:
 
 
 def test_notify_blueprint_gives_the_hour_of_day_its_own_vocabulary(blueprint):
-    plan = trainer_module.transformed_features(train.custom_config(blueprint))
+    plan = trainer_module.transformed_features(train_config.custom_config(blueprint))
     assert plan["hour_of_day"] == (trainer_module.CATEGORICAL, "hour_of_day_vocab")
     assert plan["tenure_days"] == (trainer_module.NUMERIC, None)
 

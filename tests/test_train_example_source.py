@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from loopline.spans import Span, read_span
-from pipelines.train import example_source
+from pipelines.train_examples import example_source
 from transforms.span_files import TFRECORD_GZIP, open_span_file
 
 
