@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +213,10 @@ def test_no_object_a_job_wrote_holds_a_raw_identifier(rehearsal):
     written = {n: d for n, d in rehearsal["objects"].items() if not n.startswith(PRODUCT_INPUTS)}
     assert any(n.startswith(f"data/{NAME}/") for n in written)
     assert any(n.startswith(f"scores/{NAME}/") for n in written)
+    # And what the jobs and Airflow logged: every job's whole output, the scheduler's log.
+    for log in (rehearsal["job_output"], rehearsal["log"]):
+        written[log] = Path(log).read_bytes()
+    assert b"[dataflow:" in written[rehearsal["job_output"]]
     leaks = {n: pattern.search(d).group().decode() for n, d in written.items() if pattern.search(d)}
     assert leaks == {}
 

@@ -63,6 +63,11 @@ class JobFailed(RuntimeError):
     pass
 
 
+def job_output(journal: Path) -> Path:
+    """Where ``run_job`` appends each job's whole stdout and stderr, beside the journal."""
+    return journal.with_name(journal.stem + "-output.log")
+
+
 def run_job(settings: Settings, kind: str, argv: list[str]) -> subprocess.CompletedProcess:
     """Runs one job to completion in the loopline environment and journals it."""
     started = time.time()
@@ -84,6 +89,9 @@ def run_job(settings: Settings, kind: str, argv: list[str]) -> subprocess.Comple
     }
     with settings.journal.open("a") as f:
         f.write(json.dumps(entry) + "\n")
+    # Every job's whole output, for the rehearsal's scan of what the jobs wrote (logs included).
+    with job_output(settings.journal).open("a") as f:
+        f.write(f"[{kind}] {' '.join(argv[1:])}\n{result.stdout}\n{result.stderr}\n")
     print(f"[rehearsal] {kind}: exit {result.returncode} in {entry['seconds']} s")
     print(result.stdout[-4000:])
     print(result.stderr[-4000:])

@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from tests.gcs_emulator import GcsEmulator, start_emulator, stop_emulator
+from tests.rehearsal import launchers
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -247,6 +248,7 @@ def run_days(
         [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
     )
     result["log"] = str(log)
+    result["job_output"] = str(launchers.job_output(journal))
     return result
 
 
