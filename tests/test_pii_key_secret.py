@@ -24,6 +24,7 @@ from loopline.events import parse_decision_json
 from loopline.examples import PiiKeyMissing, PiiKeySecretError, pii_key, pseudonymise
 from loopline.simulate import Simulator
 from pipelines import bulk_score, join_decisions, monitor
+from tests.join_fixtures import join_args
 from tests.scoring_fixtures import export_scoring_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,16 +67,6 @@ def logs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("logs")
     Simulator(load_blueprint(BLUEPRINT), seed=5).run(out, decisions=60, days=1, start_ms=START_MS)
     return out
-
-
-def _join_args(logs: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--decisions", str(logs / "decisions-*.jsonl"),
-        "--observations", str(logs / "observations-*.jsonl"),
-        "--blueprint", str(BLUEPRINT),
-        "--output", str(output),
-        *extra,
-    ]  # fmt: skip
 
 
 def _one_error_line(capsys) -> str:
@@ -138,7 +129,7 @@ def test_join_pseudonymises_with_the_secret_key_and_never_writes_it(
     logs, tmp_path, secret_manager, capsys
 ):
     output = tmp_path / "span"
-    join_decisions.run(_join_args(logs, output, "--pii_key_secret", SECRET))
+    join_decisions.run(join_args(logs, output, "--pii_key_secret", SECRET))
     assert secret_manager.calls == [SECRET]
 
     raw_user = {}
@@ -181,7 +172,7 @@ def test_join_with_a_bad_secret_fails_at_start_with_one_line(
     if client is not None:
         monkeypatch.setattr(secretmanager, "SecretManagerServiceClient", lambda: client)
     with pytest.raises(SystemExit) as info:
-        join_decisions.run(_join_args(logs, tmp_path / "out", "--pii_key_secret", secret))
+        join_decisions.run(join_args(logs, tmp_path / "out", "--pii_key_secret", secret))
     assert info.value.code == 2
     line = _one_error_line(capsys)
     assert line.startswith("join_decisions: error:") and message in line
