@@ -205,10 +205,10 @@ def resolve(opts: MonitorOptions) -> MonitorConfig:
     """Checks every argument, file and secret; raises MonitorError (one sentence) before any
     pipeline starts."""
     blueprint = _checked(opts)
-    manifest = None
-    if opts.manifest:
-        with FileSystems.open(opts.manifest) as f:
-            manifest = json.loads(f.read().decode("utf-8"))
+    try:
+        manifest = storage.read_json(opts.manifest) if opts.manifest else None
+    except storage.StorageError as e:
+        raise MonitorError(f"--manifest: {e}") from None
     return MonitorConfig(
         blueprint=blueprint,
         observations=opts.observations,

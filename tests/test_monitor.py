@@ -400,6 +400,21 @@ def test_bad_arguments_exit_non_zero_with_one_line():
             ],
             "cannot be read",
         ),
+        (
+            [
+                "--scores",
+                "tests/*.py",
+                "--observations",
+                "tests/*.py",
+                "--blueprint",
+                "examples/notify.yaml",
+                "--output",
+                "o",
+                "--manifest",
+                "tests/conftest.py",
+            ],
+            "--manifest: tests/conftest.py is not readable JSON",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_in_one_sentence(args, message, capsys):
