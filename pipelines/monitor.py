@@ -66,13 +66,17 @@ from transforms.monitoring import (
     DelayBins,
     EstimatePolicyValues,
     LabelDelayHistogram,
-    ParseScores,
-    ServingStatistics,
     SummariseArms,
     SummariseOutcomes,
+)
+from transforms.score_rows import (
+    ParseScores,
+    timestamped_decision_from_score,
+)
+from transforms.skew import (
+    ServingStatistics,
     load_statistics,
     skew_report,
-    timestamped_decision_from_score,
 )
 from transforms.sources import ReadEvents
 

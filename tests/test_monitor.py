@@ -24,6 +24,8 @@ from transforms.monitoring import (
     DelayBins,
     LabelDelayHistogram,
     MonitoredDecision,
+)
+from transforms.score_rows import (
     ScoreRow,
     parse_score_row,
 )

@@ -73,10 +73,10 @@ def test_reasons_and_statuses_keep_the_words_the_outputs_carry():
 
 def test_every_step_names_reasons_and_statuses_from_the_one_definition():
     from loopline import events
-    from transforms import join, monitoring, scoring_failures
+    from transforms import join, score_rows, scoring_failures
 
     assert events.REASONS is PARSE_REASONS and events.BAD_AVRO is Reason.BAD_AVRO
-    assert monitoring.SCORE_BAD_TIME is events.BAD_TIME is Reason.BAD_TIME
+    assert score_rows.SCORE_BAD_TIME is events.BAD_TIME is Reason.BAD_TIME
     assert scoring_failures.INFERENCE_FAILED is Reason.INFERENCE_FAILED
     named = (join.OBSERVED, join.DEFAULT, join.ORPHAN, join.OUT_OF_WINDOW)
     named += (join.LATE_OBSERVATION, join.OUT_OF_RANGE)

@@ -1,9 +1,11 @@
-"""Beam pieces of model monitoring: score rows, their join to labelled decisions, and per
-model/day summaries (DESIGN.md, "The loop": scores ⨝ outcomes → metrics per model version).
+"""Scored decisions with their labels, and what the monitor computes from them: summaries per
+model and day, the rollout arms' outcomes, policy values and label delays (DESIGN.md, "The
+loop": scores ⨝ outcomes → metrics per model version).
 
 Decisions are labelled by the same ``JoinDecisions`` transform (and blueprint window) that makes
 training examples, so a live label means exactly what a training label means. Scores come from
-bulk scoring (or from decision logs that carry a ``score``) and are attached by ``decision_id``.
+bulk scoring (``transforms.score_rows``, or decision logs that carry a ``score``) and are
+attached by ``decision_id``; training/serving skew is ``transforms.skew``.
 
     decisions, observations = ...                      # timestamped by event time
     joined = (decisions, observations) | JoinDecisions(blueprint)
@@ -13,7 +15,6 @@ bulk scoring (or from decision logs that carry a ``score``) and are attached by 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,56 +23,25 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 
 from loopline.blueprint import Label
-from loopline.events import DeadLetter, DecisionEvent, parse_event_time
+from loopline.events import DecisionEvent
 from loopline.metrics import OutcomeSummary
 from loopline.ope import ValueSums
 from loopline.readout import (
     ALL_DAYS,
     ARM,
     BLUEPRINT,
-    DEFAULT_MAX_SKEW_JENSEN_SHANNON,
-    DEFAULT_MAX_SKEW_LINF,
     GREEDY,
     LOGGED,
     MODEL,
     OBSERVABLE,
     DelayBins,
 )
-from loopline.vocabulary import Reason
 from transforms.join import DEFAULT, JoinedDecision
+from transforms.score_rows import ScoreRow
 
-SCORE = "score"
-PARSE_SCORES_STEP = "ParseScores"
 UNKNOWN_MODEL = "unknown"
-
-# Reason codes for score rows that cannot be used: the parsers' own (loopline.vocabulary).
-SCORE_BAD_JSON = Reason.BAD_JSON
-SCORE_MISSING_FIELD = Reason.MISSING_FIELD
-SCORE_WRONG_TYPE = Reason.WRONG_TYPE
-SCORE_BAD_TIME = Reason.BAD_TIME
-
-
-@dataclass(frozen=True)
-class ScoreRow:
-    """One scored decision as written by bulk scoring.
-
-    ``time_ms`` is the row's ``event_time`` (the decision's time) when it has one, else its
-    ``scored_at``; it stands in for the decision time only when no decision log is given.
-    """
-
-    decision_id: str
-    score: float | None  # None only for a rollout arm's fallback decision (no model scored it)
-    model_id: str | None = None
-    decision: Any = None
-    propensity: float | None = None
-    explored: bool | None = None
-    time_ms: int | None = None
-    blueprint_version: str | None = None
-    arm: str | None = None  # "production" or "challenger" during a rollout
 
 
 @dataclass(frozen=True)
@@ -108,11 +78,6 @@ class ArmOutcome:
     unit: str | None = None
 
 
-class ScoreOutputs(NamedTuple):
-    scores: beam.PCollection  # PCollection[ScoreRow]
-    rejected: beam.PCollection  # PCollection[DeadLetter]
-
-
 class MonitorOutputs(NamedTuple):
     outcomes: beam.PCollection  # PCollection[MonitoredDecision]
     unscored: beam.PCollection  # PCollection[JoinedDecision]: labelled but never scored
@@ -123,145 +88,6 @@ class MonitorOutputs(NamedTuple):
 def utc_day(ms: int) -> str:
     """The UTC calendar day of epoch milliseconds (``2026-11-01``)."""
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
-
-
-def parse_score_row(
-    line: str | bytes | dict, require_score: bool = True
-) -> ScoreRow | DeadLetter | None:
-    """A JSON line to a ScoreRow, or a DeadLetter saying why not.
-
-    With ``require_score=False`` (decision logs that may carry a score) a line that is not a
-    JSON object with a ``score`` gives None instead of a refusal. A row with a null score, an
-    ``arm`` and a ``decision`` is a rollout arm's fallback decision (bulk scoring while that
-    arm's alias is null): its score is None and it counts for the arm, not for any model.
-    """
-    raw = line
-
-    def refuse(reason: str, detail: str) -> DeadLetter:
-        return DeadLetter(reason, SCORE, PARSE_SCORES_STEP, detail, raw)
-
-    if isinstance(line, dict):  # a decoded record (Avro, BigQuery) of a decision log
-        obj = line
-    else:
-        try:
-            text = line.decode("utf-8") if isinstance(line, bytes | bytearray) else line
-            obj = json.loads(text.removeprefix("\ufeff"))
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            # A decision log's malformed lines are the decision parser's to reject, not ours.
-            return refuse(SCORE_BAD_JSON, f"not valid JSON ({e})") if require_score else None
-    if not isinstance(obj, dict) or ("score" not in obj and not require_score):
-        return (
-            None
-            if not require_score
-            else refuse(SCORE_WRONG_TYPE, "a score row must be a JSON object with a score")
-        )
-    decision_id = obj.get("decision_id")
-    if not isinstance(decision_id, str) or not decision_id:
-        return refuse(SCORE_MISSING_FIELD, "field 'decision_id' must be a non-empty string")
-    score = obj.get("score")
-    if isinstance(score, list) and len(score) == 1:
-        score = score[0]
-    fallback = score is None and isinstance(obj.get("arm"), str) and obj.get("decision") is not None
-    if not fallback and (
-        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score)
-    ):
-        return refuse(SCORE_WRONG_TYPE, f"field 'score' must be a finite number, got {score!r}")
-    propensity = obj.get("propensity")
-    if propensity is not None and (
-        isinstance(propensity, bool)
-        or not isinstance(propensity, int | float)
-        or not 0 <= propensity <= 1
-    ):
-        return refuse(SCORE_WRONG_TYPE, f"field 'propensity' must be in [0, 1], got {propensity!r}")
-    model_id = obj.get("model_id")
-    if model_id is not None and not isinstance(model_id, str):
-        return refuse(SCORE_WRONG_TYPE, f"field 'model_id' must be a string, got {model_id!r}")
-    explored = obj.get("explored")
-    if explored is not None and not isinstance(explored, bool):
-        return refuse(SCORE_WRONG_TYPE, f"field 'explored' must be true or false, got {explored!r}")
-    arm = obj.get("arm")
-    if arm is not None and (not isinstance(arm, str) or not arm):
-        return refuse(SCORE_WRONG_TYPE, f"field 'arm' must be a non-empty string, got {arm!r}")
-    time_ms = None
-    for key in ("event_time", "scored_at"):
-        if obj.get(key) is not None:
-            try:
-                time_ms = parse_event_time(obj[key])
-            except ValueError as e:
-                return refuse(SCORE_BAD_TIME, str(e))
-            break
-    version = obj.get("blueprint_version")
-    return ScoreRow(
-        decision_id=decision_id,
-        score=None if fallback else float(score),
-        model_id=model_id,
-        decision=obj.get("decision"),
-        propensity=None if propensity is None else float(propensity),
-        explored=explored,
-        time_ms=time_ms,
-        blueprint_version=None if version is None else str(version),
-        arm=arm,
-    )
-
-
-class _ParseScoreDoFn(beam.DoFn):
-    REJECTED = "rejected"
-
-    def __init__(self, require_score: bool):
-        self._require_score = require_score
-        self._parsed = Metrics.counter("loopline.parse_scores", "scores_parsed")
-        self._rejected = Metrics.counter("loopline.parse_scores", "scores_rejected")
-        self._without = Metrics.counter("loopline.parse_scores", "rows_without_score")
-
-    def process(self, line: str) -> Iterable[Any]:
-        result = parse_score_row(line, self._require_score)
-        if result is None:
-            self._without.inc()
-        elif isinstance(result, DeadLetter):
-            self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(self.REJECTED, result)
-        else:
-            self._parsed.inc()
-            yield result
-
-
-class ParseScores(beam.PTransform):
-    """JSON lines of score rows to ``ScoreRow``; unusable rows leave on ``rejected``.
-
-    >>> outputs = lines | ParseScores()
-    >>> outputs.scores, outputs.rejected
-    """
-
-    def __init__(self, require_score: bool = True, label: str | None = None):
-        super().__init__(label)
-        self._require_score = require_score
-
-    def expand(self, lines: beam.PCollection) -> ScoreOutputs:
-        results = lines | "Parse" >> beam.ParDo(_ParseScoreDoFn(self._require_score)).with_outputs(
-            _ParseScoreDoFn.REJECTED, main="scores"
-        )
-        return ScoreOutputs(results.scores, results[_ParseScoreDoFn.REJECTED])
-
-
-def decision_from_score(row: ScoreRow, decision_type: str) -> DecisionEvent:
-    """A featureless decision event standing in for a score row when no decision log is given."""
-    return DecisionEvent(
-        decision_id=row.decision_id,
-        decision_type=decision_type,
-        event_time_ms=row.time_ms if row.time_ms is not None else 0,
-        features={},
-        blueprint_version=row.blueprint_version,
-        decision=row.decision,
-        model_id=row.model_id,
-        propensity=row.propensity,
-    )
-
-
-def timestamped_decision_from_score(row: ScoreRow, decision_type: str) -> TimestampedValue:
-    """``decision_from_score``, timestamped with the row's time (0 when it has none)."""
-    return TimestampedValue(
-        decision_from_score(row, decision_type), Timestamp(micros=(row.time_ms or 0) * 1000)
-    )
 
 
 def _latest_score(rows: list[ScoreRow]) -> ScoreRow:
@@ -700,164 +526,3 @@ def _sum_pairs(pairs: Iterable[tuple[int, int]]) -> tuple[int, int]:
         total += t
         counted += c
     return total, counted
-
-
-# ---------------------------------------------------------------------------------------------
-# Training/serving skew (Rules of ML #37): TFDV statistics of the features seen at scoring,
-# compared with the statistics the model was trained on.
-
-# Default comparator thresholds; blueprint ``monitor:`` keys override them.
-
-
-class ServingStatistics(beam.PTransform):
-    """TFDV statistics of the decision-time features of joined decisions, encoded exactly as
-    bulk scoring feeds the model (``features_to_example``); written to ``output_path``.
-
-    >>> join.joined | ServingStatistics(blueprint, key, "out/serving_stats.pb")
-    """
-
-    def __init__(self, blueprint, key: bytes | None, output_path: str, label: str | None = None):
-        super().__init__(label)
-        self._blueprint = blueprint
-        self._key = key
-        self._output_path = output_path
-
-    def expand(self, joined: beam.PCollection):
-        import tensorflow_data_validation as tfdv
-        from tfx_bsl.public import tfxio
-
-        from loopline.examples import features_to_example
-
-        blueprint, key = self._blueprint, self._key
-
-        def encode(j: JoinedDecision) -> bytes:
-            return features_to_example(j.decision.features, blueprint, key).SerializeToString()
-
-        return (
-            joined
-            | "EncodeFeatures" >> beam.Map(encode)
-            | "ToRecordBatches"
-            >> tfxio.TFExampleBeamRecord(
-                physical_format="inmem", telemetry_descriptors=["loopline", "monitor"]
-            ).BeamSource()
-            | "GenerateStatistics" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
-            | "WriteStatistics" >> tfdv.WriteStatisticsToBinaryFile(self._output_path)
-        )
-
-
-def load_statistics(path: str):
-    """A DatasetFeatureStatisticsList from a FeatureStats.pb (binary), a TFRecord of statistics,
-    or a directory holding one (StatisticsGen's ``Split-train/FeatureStats.pb`` preferred)."""
-    import tensorflow as tf
-    import tensorflow_data_validation as tfdv
-
-    if tf.io.gfile.isdir(path):
-        found = (
-            sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/**/FeatureStats.pb"))
-            or sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/*/FeatureStats.pb"))
-            or sorted(tf.io.gfile.glob(f"{path.rstrip('/')}/FeatureStats.pb"))
-        )
-        train = [f for f in found if "train" in f.lower()]
-        if not (train or found):
-            raise ValueError(f"--training_stats {path}: no FeatureStats.pb under this directory")
-        path = (train or found)[0]
-    try:
-        return tfdv.load_stats_binary(path)
-    except Exception:  # noqa: BLE001 - not a binary proto: try the TFRecord form
-        return tfdv.load_statistics(path)
-
-
-def _only_features(stats, names: set[str]):
-    """A copy of ``stats`` holding only the features in ``names``."""
-    from tensorflow_metadata.proto.v0 import statistics_pb2
-
-    out = statistics_pb2.DatasetFeatureStatisticsList()
-    for dataset in stats.datasets:
-        kept = out.datasets.add()
-        kept.CopyFrom(dataset)
-        del kept.features[:]
-        for feature in dataset.features:
-            name = feature.path.step[0] if feature.path.step else feature.name
-            if name in names:
-                kept.features.add().CopyFrom(feature)
-    return out
-
-
-def skew_report(
-    blueprint,
-    training_stats,
-    serving_stats,
-    schema=None,
-    max_jensen_shannon: float = DEFAULT_MAX_SKEW_JENSEN_SHANNON,
-    max_linf: float = DEFAULT_MAX_SKEW_LINF,
-) -> dict:
-    """Per blueprint feature: the skew distance between training and serving statistics, its
-    threshold, whether it is past it, and any schema anomaly of the serving data.
-
-    Numeric features get a Jensen-Shannon divergence comparator, categorical ones an
-    L-infinity distance comparator, both as skew (training vs serving) and drift (serving vs the
-    training statistics as the previous span) comparators of the schema. Pseudonymised
-    identifiers get none: their values are expected to differ between days.
-    The schema is ``schema`` (SchemaGen's) when given, else inferred from the training
-    statistics; either way it is cut down to the blueprint's example features.
-    """
-    import tensorflow_data_validation as tfdv
-    from tensorflow_metadata.proto.v0 import schema_pb2
-
-    names = {f.name for f in blueprint.example_features}
-    training = _only_features(training_stats, names)
-    serving = _only_features(serving_stats, names)
-    if schema is None:
-        schema = tfdv.infer_schema(training)
-    kept = schema_pb2.Schema()
-    kept.CopyFrom(schema)
-    del kept.feature[:]
-    for feature in schema.feature:
-        if feature.name in names:
-            kept.feature.add().CopyFrom(feature)
-    types = blueprint.feature_types
-    comparators = {}
-    for feature in kept.feature:
-        if feature.name in blueprint.privacy.pseudonymise:
-            continue
-        if types[feature.name].removesuffix("_list") == "string":
-            comparators[feature.name] = ("L-infinity", max_linf)
-            feature.skew_comparator.infinity_norm.threshold = max_linf
-            feature.drift_comparator.infinity_norm.threshold = max_linf
-        else:
-            comparators[feature.name] = ("Jensen-Shannon", max_jensen_shannon)
-            feature.skew_comparator.jensen_shannon_divergence.threshold = max_jensen_shannon
-            feature.drift_comparator.jensen_shannon_divergence.threshold = max_jensen_shannon
-    skew = tfdv.validate_statistics(training, kept, serving_statistics=serving)
-    drift = tfdv.validate_statistics(serving, kept, previous_statistics=training)
-    distances = {}
-    for info in list(skew.drift_skew_info):
-        for m in info.skew_measurements:
-            distances[info.path.step[0]] = (float(m.value), float(m.threshold))
-    anomalies: dict[str, list[str]] = {}
-    for result in (drift, skew):
-        for name, info in result.anomaly_info.items():
-            for reason in info.reason:
-                text = reason.description or reason.short_description
-                if text not in anomalies.setdefault(name, []):
-                    anomalies[name].append(text)
-    features = []
-    for spec in blueprint.example_features:
-        comparator, threshold = comparators.get(spec.name, (None, None))
-        distance, measured_threshold = distances.get(spec.name, (None, threshold))
-        features.append(
-            {
-                "name": spec.name,
-                "type": spec.type,
-                "comparator": comparator,
-                "distance": distance,
-                "threshold": measured_threshold,
-                "skewed": distance is not None and threshold is not None and distance > threshold,
-                "anomalies": anomalies.get(spec.name, []),
-            }
-        )
-    return {
-        "features": features,
-        "skewed": [f["name"] for f in features if f["skewed"]],
-        "with_anomalies": [f["name"] for f in features if f["anomalies"]],
-    }
