@@ -96,4 +96,6 @@ def compute_label(
     """The label from the counted observations (before the cast), or None for the default."""
     if label_fn is not None:
         return label_fn(decision, counted)
+    if not counted:  # most decisions: nothing observed, the default label
+        return None
     return aggregate_label(counted, label.observation, label.aggregation)
