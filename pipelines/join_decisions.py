@@ -57,8 +57,10 @@ class JoinDecisionsOptions(PipelineOptions):
             parser, "--decisions", help="file glob of decision events (JSON lines or Avro)"
         )
         add_shared_argument(parser, "--observations", help="file glob of observation events")
-        parser.add_argument("--decisions_table", help="BigQuery table of decision events")
-        parser.add_argument("--observations_table", help="BigQuery table of observation events")
+        add_shared_argument(parser, "--decisions_table", help="BigQuery table of decision events")
+        add_shared_argument(
+            parser, "--observations_table", help="BigQuery table of observation events"
+        )
         parser.add_argument(
             "--decisions_subscription",
             help="Pub/Sub subscription of decision events (projects/P/subscriptions/S); streaming",

@@ -6,7 +6,8 @@
         [--manifest span/manifest.json] [beam options]
 
 Decisions and observations are read like the join reads them (``transforms.sources.ReadEvents``:
-JSON lines as bytes, or Avro by extension). The Beam pipeline labels decisions with the same ``JoinDecisions`` transform and blueprint
+JSON lines as bytes, Avro by extension, or a BigQuery table with ``--decisions_table`` /
+``--observations_table``). The Beam pipeline labels decisions with the same ``JoinDecisions`` transform and blueprint
 window as training, attaches each decision's score by ``decision_id``, and combines per model
 and UTC day (heavy work, on the runner). ``loopline.readout`` then assembles ``metrics.json``
 (flags against the blueprint's ``monitor:`` thresholds, A/B tests between versions), the skew
@@ -104,6 +105,10 @@ class MonitorOptions(PipelineOptions):
         add_shared_argument(
             parser, "--observations", help="Glob of observation events (JSON lines)."
         )
+        add_shared_argument(parser, "--decisions_table", help="BigQuery table of decision events")
+        add_shared_argument(
+            parser, "--observations_table", help="BigQuery table of observation events"
+        )
         add_shared_argument(
             parser, "--blueprint", help="The blueprint YAML the model was trained with."
         )
@@ -132,10 +137,10 @@ class MonitorConfig:
     """Everything a monitor run needs, checked: what ``resolve`` returns."""
 
     blueprint: Blueprint
-    observations: str
+    observations: ReadEvents
     output: str
     scores: str | None
-    decisions: str | None
+    decisions: ReadEvents | None
     training_stats: str | None
     schema: str | None
     manifest: dict | None
@@ -161,20 +166,33 @@ def _require_matches(flag: str, pattern: str) -> None:
         )
 
 
+def _source(opts: MonitorOptions, kind: str) -> ReadEvents | None:
+    """Where events of ``kind`` are read: a file glob or a BigQuery table, not both."""
+    pattern, table = getattr(opts, f"{kind}s"), getattr(opts, f"{kind}s_table")
+    if pattern and table:
+        raise MonitorError(f"give --{kind}s or --{kind}s_table, not both")
+    if pattern:
+        _require_matches(f"--{kind}s", pattern)
+    if not (pattern or table):
+        return None
+    return ReadEvents(kind, pattern=pattern, table=table)
+
+
 def _checked(opts: MonitorOptions) -> Blueprint:
-    for flag in ("observations", "blueprint", "output"):
+    if not opts.observations and not opts.observations_table:
+        raise MonitorError("--observations is required")
+    for flag in ("blueprint", "output"):
         if not getattr(opts, flag):
             raise MonitorError(f"--{flag} is required")
-    if not opts.scores and not opts.decisions:
+    if not opts.scores and not (opts.decisions or opts.decisions_table):
         raise MonitorError("give --scores (score rows) and/or --decisions (decision events)")
     try:
         blueprint = read_blueprint(opts.blueprint)
     except BlueprintError as e:
         raise MonitorError(str(e)) from None
     monitor_settings(blueprint)
-    for flag in ("scores", "decisions", "observations"):
-        if getattr(opts, flag):
-            _require_matches(f"--{flag}", getattr(opts, flag))
+    if opts.scores:
+        _require_matches("--scores", opts.scores)
     for flag in ("training_stats", "schema", "manifest"):
         path = getattr(opts, flag)
         # --training_stats is StatisticsGen's output directory: on GCS a prefix, not an object.
@@ -182,7 +200,7 @@ def _checked(opts: MonitorOptions) -> Blueprint:
             storage.exists(path) or (flag == "training_stats" and storage.is_dir(path))
         ):
             raise MonitorError(f"--{flag} {path!r} does not exist")
-    if opts.training_stats and not opts.decisions:
+    if opts.training_stats and not (opts.decisions or opts.decisions_table):
         raise MonitorError(
             "--training_stats needs --decisions: the skew report compares the "
             "features of the scored decisions with the training statistics"
@@ -215,10 +233,10 @@ def resolve(opts: MonitorOptions) -> MonitorConfig:
         raise MonitorError(f"--manifest: {e}") from None
     return MonitorConfig(
         blueprint=blueprint,
-        observations=opts.observations,
+        observations=_source(opts, OBSERVATION),
         output=opts.output,
         scores=opts.scores,
-        decisions=opts.decisions,
+        decisions=_source(opts, DECISION),
         training_stats=opts.training_stats,
         schema=opts.schema,
         manifest=manifest,
@@ -230,7 +248,7 @@ def resolve(opts: MonitorOptions) -> MonitorConfig:
 def build(p: beam.Pipeline, config: MonitorConfig) -> None:
     """The Beam graph: parse, join with the blueprint window, attach scores, summarise."""
     blueprint, parts = config.blueprint, config.parts
-    observation_source = ReadEvents(OBSERVATION, pattern=config.observations)
+    observation_source = config.observations
     observations = (
         p
         | "ReadObservations" >> observation_source
@@ -246,7 +264,7 @@ def build(p: beam.Pipeline, config: MonitorConfig) -> None:
         )
         score_sets.append(parsed.scores)
     if config.decisions:
-        decision_source = ReadEvents(DECISION, pattern=config.decisions)
+        decision_source = config.decisions
         raw_decisions = p | "ReadDecisions" >> decision_source
         decisions = (
             raw_decisions

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import argparse
 
-SHARED_FLAGS = ("--blueprint", "--output", "--decisions", "--observations", "--pii_key_secret")
+SHARED_FLAGS = (
+    "--blueprint",
+    "--output",
+    "--decisions",
+    "--observations",
+    "--decisions_table",
+    "--observations_table",
+    "--pii_key_secret",
+)
 # The one help text of --pii_key_secret: whichever pipeline declares it first, it reads right.
 PII_KEY_SECRET_HELP = (
     "Secret Manager secret version holding the pseudonymisation key "

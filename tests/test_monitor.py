@@ -221,6 +221,71 @@ def monitored(tmp_path_factory):
     return metrics, expected, out
 
 
+def _bigquery_rows(path, parse, column) -> list[dict]:
+    """Events as BigQuery returns them: TIMESTAMP as a datetime, JSON columns as strings."""
+    rows = []
+    for line in path.read_text().splitlines():
+        event = parse(line)
+        if hasattr(event, "reason"):
+            continue
+        row = event.to_dict()
+        row["event_time"] = datetime.fromtimestamp(event.event_time_ms / 1000, timezone.utc)
+        row[column] = json.dumps(row[column])
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.slow
+def test_bigquery_tables_are_monitored_like_the_same_files(monitored, tmp_path, monkeypatch):
+    """The monitor reads what the join reads: the same events from BigQuery tables (faked at
+    the client boundary, ReadFromBigQuery; no emulator takes Beam's export) give the same
+    metrics as from files."""
+    from loopline.events import parse_decision_json, parse_observation_json
+
+    metrics, _, out = monitored
+    root = out.parent
+    tables = {
+        "p:logs.decisions": _bigquery_rows(
+            root / "decisions.jsonl", parse_decision_json, "features"
+        ),
+        "p:logs.observations": _bigquery_rows(
+            root / "observations.jsonl", parse_observation_json, "observations"
+        ),
+    }
+    read = []
+
+    def from_table(table, **kwargs):
+        read.append(table)
+        return beam.Create(tables[table])
+
+    monkeypatch.setattr(beam.io, "ReadFromBigQuery", from_table)
+    from_tables = monitor.run(
+        [
+            "--scores", str(root / "scores.jsonl"),
+            "--decisions_table", "p:logs.decisions",
+            "--observations_table", "p:logs.observations",
+            "--blueprint", str(root / "notify.yaml"),
+            "--output", str(tmp_path / "out"),
+            "--training_stats", str(root / "FeatureStats.pb"),
+        ]
+    )  # fmt: skip
+    assert sorted(read) == ["p:logs.decisions", "p:logs.observations"]
+    assert all(tables.values())
+
+    def comparable(m: dict) -> dict:
+        return {k: v for k, v in m.items() if k not in ("generated_at", "inputs", "skew", "report")}
+
+    assert comparable(from_tables) == comparable(metrics)
+    assert from_tables["skew"]["features"] == metrics["skew"]["features"]
+
+
+def test_a_glob_and_a_table_of_the_same_events_are_refused(tmp_path, capsys):
+    args = [*_small_inputs(tmp_path, CLICKS), "--observations_table", "p:logs.observations"]
+    assert monitor.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["monitor: error: give --observations or --observations_table, not both"]
+
+
 @pytest.mark.slow
 def test_metrics_json_equals_an_independent_computation(monitored):
     metrics, expected, out = monitored
