@@ -33,7 +33,6 @@ from transforms.sources import ReadEvents
 
 FAILED = "failed"
 KEY_STEP = "KeyExamples"
-PARSE_STEP = "ParseDecisions"
 
 Keyed = tuple[str, DecisionEvent | bytes]
 
@@ -110,7 +109,7 @@ class KeyBatch(beam.DoFn):
             beam.metrics.Metrics.counter(
                 PARSE_NAMESPACE, f"decisions_rejected_{result.reason}"
             ).inc()
-            return scoring_failure(result.reason, PARSE_STEP, result.detail, None, result.payload)
+            return result  # already the dead letter: step ParseDecisions, source decision
         return result.decision_id, result
 
 
