@@ -330,7 +330,8 @@ def observable_truth_auc(demo: Demo, spans: int) -> float | None:
     from loopline.spans import find_spans
 
     p_click = {}
-    for path in (demo.workdir / "logs").glob("*/truth.jsonl"):
+    # The simulated days' truth, and the scored day's (written with its outcomes).
+    for path in (demo.workdir / "logs").rglob("truth.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             p_click[row["decision_id"]] = row["p_click"]
