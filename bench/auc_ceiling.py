@@ -4,9 +4,11 @@
     python -m bench.auc_ceiling --days 6 --simulations 3
 
 The demo compares its model's AUC on the sent eval rows with the AUC of the hidden click
-probability on the same rows. That probability holds a per-user taste and favourite topic that
-a model can only infer from each user's own rows, so the ground truth is not reachable. This
-prints, per simulation (3 days x 4000 decisions by default, seeds like the demo's days, every
+probability on the same rows. That probability holds a per-user taste and favourite topic. The
+notify blueprint logs them (the product's profile of the user: ``click_rate_90d``,
+``favourite_topic``, ``favourite_topic_match``), so its ceiling is the truth itself. A blueprint
+without those features leaves a model to infer them from each user's own rows, and then the
+ground truth is not reachable: this measures by how much. It prints, per simulation (3 days x 4000 decisions by default, seeds like the demo's days, every
 notification sent as before a first model), on the eval rows (a stable 20% of decision ids):
 
 * ``truth``: the AUC of the hidden click probability;
@@ -37,8 +39,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 START_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 DAY_MS = 86_400_000
-TASTE_SD = 0.5  # loopline.simulate.ResponseModel.logit: 0.5 * N(0, 1) per user
-FAVOURITE_LIFT = 0.8  # ... and +0.8 when the user's favourite topic is among the topics
 
 
 def delong(labels, *scores) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def simulate(blueprint, seed: int, days: int, decisions_per_day: int, workdir: P
 
 def bayes_scores(response, train: list, evaluation: list) -> list[float]:
     """E[p_click] of each eval row under the posterior of its user's taste and favourite topic."""
-    from loopline.simulate import TOPICS, DelayModel
+    from loopline.simulate import TASTE_SD, TOPICS, DelayModel
 
     topics = sorted(TOPICS)
     grid = np.linspace(-3, 3, 61)
@@ -90,7 +90,7 @@ def bayes_scores(response, train: list, evaluation: list) -> list[float]:
 
     def logits(features) -> np.ndarray:  # [taste grid, favourite topic]
         base = response.logit({**features, "user_id": None})
-        lift = np.array([FAVOURITE_LIFT * (t in features["topics"]) for t in topics])
+        lift = np.array([response.FAVOURITE_LIFT * (t in features["topics"]) for t in topics])
         return base + TASTE_SD * grid[:, None] + lift[None, :]
 
     loglik: dict = defaultdict(lambda: np.zeros((len(grid), len(topics))))

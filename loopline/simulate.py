@@ -127,6 +127,11 @@ def notify_features(user: User, time_ms: int, day: int, rng: random.Random) -> d
         "open_rate_30d": user.open_rate_30d,
         "recent_clicks": [float(_poisson(rng, user.clicks_per_day)) for _ in range(7)],
         "topics": topics,
+        # The product's profile of the user, kept from a long history: the response model's
+        # per-user parts, visible only to a blueprint that logs these names.
+        "click_rate_90d": round(_click_rate_90d(user.user_id), 4),
+        "favourite_topic": _favourite_topic(user.user_id),
+        "favourite_topic_match": int(_favourite_topic(user.user_id) in topics),
     }
 
 
@@ -153,9 +158,13 @@ class ResponseModel:
     """P(click | features, sent): a logistic model with real signal and some hidden parts.
 
     Most of the signal comes from logged features (engagement, fatigue, local hour, platform,
-    topics). A per-user latent taste and favourite topic, derived from ``user_id``, are the
-    part no model can learn from the features alone. Features the product does not know get
-    small effects derived from their names, so any blueprint gets some signal.
+    topics). A per-user taste and favourite topic, derived from ``user_id``, add the rest. The
+    product keeps them in its profile of the user (``click_rate_90d``, ``favourite_topic``,
+    ``favourite_topic_match``): a blueprint that logs those names lets a model learn the whole
+    truth; one that does not leaves the per-user parts to be inferred from each user's own rows
+    (``python -m bench.auc_ceiling`` measures what that costs). The profile features never enter
+    the response themselves. Features the product does not know get small effects derived from
+    their names, so any blueprint gets some signal.
     """
 
     INTERCEPT = -2.6
@@ -164,12 +173,14 @@ class ResponseModel:
     PLATFORM = {"ios": 0.25, "android": 0.0, "web": -0.45}
     COUNTRY = {"US": 0.1, "KR": 0.3, "DE": -0.2, "BR": 0.2, "IN": 0.0, "JP": -0.1, "GB": -0.05}
     TOPIC = {"news": 0.3, "sports": 0.1, "deals": -0.4, "social": 0.2, "weather": -0.2}
+    FAVOURITE_LIFT = 0.8  # when the user's favourite topic is among the notification's topics
 
     def __init__(self, blueprint: Blueprint):
         self.blueprint = blueprint
         known = {
             "open_rate_30d", "recent_clicks", "sends_last_7d", "hour_of_day", "platform",
-            "country", "tenure_days", "topics", "user_id", "email",
+            "country", "tenure_days", "topics", "user_id", "email", "click_rate_90d",
+            "favourite_topic", "favourite_topic_match",
         }  # fmt: skip
         self.generic = [f for f in blueprint.features if f.name not in known]
 
@@ -193,9 +204,9 @@ class ResponseModel:
             z += sum(self.TOPIC.get(t, 0.0) for t in topics) / len(topics)
         user_id = _string(f.get("user_id"))
         if user_id is not None:
-            z += 0.5 * NormalDist().inv_cdf(_unit(f"taste/{user_id}", lo=1e-6))
+            z += _taste(user_id)
             if _favourite_topic(user_id) in topics:
-                z += 0.8
+                z += self.FAVOURITE_LIFT
         for feature in self.generic:
             z += _generic_effect(feature.name, f.get(feature.name))
         return z
@@ -634,6 +645,21 @@ def _unit(text: str, lo: float = 0.0) -> float:
     """A stable number in [lo, 1 - lo) derived from ``text``."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return lo + (1 - 2 * lo) * int.from_bytes(digest, "big") / 2.0**64
+
+
+TASTE_SD = 0.5  # the spread of the users' taste for notifications, on the logit scale
+BASE_CLICK_LOGIT = -2.2  # a typical user's click rate, about 10%, before their taste
+
+
+def _taste(user_id: str) -> float:
+    """The user's latent taste: a stable N(0, TASTE_SD^2) draw on the logit scale."""
+    return TASTE_SD * NormalDist().inv_cdf(_unit(f"taste/{user_id}", lo=1e-6))
+
+
+def _click_rate_90d(user_id: str) -> float:
+    """The user's click rate on notifications as the product knows it from 90 days of sends:
+    a typical user's rate moved by their taste (long enough a history to read it exactly)."""
+    return 1.0 / (1.0 + math.exp(-(BASE_CLICK_LOGIT + _taste(user_id))))
 
 
 def _favourite_topic(user_id: str) -> str:

@@ -28,6 +28,7 @@ from loopline import registry
 from loopline.blueprint import Blueprint
 from loopline.events import DecisionEvent, format_event_time
 from loopline.examples import features_to_example
+from tests.train_fixtures import profile
 
 START_MS = 1_793_534_400_000  # 2026-11-01T12:00:00Z
 COUNTRIES = ("KR", "US", "DE", "BR", "IN", "JP")
@@ -183,6 +184,7 @@ def make_decisions(
             "topics": rng.sample(TOPICS, rng.randrange(0, 3)),
             "email": f"user{i}@example.com",
         }
+        features.update(profile(features["user_id"], features["topics"], TOPICS))
         features = {f.name: features[f.name] for f in blueprint.features}
         events.append(
             DecisionEvent(

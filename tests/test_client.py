@@ -37,6 +37,9 @@ def context() -> dict:
         "open_rate_30d": 0.31,
         "recent_clicks": [1.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0],
         "topics": ["news", "sports"],
+        "click_rate_90d": 0.12,
+        "favourite_topic": "deals",
+        "favourite_topic_match": 0,
         "email": "someone@example.com",
     }
 

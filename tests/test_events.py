@@ -33,6 +33,9 @@ def good_features():
         "recent_clicks": [1.0, 0, 2],
         "topics": ["sports"],
         "email": "a@example.com",
+        "click_rate_90d": 0.12,
+        "favourite_topic": "sports",
+        "favourite_topic_match": 1,
     }
 
 

@@ -33,6 +33,9 @@ FEATURES = {
     "open_rate_30d": 0.25,
     "recent_clicks": [1.0, 0.0, 2.0],
     "topics": ["sale", "news"],
+    "click_rate_90d": 0.12,
+    "favourite_topic": "news",
+    "favourite_topic_match": 1,
     "email": "someone@example.com",
 }
 

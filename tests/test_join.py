@@ -42,6 +42,9 @@ FEATURES = {
     "open_rate_30d": 0.25,
     "recent_clicks": [1.0, 0.0, 2.0],
     "topics": ["sports"],
+    "click_rate_90d": 0.12,
+    "favourite_topic": "sports",
+    "favourite_topic_match": 1,
     "email": "a@example.com",
 }
 

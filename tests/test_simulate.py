@@ -20,7 +20,9 @@ from loopline.events import (
     parse_observation_json,
 )
 from loopline.simulate import (
+    BASE_CLICK_LOGIT,
     FaultRates,
+    ResponseModel,
     Simulator,
     main,
     parse_start,
@@ -147,6 +149,44 @@ def test_the_truth_has_real_but_imperfect_signal(tmp_path, blueprint):
     truth = report["ground_truth"]
     assert 0.7 < truth["auc"] < 0.9
     assert 0.03 < truth["positive_rate"] < 0.3
+
+
+def test_the_logged_profile_carries_exactly_the_truths_per_user_parts(simulated, blueprint):
+    """notify logs the product's profile of the user, so a model can learn the whole truth: the
+    truth's per-user parts are a function of the profile, and the profile is stable per user."""
+    import math
+
+    output, _ = simulated
+    response = ResponseModel(blueprint)
+    profiles = {}
+    decisions = [e for _, e in read_kind(output, "decisions", parse_decision_json, blueprint)]
+    decisions = [e for e in decisions if isinstance(e, DecisionEvent)]
+    assert len(decisions) > 1000
+    for event in decisions:
+        f = event.features
+        assert f["favourite_topic_match"] == int(f["favourite_topic"] in f["topics"])
+        profile = (f["click_rate_90d"], f["favourite_topic"])
+        assert profiles.setdefault(f["user_id"], profile) == profile
+        per_user = response.logit(f) - response.logit({**f, "user_id": None})
+        rate = f["click_rate_90d"]  # rounded to 4 decimals in the log
+        taste = math.log(rate / (1 - rate)) - BASE_CLICK_LOGIT
+        assert per_user == pytest.approx(
+            taste + response.FAVOURITE_LIFT * f["favourite_topic_match"], abs=5e-3
+        )
+    assert len(profiles) > 50
+    assert len({match for _, match in profiles.values()}) > 1
+
+
+def test_the_profile_never_enters_the_response(blueprint):
+    f = {
+        "user_id": "u0000042", "tenure_days": 40, "country": "DE", "platform": "ios",
+        "hour_of_day": 20, "sends_last_7d": 3, "open_rate_30d": 0.3,
+        "recent_clicks": [1.0, 0.0], "topics": ["news"], "email": "x@example.com",
+        "click_rate_90d": 0.1, "favourite_topic": "news", "favourite_topic_match": 1,
+    }  # fmt: skip
+    response = ResponseModel(blueprint)
+    other = {**f, "click_rate_90d": 0.9, "favourite_topic": "deals", "favourite_topic_match": 0}
+    assert response.logit(other) == response.logit(f)
 
 
 def test_outcomes_of_logged_decisions_match_what_the_simulation_wrote(simulated, blueprint):

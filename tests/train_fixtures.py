@@ -22,6 +22,7 @@ those rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -52,7 +53,7 @@ LOGGING_ARM = "production"
 
 def random_features(rng: random.Random) -> dict:
     """Decision-time features of the example blueprint (examples/notify.yaml)."""
-    return {
+    features = {
         "user_id": f"u-{rng.randrange(400)}",
         "tenure_days": rng.randrange(0, 2000),
         "country": rng.choice(COUNTRIES),
@@ -63,6 +64,19 @@ def random_features(rng: random.Random) -> dict:
         "recent_clicks": [float(rng.choice((0, 0, 0, 1, 1, 2, 3))) for _ in range(7)],
         "topics": rng.sample(TOPICS, rng.randrange(1, 4)),
         "email": f"user{rng.randrange(400)}@example.com",
+    }
+    return {**features, **profile(features["user_id"], features["topics"], TOPICS)}
+
+
+def profile(user_id: str, topics: list[str], known_topics: tuple[str, ...]) -> dict:
+    """The user-profile features of the example blueprint, stable per user and drawn from no
+    shared random stream (so the other features' draws stay as they were)."""
+    digest = hashlib.sha256(user_id.encode("utf-8")).digest()
+    favourite = known_topics[digest[0] % len(known_topics)]
+    return {
+        "click_rate_90d": round(0.02 + 0.3 * digest[1] / 255, 4),
+        "favourite_topic": favourite,
+        "favourite_topic_match": int(favourite in topics),
     }
 
 
