@@ -49,6 +49,7 @@ LOGGING_THRESHOLD = 0.3
 LOGGING_EPSILON = 0.3
 LOGGING_MODEL_ID = "notify-logging"
 LOGGING_ARM = "production"
+PROFILE_BASE_LOGIT = -2.2  # a typical user's click rate (about 10%) in their profile
 
 
 def random_features(rng: random.Random) -> dict:
@@ -70,20 +71,26 @@ def random_features(rng: random.Random) -> dict:
 
 def profile(user_id: str, topics: list[str], known_topics: tuple[str, ...]) -> dict:
     """The user-profile features of the example blueprint, stable per user and drawn from no
-    shared random stream (so the other features' draws stay as they were)."""
+    shared random stream (so the other features' draws stay as they were). As in the notify
+    simulator, the click rate reads the user's taste (a logit shift in [-0.5, 0.5])."""
     digest = hashlib.sha256(user_id.encode("utf-8")).digest()
     favourite = known_topics[digest[0] % len(known_topics)]
+    taste = digest[1] / 255 - 0.5
     return {
-        "click_rate_90d": round(0.02 + 0.3 * digest[1] / 255, 4),
+        "click_rate_90d": round(1.0 / (1.0 + math.exp(-(PROFILE_BASE_LOGIT + taste))), 4),
         "favourite_topic": favourite,
         "favourite_topic_match": int(favourite in topics),
     }
 
 
 def true_probability(features: dict) -> float:
-    """The ground truth: P(click | features), a logistic model of a few features."""
+    """The ground truth: P(click | features), a logistic model of a few features and the user's
+    profile (their taste, read back from their click rate, and their favourite topic)."""
+    rate = features["click_rate_90d"]
     logit = (
-        -1.2
+        -1.6
+        + (math.log(rate / (1 - rate)) - PROFILE_BASE_LOGIT)
+        + 0.8 * features["favourite_topic_match"]
         + 3.0 * (features["open_rate_30d"] - 0.5)
         + 0.9 * (features["platform"] == "ios")
         - 0.8 * (features["platform"] == "web")
