@@ -17,9 +17,16 @@ its peak memory is its own:
 
 Prints events/s for each, the join/identity and join/duckdb time ratios (wall-clock, and for
 join/identity CPU time too, which a busy machine distorts less) and peak RSS, and
-writes them to ``bench-out/join.json``. ``--repeat N`` runs the contenders N times in turn and
-reports each one's median run (the ratios are of the medians), for machines that are not quiet. Times are wall-clock seconds of the work itself
+writes them to ``bench-out/join.json``. Times are wall-clock seconds of the work itself
 (imports excluded), measured in one run on one machine: ratios, not absolute claims.
+
+``--repeat N`` (for machines that are not quiet) runs the contenders N times in turn: pair i is
+run i of each contender, measured one right after the other under much the same load. Each
+contender reports its median run, and each headline ratio is the median of the N pair ratios
+(join run i / identity run i), not the ratio of the median runs, which can set a quiet run of
+one contender against a busy run of the other. The JSON keeps every pair's ratio under
+``pair_ratios`` and, for comparison with older figures, the ratio of the median runs under
+``ratios_of_median_runs``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -266,6 +274,39 @@ def median_run(runs: list[dict]) -> dict:
     }
 
 
+# The ratios reported: name -> (numerator, denominator, measure).
+RATIOS = {
+    "join_over_identity": ("join", "identity", "seconds"),
+    # CPU time is what a shared machine distorts least (wall-clock waits for other jobs).
+    "join_over_identity_cpu": ("join", "identity", "cpu_seconds"),
+    "join_over_duckdb": ("join", "duckdb", "seconds"),
+}
+
+
+def pair_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """For each ratio of ``RATIOS`` whose contenders both ran: run i over run i, for every i.
+
+    >>> pair_ratios({"join": [{"seconds": 3.0}, {"seconds": 4.0}],
+    ...              "duckdb": [{"seconds": 2.0}, {"seconds": 4.0}]})
+    {'join_over_duckdb': [1.5, 1.0]}
+    """
+    return {
+        name: [n[measure] / d[measure] for n, d in zip(runs[top], runs[bottom], strict=True)]
+        for name, (top, bottom, measure) in RATIOS.items()
+        if top in runs and bottom in runs
+    }
+
+
+def headline_ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """Each ratio as the median of its pair ratios (``pair_ratios``), rounded to 0.01.
+
+    >>> headline_ratios({"join": [{"seconds": 10.0}, {"seconds": 13.0}, {"seconds": 30.0}],
+    ...                  "duckdb": [{"seconds": 10.0}, {"seconds": 6.0}, {"seconds": 20.0}]})
+    {'join_over_duckdb': 1.5}
+    """
+    return {name: round(statistics.median(r), 2) for name, r in pair_ratios(runs).items()}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.join", description=__doc__.split("\n")[0]
@@ -282,7 +323,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     )  # fmt: skip
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs of each contender, in turn; medians reported"
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each contender, in turn; median runs and median pair ratios reported",
     )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--logs", help=argparse.SUPPRESS)
@@ -302,30 +346,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         for mode in args.only:
             runs[mode].append(measure(mode, work / "logs", work, extra))
     results = {mode: median_run(measured) for mode, measured in runs.items()}
+    ratios = headline_ratios(runs)
+    of_median_runs = headline_ratios({mode: [result] for mode, result in results.items()})
     for result in results.values():
         result["events_per_s"] = round(events / result["seconds"])
         result["seconds"] = round(result["seconds"], 2)
         result["cpu_seconds"] = round(result["cpu_seconds"], 2)
-    ratios = {}
-    if "join" in results and "identity" in results:
-        ratios["join_over_identity"] = round(
-            results["join"]["seconds"] / results["identity"]["seconds"], 2
-        )
-        # CPU time is what a shared machine distorts least (wall-clock waits for other jobs).
-        ratios["join_over_identity_cpu"] = round(
-            results["join"]["cpu_seconds"] / results["identity"]["cpu_seconds"], 2
-        )
-    if "join" in results and "duckdb" in results:
-        ratios["join_over_duckdb"] = round(
-            results["join"]["seconds"] / results["duckdb"]["seconds"], 2
-        )
     summary = {
         "decisions": counts["decisions"],
         "events": events,
         "beam_options": extra,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "results": results,
-        "ratios": ratios,
+        "ratios": ratios,  # medians of the pair ratios (module docstring)
+        "pair_ratios": {
+            name: [round(r, 3) for r in values] for name, values in pair_ratios(runs).items()
+        },
+        "ratios_of_median_runs": of_median_runs,
         "target_join_over_identity": TARGET_JOIN_OVER_IDENTITY,
     }
     out = Path(args.out)
@@ -337,7 +374,9 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{r['events_per_s']:>9,} events/s  "
               f"peak RSS {r['peak_rss_mb']:>7.1f} MB")  # fmt: skip
     for name, value in ratios.items():
-        print(f"  {name:<20} {value:.2f}x")
+        pairs = summary["pair_ratios"][name]
+        each = f"  (median of {len(pairs)} pairs: {' '.join(f'{r:.2f}' for r in pairs)})"
+        print(f"  {name:<22} {value:.2f}x{each if len(pairs) > 1 else ''}")
     print(f"wrote {out}")
     return summary
 
