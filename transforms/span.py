@@ -162,7 +162,8 @@ class EncodeExamples(beam.DoFn):
 
     Encodes ``ENCODE_BATCH`` decisions at a time with ``joined_to_examples`` (the columnar
     encoder scoring uses too); a batch it refuses is encoded row by row with
-    ``joined_to_example``, which names the bad row.
+    ``joined_to_example``, which names the bad row. Each example keeps its decision's
+    timestamp and windows.
     """
 
     def __init__(self, blueprint: Blueprint, key: bytes | None, batch_size: int = ENCODE_BATCH):
@@ -173,15 +174,15 @@ class EncodeExamples(beam.DoFn):
         self.eval_counter = Metrics.counter(COUNTER_NAMESPACE, EXAMPLES_EVAL_COUNTER)
 
     def start_bundle(self) -> None:
-        self._batch: list[tuple[JoinedDecision, Any, Any]] = []
+        self._batch: list[WindowedValue] = []
 
     def process(
-        self,
-        joined: JoinedDecision,
-        timestamp: Any = beam.DoFn.TimestampParam,
-        window: Any = beam.DoFn.WindowParam,
+        self, joined: JoinedDecision, windowed: Any = beam.DoFn.WindowedValueParam
     ) -> Iterable[Any]:
-        self._batch.append((joined, timestamp, window))
+        # The whole WindowedValue rather than TimestampParam and WindowParam, which take a
+        # slower path through Beam's invoker (windows exploded, each parameter looked up):
+        # about 1 us an element against 4.
+        self._batch.append(windowed)
         if len(self._batch) >= self.batch_size:
             yield from self._flush()
 
@@ -190,7 +191,7 @@ class EncodeExamples(beam.DoFn):
 
     def _flush(self) -> Iterable[Any]:
         batch, self._batch = self._batch, []
-        rows = [joined for joined, _, _ in batch]
+        rows = [windowed.value for windowed in batch]
         try:
             encoded = joined_to_examples(rows, self.blueprint, self.key)
         except (TypeError, ValueError, OverflowError, pa.ArrowException):
@@ -198,14 +199,13 @@ class EncodeExamples(beam.DoFn):
                 joined_to_example(j, self.blueprint, self.key).SerializeToString() for j in rows
             ]
         eval_fraction = self.blueprint.eval_fraction
-        for (joined, timestamp, window), example in zip(batch, encoded, strict=True):
-            value = WindowedValue(example, timestamp, (window,))
-            if is_eval(joined.decision.decision_id, eval_fraction):
-                self.eval_counter.inc()
-                yield beam.pvalue.TaggedOutput(EVAL, value)
-            else:
-                self.train_counter.inc()
-                yield value
+        evals = [is_eval(joined.decision.decision_id, eval_fraction) for joined in rows]
+        # Counted once a batch: a counter update costs about a microsecond.
+        self.eval_counter.inc(sum(evals))
+        self.train_counter.inc(len(evals) - sum(evals))
+        for windowed, example, to_eval in zip(batch, encoded, evals, strict=True):
+            value = WindowedValue(example, windowed.timestamp, windowed.windows)
+            yield beam.pvalue.TaggedOutput(EVAL, value) if to_eval else value
 
 
 def _unmatched_json(unmatched: Any, blueprint: Blueprint, key: bytes | None) -> str:
