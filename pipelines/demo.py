@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -324,6 +325,15 @@ def observable_truth_auc(demo: Demo, spans: int) -> float | None:
     """The ground truth's AUC on the observable eval rows of the newest ``spans`` spans: what
     the model's AUC on the same rows is compared with. The truth is the simulator's hidden
     click probability; the labels are the examples' own."""
+    # The demo's own terminal shows one line per stage: keep TensorFlow's start-up logs and the
+    # Google clients' deprecation warnings (each stage's log has them) out of it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return _observable_truth_auc(demo, spans)
+
+
+def _observable_truth_auc(demo: Demo, spans: int) -> float | None:
     import tensorflow as tf
 
     from loopline.metrics import auc
