@@ -8,8 +8,9 @@ probability on the same rows. That probability holds a per-user taste and favour
 notify blueprint logs them (the product's profile of the user: ``click_rate_90d``,
 ``favourite_topic``, ``favourite_topic_match``), so its ceiling is the truth itself. A blueprint
 without those features leaves a model to infer them from each user's own rows, and then the
-ground truth is not reachable: this measures by how much. It prints, per simulation (3 days x 4000 decisions by default, seeds like the demo's days, every
-notification sent as before a first model), on the eval rows (a stable 20% of decision ids):
+ground truth is not reachable: this measures by how much. It prints, per simulation (3 days x
+4000 decisions by default, seeds like the demo's days, every notification sent as before a
+first model), on the eval rows (a stable 20% of decision ids):
 
 * ``truth``: the AUC of the hidden click probability;
 * ``bayes``: the AUC of the Bayes-optimal predictor given the training rows: it knows the

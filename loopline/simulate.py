@@ -116,6 +116,7 @@ def notify_features(user: User, time_ms: int, day: int, rng: random.Random) -> d
     utc_hour = (time_ms // 3_600_000) % 24
     k = 1 + int(rng.random() < 0.4) + int(rng.random() < 0.15)
     topics = sorted({_pick(rng, TOPICS) for _ in range(k)})
+    favourite = _favourite_topic(user.user_id)
     return {
         "user_id": user.user_id,
         "email": user.email,
@@ -130,8 +131,8 @@ def notify_features(user: User, time_ms: int, day: int, rng: random.Random) -> d
         # The product's profile of the user, kept from a long history: the response model's
         # per-user parts, visible only to a blueprint that logs these names.
         "click_rate_90d": round(_click_rate_90d(user.user_id), 4),
-        "favourite_topic": _favourite_topic(user.user_id),
-        "favourite_topic_match": int(_favourite_topic(user.user_id) in topics),
+        "favourite_topic": favourite,
+        "favourite_topic_match": int(favourite in topics),
     }
 
 

@@ -326,11 +326,18 @@ def observable_truth_auc(demo: Demo, spans: int) -> float | None:
     the model's AUC on the same rows is compared with. The truth is the simulator's hidden
     click probability; the labels are the examples' own."""
     # The demo's own terminal shows one line per stage: keep TensorFlow's start-up logs and the
-    # Google clients' deprecation warnings (each stage's log has them) out of it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return _observable_truth_auc(demo, spans)
+    # Google clients' deprecation warnings (each stage's log has them) out of it. The setting is
+    # put back afterwards, so the stages started later still log TensorFlow's errors.
+    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _observable_truth_auc(demo, spans)
+    finally:
+        if quiet:
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
 
 def _observable_truth_auc(demo: Demo, spans: int) -> float | None:
